@@ -1,0 +1,39 @@
+// Shared host-side helpers for the nolabels stable-ABI libraries.
+// Only torch/csrc/stable and torch/headeronly headers may be included here:
+// the libraries are built with -DTORCH_STABLE_ONLY and must load on every
+// torch >= 2.10 without a rebuild.
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace nolabels {
+
+inline bool is_supported_float(torch::headeronly::ScalarType t) {
+  using torch::headeronly::ScalarType;
+  return t == ScalarType::Float || t == ScalarType::Half || t == ScalarType::BFloat16;
+}
+
+// Structural checks repeated in C++ so that a direct call to the raw op
+// cannot read out of bounds. User-facing validation (with argument names and
+// ValueError) happens in Python before any backend is called.
+inline void check_pseudo_label_args(const torch::stable::Tensor& image,
+                                    const torch::stable::Tensor& cls,
+                                    int64_t topk) {
+  STD_TORCH_CHECK(image.dim() == 2 && cls.dim() == 2,
+                  "pseudo_label: image_emb and class_emb must be 2-D");
+  STD_TORCH_CHECK(image.size(1) == cls.size(1), "pseudo_label: D mismatch");
+  STD_TORCH_CHECK(cls.size(0) >= 1, "pseudo_label: need at least one class");
+  STD_TORCH_CHECK(topk >= 1 && topk <= cls.size(0), "pseudo_label: topk out of range");
+  STD_TORCH_CHECK(is_supported_float(image.scalar_type()) && is_supported_float(cls.scalar_type()),
+                  "pseudo_label: dtype must be float32, float16 or bfloat16");
+}
+
+}  // namespace nolabels

@@ -1,0 +1,256 @@
+// Fused cosine-similarity pseudo-labeling, CPU kernel (LibTorch stable ABI).
+//
+// For every image row x_i and class row w_c the op needs the softmax over
+// s_ic = scale * <x_i/|x_i|, w_c/|w_c|>: its top-k, entropy and log-sum-exp.
+// The reference materialises the N x C logits; this kernel never does.
+//
+// Design (why it is fast and small):
+//   * The class matrix is normalised once and the logit scale is folded into
+//     it, W' = scale * W / |W| (C x D float32): the only O(C*D) buffer.
+//   * Images are processed in row blocks of BLOCK_N rows: the block is loaded
+//     (any dtype, any strides), normalised into a float32 (BLOCK_N x D)
+//     buffer, multiplied with W'^T by torch's own matmul (MKL / oneDNN through
+//     the dispatcher, multi-threaded on torch's pool), and the (BLOCK_N x C)
+//     tile, which stays in L2, is reduced row by row in parallel: max,
+//     sum exp, sum exp * x (entropy), top-k. BLOCK_N is chosen so the tile is
+//     about 1M floats (4 MB): peak extra memory is W' + 2 tiles, O(tile).
+//   * exp is a branch-free polynomial that GCC vectorises; the reduction is
+//     compiled twice (AVX2+FMA and baseline) and picked at load time, so the
+//     wheel stays portable.
+#include "common.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace nolabels {
+namespace {
+
+using torch::stable::Tensor;
+using torch::headeronly::ScalarType;
+
+constexpr float kNormEps = 1e-12f;  // same eps as torch.nn.functional.normalize
+
+template <typename T>
+inline float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+// Load row `r` of a (rows x D) strided matrix into `dst` as float32 and
+// return its sum of squares (accumulated in double: D may be large).
+template <typename T>
+double load_row(const Tensor& t, int64_t r, float* dst) {
+  const T* base = t.const_data_ptr<T>();
+  const int64_t s0 = t.stride(0), s1 = t.stride(1), D = t.size(1);
+  const T* row = base + r * s0;
+  double ss = 0.0;
+  if (s1 == 1) {
+    for (int64_t d = 0; d < D; ++d) {
+      float v = to_float(row[d]);
+      dst[d] = v;
+      ss += static_cast<double>(v) * v;
+    }
+  } else {
+    for (int64_t d = 0; d < D; ++d) {
+      float v = to_float(row[d * s1]);
+      dst[d] = v;
+      ss += static_cast<double>(v) * v;
+    }
+  }
+  return ss;
+}
+
+double load_row_any(const Tensor& t, int64_t r, float* dst) {
+  switch (t.scalar_type()) {
+    case ScalarType::Float:
+      return load_row<float>(t, r, dst);
+    case ScalarType::Half:
+      return load_row<torch::headeronly::Half>(t, r, dst);
+    case ScalarType::BFloat16:
+      return load_row<torch::headeronly::BFloat16>(t, r, dst);
+    default:
+      STD_TORCH_CHECK(false, "nolabels: unsupported dtype");
+  }
+  return 0.0;
+}
+
+// Load rows [r0, r1) into a contiguous float32 buffer with leading dim D,
+// multiply each row by mul / max(|row|, eps) (or by mul alone), and mark
+// non-finite rows in `bad` (their result is forced to NaN later).
+void load_block(const Tensor& src, int64_t r0, int64_t r1, float* dst,
+                bool normalize, float mul, uint8_t* bad) {
+  const int64_t D = src.size(1);
+  torch::stable::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      float* row = dst + (r - r0) * D;
+      double ss = load_row_any(src, r, row);
+      bool finite = std::isfinite(ss);
+      if (bad) bad[r - r0] = finite ? 0 : 1;
+      float f = mul;
+      if (normalize) {
+        float nrm = static_cast<float>(std::sqrt(ss));
+        f = mul / std::max(nrm, kNormEps);
+      }
+      if (!finite) f = 1.0f;
+      for (int64_t d = 0; d < D; ++d) row[d] *= f;
+    }
+  });
+}
+
+// exp(x) for x <= 0, branch-free so loops over it vectorise. Cody-Waite
+// range reduction + degree-6 polynomial, about 2 ulp; x below -87 flushes
+// to 0 (those terms are below float precision of any sum they enter).
+inline float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.44269504088896341f;
+  const float n = std::nearbyint(t);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, 4);
+  bits += static_cast<int32_t>(n) << 23;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+struct RowStats {
+  float max, sum, sum_xm;  // max, sum exp(x - max), sum exp(x - max) * (x - max)
+};
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NOLABELS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define NOLABELS_MULTIVERSION
+#endif
+
+NOLABELS_MULTIVERSION
+RowStats row_stats(const float* x, int64_t C) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < C; ++c) m = x[c] > m ? x[c] : m;
+  float s = 0.f, t = 0.f;
+  for (int64_t c = 0; c < C; ++c) {
+    const float z = x[c] - m;
+    const float e = exp_nonpos(z);
+    s += e;
+    t += e * z;
+  }
+  return {m, s, t};
+}
+
+// Top-k of one row, descending, ties to the lower index. Small k: a sorted
+// insertion buffer (one compare per element in the common case). Large k:
+// partial sort of an index scratch buffer.
+void row_topk(const float* x, int64_t C, int64_t k, float* vals, int64_t* idx,
+              std::vector<int32_t>& scratch) {
+  if (k <= 32) {
+    for (int64_t j = 0; j < k; ++j) {
+      vals[j] = -std::numeric_limits<float>::infinity();
+      idx[j] = -1;
+    }
+    float kth = -std::numeric_limits<float>::infinity();
+    int64_t filled = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = x[c];
+      if (filled == k && !(v > kth)) continue;
+      int64_t j = filled < k ? filled++ : k - 1;
+      while (j > 0 && v > vals[j - 1]) {
+        vals[j] = vals[j - 1];
+        idx[j] = idx[j - 1];
+        --j;
+      }
+      vals[j] = v;
+      idx[j] = c;
+      kth = vals[k - 1];
+    }
+    return;
+  }
+  scratch.resize(C);
+  std::iota(scratch.begin(), scratch.end(), 0);
+  std::partial_sort(scratch.begin(), scratch.begin() + k, scratch.end(),
+                    [x](int32_t a, int32_t b) {
+                      return x[a] > x[b] || (x[a] == x[b] && a < b);
+                    });
+  for (int64_t j = 0; j < k; ++j) {
+    idx[j] = scratch[j];
+    vals[j] = x[scratch[j]];
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> pseudo_label_cpu(
+    const Tensor& image, const Tensor& cls, double scale, int64_t topk,
+    bool normalize) {
+  check_pseudo_label_args(image, cls, topk);
+  STD_TORCH_CHECK(image.is_cpu() && cls.is_cpu(), "pseudo_label_cpu: CPU tensors expected");
+  const int64_t N = image.size(0), D = image.size(1), C = cls.size(0);
+  const auto dev = torch::stable::Device(torch::headeronly::DeviceType::CPU);
+
+  Tensor probs = torch::stable::empty({N, topk}, ScalarType::Float, std::nullopt, dev);
+  Tensor classes = torch::stable::empty({N, topk}, ScalarType::Long, std::nullopt, dev);
+  Tensor entropy = torch::stable::empty({N}, ScalarType::Float, std::nullopt, dev);
+  Tensor lse = torch::stable::empty({N}, ScalarType::Float, std::nullopt, dev);
+  if (N == 0) return {probs, classes, entropy, lse};
+
+  // W' = scale * normalize(W), float32, contiguous (C x D).
+  Tensor w = torch::stable::empty({C, D}, ScalarType::Float, std::nullopt, dev);
+  load_block(cls, 0, C, w.mutable_data_ptr<float>(), normalize,
+             static_cast<float>(scale), nullptr);
+  Tensor wt = torch::stable::transpose(w, 0, 1);  // (D x C) view
+
+  // ~1M-float tiles; at least 16 rows, at most N.
+  const int64_t block = std::min<int64_t>(N, std::max<int64_t>(16, (1 << 20) / C));
+  Tensor a = torch::stable::empty({block, D}, ScalarType::Float, std::nullopt, dev);
+  std::vector<uint8_t> bad(block);
+
+  float* probs_p = probs.mutable_data_ptr<float>();
+  int64_t* cls_p = classes.mutable_data_ptr<int64_t>();
+  float* ent_p = entropy.mutable_data_ptr<float>();
+  float* lse_p = lse.mutable_data_ptr<float>();
+
+  for (int64_t r0 = 0; r0 < N; r0 += block) {
+    const int64_t r1 = std::min(N, r0 + block), rows = r1 - r0;
+    load_block(image, r0, r1, a.mutable_data_ptr<float>(), normalize, 1.0f, bad.data());
+    Tensor a_view = rows == block ? a : torch::stable::narrow(a, 0, 0, rows);
+    Tensor logits = torch::stable::matmul(a_view, wt);  // (rows x C) tile
+    const float* lp = logits.const_data_ptr<float>();
+    torch::stable::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
+      std::vector<int32_t> scratch;
+      std::vector<float> vals(topk);
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t r = r0 + i;
+        const float* x = lp + i * C;
+        RowStats st = row_stats(x, C);
+        const float log_s = std::log(st.sum);
+        float l = st.max + log_s;
+        float h = log_s - st.sum_xm / st.sum;
+        if (bad[i]) {  // non-finite input row: report NaN, the caller raises
+          l = std::numeric_limits<float>::quiet_NaN();
+          h = l;
+        }
+        lse_p[r] = l;
+        ent_p[r] = h;
+        row_topk(x, C, topk, vals.data(), cls_p + r * topk, scratch);
+        for (int64_t j = 0; j < topk; ++j) probs_p[r * topk + j] = std::exp(vals[j] - l);
+      }
+    });
+  }
+  return {probs, classes, entropy, lse};
+}
+
+}  // namespace
+}  // namespace nolabels
+
+STABLE_TORCH_LIBRARY_IMPL(nolabels_C, CPU, m) {
+  m.impl("pseudo_label", TORCH_BOX(&nolabels::pseudo_label_cpu));
+}

@@ -1,0 +1,5 @@
+import sys
+
+from nolabels.cli import main
+
+sys.exit(main())

@@ -1,0 +1,116 @@
+"""Backend declaration and dispatch, shared by every op.
+
+Each op lists its backends as :class:`BackendImpl` objects. A backend says
+which calls it cannot take and why (``not_supported_reasons``, after xformers'
+fmha dispatch). ``backend="auto"`` picks the first backend, in a fixed priority
+order per device type, whose list of reasons is empty; an explicit backend
+(or ``NOLABELS_BACKEND``) that cannot take the call raises ``ValueError`` with
+every reason.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import torch
+
+BackendName = Literal["auto", "torch", "cpu", "triton", "cuda"]
+BACKENDS: tuple[str, ...] = ("torch", "cpu", "triton", "cuda")
+# Priority for backend="auto", by the device type of the inputs.
+AUTO_ORDER: Mapping[str, tuple[str, ...]] = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+
+
+def triton_status() -> str | None:
+    """None if Triton kernels can run somewhere, else why not."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class BackendImpl:
+    """One backend of one op.
+
+    Attributes:
+        name: one of :data:`BACKENDS`.
+        available: returns None when the backend can run at all here, else why not.
+        reasons: returns the reasons this backend cannot take a particular call
+            (empty list = supported). Receives the call's arguments as a dict.
+        run: the implementation; receives the call's arguments as keywords.
+    """
+
+    name: str
+    available: Callable[[], str | None]
+    reasons: Callable[[Mapping[str, Any]], list[str]]
+    run: Callable[..., Any]
+
+    def not_supported_reasons(self, call: Mapping[str, Any]) -> list[str]:
+        why = self.available()
+        if why is not None:
+            return [why]
+        return self.reasons(call)
+
+
+def device_reasons(call_device: torch.device, name: str) -> list[str]:
+    """Device rules common to every op's backends."""
+    if name == "cpu" and call_device.type != "cpu":
+        return [f"the cpu backend takes CPU tensors, got {call_device.type}"]
+    if name == "cuda" and call_device.type != "cuda":
+        return [f"the cuda backend takes CUDA tensors, got {call_device.type}"]
+    if name == "triton":
+        if call_device.type == "cpu" and not triton_interpret():
+            return ["triton takes CPU tensors only under TRITON_INTERPRET=1 (for testing)"]
+        if call_device.type not in ("cpu", "cuda"):
+            return [f"triton takes CUDA tensors, got {call_device.type}"]
+    return []
+
+
+def dispatch(
+    op: str,
+    impls: Sequence[BackendImpl],
+    backend: str,
+    device: torch.device,
+    call: Mapping[str, Any],
+) -> BackendImpl:
+    """Pick the backend for one call, or raise ``ValueError`` saying why none fits."""
+    by_name = {b.name: b for b in impls}
+    if backend == "auto":
+        backend = os.environ.get("NOLABELS_BACKEND", "auto") or "auto"
+    if backend == "auto":
+        rejected = []
+        for name in AUTO_ORDER.get(device.type, ("torch",)):
+            if name not in by_name:
+                continue
+            why = by_name[name].not_supported_reasons(call)
+            if not why:
+                return by_name[name]
+            rejected.append(f"{name}: " + "; ".join(why))
+        raise ValueError(f"{op}: no backend can take this call:\n  " + "\n  ".join(rejected))
+    if backend not in by_name:
+        raise ValueError(
+            f"{op}: unknown backend {backend!r}; expected one of 'auto', "
+            + ", ".join(repr(n) for n in by_name)
+        )
+    why = by_name[backend].not_supported_reasons(call)
+    if why:
+        raise ValueError(f"{op}: backend {backend!r} cannot take this call: " + "; ".join(why))
+    return by_name[backend]
+
+
+def explain(impls: Sequence[BackendImpl]) -> dict[str, str]:
+    """Availability of each backend of an op on this machine (for ``nolabels info``)."""
+    out = {}
+    for b in impls:
+        why = b.available()
+        out[b.name] = "available" if why is None else f"unavailable: {why}"
+    return out

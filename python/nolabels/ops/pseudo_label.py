@@ -1,0 +1,333 @@
+"""Fused cosine-similarity pseudo-labeling and NoLA's per-class selection.
+
+``pseudo_label`` computes, for every image, the softmax over classes of
+``logit_scale * cos(image, class)`` and keeps only what label-free methods
+need: the top-k classes and probabilities, the entropy and the log-sum-exp.
+The fused backends (cpu, triton, cuda) never materialise the (N, C) logits.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from nolabels import _lib
+from nolabels.backends import BackendImpl, BackendName, device_reasons, dispatch, triton_status
+from nolabels.reference.pseudo_label import pseudo_label_reference
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_MAX_TOPK = 16  # the Triton kernel keeps its running top-k in registers
+CUDA_MAX_TOPK = 16  # likewise for the CUDA kernel
+
+
+class PseudoLabels(NamedTuple):
+    """Result of :func:`pseudo_label`. N rows, ``k = topk``.
+
+    Attributes:
+        labels: (N,) int64, the arg-max class (``classes[:, 0]``).
+        probs: (N, k) float32, softmax probabilities of the top-k classes, descending.
+        classes: (N, k) int64, the top-k class indices (ties: lower index first
+            in the cpu backend; any order among exactly equal logits is legal).
+        entropy: (N,) float32, entropy (nats) of the softmax over all C classes.
+        lse: (N,) float32, log-sum-exp of the scaled logits.
+    """
+
+    labels: torch.Tensor
+    probs: torch.Tensor
+    classes: torch.Tensor
+    entropy: torch.Tensor
+    lse: torch.Tensor
+
+    def take(self, index: torch.Tensor) -> "PseudoLabels":
+        """Rows ``index`` (int64 (S,) or bool (N,)) of every field."""
+        return PseudoLabels(*(t[index] for t in self))
+
+
+class Selection(NamedTuple):
+    """Result of :func:`select_per_class`: S selected rows.
+
+    Attributes:
+        indices: (S,) int64 row indices (or the given ``row_ids``), ordered by
+            label, then confidence descending, then index.
+        labels: (S,) int64 pseudo-label of each selected row.
+    """
+
+    indices: torch.Tensor
+    labels: torch.Tensor
+
+
+# --------------------------------------------------------------------------- backends
+def _lib_cpu_status() -> str | None:
+    st = _lib.STATUS
+    return None if st.cpu_loaded else (st.cpu_error or "the compiled library did not load")
+
+
+def _lib_cuda_status() -> str | None:
+    st = _lib.STATUS
+    if not st.cuda_loaded:
+        return st.cuda_error or "the CUDA library did not load"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    return None
+
+
+def _reasons_torch(call) -> list[str]:
+    return []
+
+
+def _reasons_cpu(call) -> list[str]:
+    return device_reasons(call["device"], "cpu")
+
+
+def _reasons_triton(call) -> list[str]:
+    why = device_reasons(call["device"], "triton")
+    if call["topk"] > TRITON_MAX_TOPK:
+        why.append(f"topk={call['topk']} > {TRITON_MAX_TOPK}")
+    return why
+
+
+def _reasons_cuda(call) -> list[str]:
+    why = device_reasons(call["device"], "cuda")
+    if call["topk"] > CUDA_MAX_TOPK:
+        why.append(f"topk={call['topk']} > {CUDA_MAX_TOPK}")
+    return why
+
+
+def _run_torch(image, cls, scale, topk, normalize):
+    return pseudo_label_reference(image, cls, scale, topk, normalize)
+
+
+def _run_library(image, cls, scale, topk, normalize):
+    # Same schema for CPU and CUDA: the dispatcher picks the kernel by device.
+    return torch.ops.nolabels_C.pseudo_label(image, cls, scale, topk, normalize)
+
+
+def _run_triton(image, cls, scale, topk, normalize):
+    from nolabels.triton.pseudo_label import pseudo_label_triton
+
+    return pseudo_label_triton(image, cls, scale, topk, normalize)
+
+
+BACKEND_IMPLS: tuple[BackendImpl, ...] = (
+    BackendImpl("torch", lambda: None, _reasons_torch, _run_torch),
+    BackendImpl("cpu", _lib_cpu_status, _reasons_cpu, _run_library),
+    BackendImpl("triton", triton_status, _reasons_triton, _run_triton),
+    BackendImpl("cuda", _lib_cuda_status, _reasons_cuda, _run_library),
+)
+_BY_NAME = {b.name: b for b in BACKEND_IMPLS}
+
+
+# --------------------------------------------------------------------------- custom op
+@torch.library.custom_op("nolabels::pseudo_label", mutates_args=())
+def _pseudo_label_op(
+    image_emb: torch.Tensor,
+    class_emb: torch.Tensor,
+    logit_scale: float,
+    topk: int,
+    normalize: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Value checks live here, not in the traced wrapper: they read data, and
+    # inside torch.compile this body runs eagerly as one opaque node.
+    if not bool(torch.isfinite(class_emb).all()):
+        raise ValueError("pseudo_label: class_emb contains NaN or Inf")
+    probs, classes, entropy, lse = _BY_NAME[backend].run(
+        image_emb, class_emb, logit_scale, topk, normalize
+    )
+    if lse.numel() and not bool(torch.isfinite(lse).all()):
+        # Each backend turns a non-finite input row into a NaN lse; the input
+        # scan below runs only on this error path.
+        if not bool(torch.isfinite(image_emb).all()):
+            bad = (~torch.isfinite(image_emb)).any(dim=1).nonzero().flatten()[:5].tolist()
+            raise ValueError(f"pseudo_label: image_emb contains NaN or Inf (rows {bad}...)")
+        raise ValueError(
+            "pseudo_label: logits overflowed float32 (normalize=False with very large "
+            "embeddings or logit_scale)"
+        )
+    return probs, classes, entropy, lse
+
+
+@_pseudo_label_op.register_fake
+def _(image_emb, class_emb, logit_scale, topk, normalize, backend):
+    n = image_emb.shape[0]
+    dev = image_emb.device
+    return (
+        image_emb.new_empty((n, topk), dtype=torch.float32),
+        image_emb.new_empty((n, topk), dtype=torch.int64),
+        torch.empty((n,), dtype=torch.float32, device=dev),
+        torch.empty((n,), dtype=torch.float32, device=dev),
+    )
+
+
+def _validate(image_emb, class_emb, logit_scale, topk) -> None:
+    for name, t in (("image_emb", image_emb), ("class_emb", class_emb)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"pseudo_label: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"pseudo_label: {name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"pseudo_label: {name} has unsupported dtype {t.dtype}; "
+                "use float32, float16 or bfloat16"
+            )
+    if class_emb.shape[0] == 0:
+        raise ValueError("pseudo_label: class_emb has no classes (C = 0)")
+    if image_emb.shape[1] != class_emb.shape[1]:
+        raise ValueError(
+            f"pseudo_label: D mismatch, image_emb is {tuple(image_emb.shape)} but "
+            f"class_emb is {tuple(class_emb.shape)}"
+        )
+    if image_emb.shape[1] == 0:
+        raise ValueError("pseudo_label: embeddings have D = 0")
+    if image_emb.device != class_emb.device:
+        raise ValueError(
+            f"pseudo_label: image_emb is on {image_emb.device} but class_emb is on "
+            f"{class_emb.device}"
+        )
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise ValueError(f"pseudo_label: topk must be an int, got {topk!r}")
+    if not 1 <= topk <= class_emb.shape[0]:
+        raise ValueError(f"pseudo_label: topk must be in [1, C={class_emb.shape[0]}], got {topk}")
+    if not math.isfinite(float(logit_scale)):
+        raise ValueError(f"pseudo_label: logit_scale must be finite, got {logit_scale}")
+
+
+def pseudo_label(
+    image_emb: torch.Tensor,
+    class_emb: torch.Tensor,
+    *,
+    logit_scale: float = 100.0,
+    topk: int = 1,
+    normalize: bool = True,
+    backend: BackendName = "auto",
+) -> PseudoLabels:
+    """Zero-shot pseudo-labels: softmax over ``logit_scale * cos(image, class)``.
+
+    Args:
+        image_emb: (N, D) float32/float16/bfloat16, any strides; N may be 0.
+        class_emb: (C, D), C >= 1, same device as ``image_emb``. If its dtype
+            differs from ``image_emb``'s it is cast to ``image_emb.dtype``.
+        logit_scale: multiplies the cosines (CLIP's 100).
+        topk: how many classes to keep per row, 1 <= topk <= C.
+        normalize: L2-normalise rows of both inputs first (cosine similarity);
+            ``False`` uses raw inner products. A zero row stays zero, so its
+            logits are all 0: uniform probabilities 1/C, entropy = lse = log C,
+            never NaN.
+        backend: "auto" | "torch" | "cpu" | "triton" | "cuda" (see
+            ``nolabels info``); ``NOLABELS_BACKEND`` overrides "auto".
+
+    Returns:
+        :class:`PseudoLabels` with labels (N,) int64, probs (N, topk) float32
+        descending, classes (N, topk) int64, entropy (N,) float32, lse (N,) float32.
+
+    Raises:
+        ValueError: on wrong shapes, D mismatch, C = 0, topk out of range,
+            unsupported dtype, different devices, NaN/Inf inputs, or a backend
+            that cannot take the call (with every reason).
+
+    Memory: the fused backends allocate O(tile) beyond inputs and outputs
+    (cpu: a float32 copy of the normalised class matrix plus ~4 MB tiles);
+    the torch backend materialises the (N, C) logits.
+    """
+    _validate(image_emb, class_emb, logit_scale, topk)
+    if class_emb.dtype != image_emb.dtype:
+        class_emb = class_emb.to(image_emb.dtype)
+    call = {"device": image_emb.device, "dtype": image_emb.dtype, "topk": topk}
+    impl = dispatch("pseudo_label", BACKEND_IMPLS, backend, image_emb.device, call)
+    probs, classes, entropy, lse = _pseudo_label_op(
+        image_emb, class_emb, float(logit_scale), int(topk), bool(normalize), impl.name
+    )
+    return PseudoLabels(classes[:, 0].contiguous(), probs, classes, entropy, lse)
+
+
+# --------------------------------------------------------------------------- selection
+def select_per_class(
+    pl: PseudoLabels,
+    k: int,
+    *,
+    fallback_ranks: bool = True,
+    row_ids: torch.Tensor | None = None,
+    num_classes: int | None = None,
+) -> Selection:
+    """NoLA's confident subset: for each class the ``k`` most confident rows labelled with it.
+
+    Rule (NoLA ``top_k_indices_per_class2``): for class c take the rows whose
+    top-1 class is c, sorted by top-1 probability, and keep the first ``k``.
+    Only if *no* row has top-1 = c (and ``fallback_ranks``), use the rows whose
+    rank-2 class is c (sorted by the rank-2 probability), and if none of those
+    either, rank 3. A row picked for several classes is kept once, for the
+    smallest class index (NoLA iterates classes in order and drops later
+    duplicates). Ties in probability are broken by the smaller row id.
+
+    Mergeable: for shards A, B of the rows (with global ``row_ids``), selecting
+    on ``pl`` restricted to the union of the shards' selected rows gives exactly
+    the selection on A ∪ B. That is how ``torchrun`` runs merge.
+
+    Args:
+        pl: pseudo-labels of N rows (``topk`` >= 3 for the full fallback).
+        k: rows per class, k >= 1.
+        row_ids: (N,) int64 global ids of the rows; default ``arange(N)``.
+        num_classes: C; default 1 + the largest class index in ``pl.classes``.
+
+    Returns:
+        :class:`Selection` (indices are ``row_ids`` of the selected rows).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"select_per_class: k must be an int >= 1, got {k!r}")
+    classes, probs = pl.classes, pl.probs
+    if classes.dim() != 2 or probs.shape != classes.shape:
+        raise ValueError("select_per_class: pl.classes and pl.probs must both be (N, topk)")
+    n, kk = classes.shape
+    dev = classes.device
+    if row_ids is None:
+        row_ids = torch.arange(n, device=dev)
+    elif row_ids.shape != (n,):
+        raise ValueError(f"select_per_class: row_ids must be ({n},), got {tuple(row_ids.shape)}")
+    row_ids = row_ids.to(device=dev, dtype=torch.int64)
+    if n == 0:
+        empty = torch.empty(0, dtype=torch.int64, device=dev)
+        return Selection(empty, empty.clone())
+    if num_classes is None:
+        num_classes = int(classes.max()) + 1
+    ranks = min(3, kk) if fallback_ranks else 1
+
+    # Which rank each class is selected from: the first rank with any row.
+    chosen = torch.full((num_classes,), ranks, dtype=torch.int64, device=dev)
+    for r in reversed(range(ranks)):
+        present = torch.bincount(classes[:, r], minlength=num_classes) > 0
+        chosen = torch.where(present, torch.full_like(chosen, r), chosen)
+
+    # Candidates (class, prob, row id) from every rank that is chosen for its class.
+    cand_c, cand_p, cand_id = [], [], []
+    for r in range(ranks):
+        c = classes[:, r]
+        m = chosen[c] == r
+        cand_c.append(c[m])
+        cand_p.append(probs[:, r][m])
+        cand_id.append(row_ids[m])
+    c, p, ids = torch.cat(cand_c), torch.cat(cand_p), torch.cat(cand_id)
+
+    # Sort by (class asc, prob desc, id asc): stable sorts, least significant key first.
+    order = torch.argsort(ids, stable=True)
+    order = order[torch.argsort(-p[order], stable=True)]
+    order = order[torch.argsort(c[order], stable=True)]
+    c, ids = c[order], ids[order]
+
+    # Position inside each class group; keep the first k.
+    counts = torch.bincount(c, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(c.numel(), device=dev) - starts[c]
+    keep = pos < k
+    c, ids = c[keep], ids[keep]
+
+    # Drop duplicate rows, keeping the occurrence with the smallest class.
+    if c.numel():
+        by_id = torch.argsort(ids, stable=True)  # stable: class order kept within an id
+        sid = ids[by_id]
+        first = torch.ones_like(sid, dtype=torch.bool)
+        first[1:] = sid[1:] != sid[:-1]
+        keep = torch.zeros_like(first)
+        keep[by_id[first]] = True
+        c, ids = c[keep], ids[keep]
+    return Selection(ids, c)
