@@ -33,6 +33,26 @@ def triton_status() -> str | None:
     return None
 
 
+def library_cpu_status() -> str | None:
+    """None if the compiled CPU library is loaded, else why not."""
+    from nolabels import _lib
+
+    st = _lib.STATUS
+    return None if st.cpu_loaded else (st.cpu_error or "the compiled library did not load")
+
+
+def library_cuda_status() -> str | None:
+    """None if the compiled CUDA library is loaded and a GPU is visible, else why not."""
+    from nolabels import _lib
+
+    st = _lib.STATUS
+    if not st.cuda_loaded:
+        return st.cuda_error or "the CUDA library did not load"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    return None
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -105,6 +125,15 @@ def dispatch(
     if why:
         raise ValueError(f"{op}: backend {backend!r} cannot take this call: " + "; ".join(why))
     return by_name[backend]
+
+
+OP_REGISTRY: dict[str, tuple[BackendImpl, ...]] = {}
+
+
+def register_op(op: str, impls: Sequence[BackendImpl]) -> tuple[BackendImpl, ...]:
+    """Record an op's backends so ``nolabels info`` can list them. Returns ``impls``."""
+    OP_REGISTRY[op] = tuple(impls)
+    return OP_REGISTRY[op]
 
 
 def explain(impls: Sequence[BackendImpl]) -> dict[str, str]:

@@ -1,7 +1,6 @@
 """``nolabels info``: what this installation can do, and why not."""
 from __future__ import annotations
 
-import importlib
 import platform
 import sys
 
@@ -11,10 +10,11 @@ from nolabels import _lib
 from nolabels.backends import triton_interpret
 
 
-def _op_tables() -> dict[str, list]:
-    pl_mod = importlib.import_module("nolabels.ops.pseudo_label")
+def _op_tables() -> dict[str, tuple]:
+    import nolabels.ops  # noqa: F401 - importing the ops registers them
+    from nolabels.backends import OP_REGISTRY
 
-    return {"pseudo_label": list(pl_mod.BACKEND_IMPLS)}
+    return dict(OP_REGISTRY)
 
 
 def info_dict() -> dict:

@@ -12,8 +12,16 @@ from typing import NamedTuple
 
 import torch
 
-from nolabels import _lib
-from nolabels.backends import BackendImpl, BackendName, device_reasons, dispatch, triton_status
+from nolabels.backends import (
+    BackendImpl,
+    BackendName,
+    device_reasons,
+    library_cpu_status,
+    library_cuda_status,
+    dispatch,
+    register_op,
+    triton_status,
+)
 from nolabels.reference.pseudo_label import pseudo_label_reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -58,20 +66,6 @@ class Selection(NamedTuple):
 
 
 # --------------------------------------------------------------------------- backends
-def _lib_cpu_status() -> str | None:
-    st = _lib.STATUS
-    return None if st.cpu_loaded else (st.cpu_error or "the compiled library did not load")
-
-
-def _lib_cuda_status() -> str | None:
-    st = _lib.STATUS
-    if not st.cuda_loaded:
-        return st.cuda_error or "the CUDA library did not load"
-    if not torch.cuda.is_available():
-        return "no CUDA device is visible"
-    return None
-
-
 def _reasons_torch(call) -> list[str]:
     return []
 
@@ -109,12 +103,12 @@ def _run_triton(image, cls, scale, topk, normalize):
     return pseudo_label_triton(image, cls, scale, topk, normalize)
 
 
-BACKEND_IMPLS: tuple[BackendImpl, ...] = (
+BACKEND_IMPLS: tuple[BackendImpl, ...] = register_op("pseudo_label", (
     BackendImpl("torch", lambda: None, _reasons_torch, _run_torch),
-    BackendImpl("cpu", _lib_cpu_status, _reasons_cpu, _run_library),
+    BackendImpl("cpu", library_cpu_status, _reasons_cpu, _run_library),
     BackendImpl("triton", triton_status, _reasons_triton, _run_triton),
-    BackendImpl("cuda", _lib_cuda_status, _reasons_cuda, _run_library),
-)
+    BackendImpl("cuda", library_cuda_status, _reasons_cuda, _run_library),
+))
 _BY_NAME = {b.name: b for b in BACKEND_IMPLS}
 
 
