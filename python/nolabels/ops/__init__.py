@@ -2,6 +2,7 @@
 (``backend="auto"|"torch"|"cpu"|"triton"|"cuda"``) and runs as a
 ``torch.library`` custom op, so it works inside ``torch.compile(fullgraph=True)``.
 """
+from nolabels.ops.attention import prompt_attention
 from nolabels.ops.pseudo_label import PseudoLabels, Selection, pseudo_label, select_per_class
 
-__all__ = ["PseudoLabels", "Selection", "pseudo_label", "select_per_class"]
+__all__ = ["PseudoLabels", "Selection", "pseudo_label", "select_per_class", "prompt_attention"]

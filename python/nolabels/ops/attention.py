@@ -1,0 +1,258 @@
+"""Prompt-token attention for prompt-tuned ViTs (VPT-deep and VPT-shallow).
+
+``prompt_attention(q, k, v, prompt_k, prompt_v)`` is attention whose keys and
+values are the P prompt tokens, shared by the whole batch, followed by the L
+tokens of each image. The torch backend expands and concatenates the prompts
+and calls ``scaled_dot_product_attention``; the triton backend reads the
+prompts with batch stride 0 inside a flash-style kernel (no expand, no cat),
+saves only the output and the log-sum-exp, and reduces the prompt gradients
+over the batch in the backward kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from nolabels.backends import (
+    BackendImpl,
+    BackendName,
+    device_reasons,
+    dispatch,
+    register_op,
+    triton_status,
+)
+from nolabels.reference.attention import default_scale, prompt_attention_reference
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+
+
+# --------------------------------------------------------------------------- backends
+def _reasons_torch(call) -> list[str]:
+    return []
+
+
+def _reasons_triton(call) -> list[str]:
+    why = device_reasons(call["device"], "triton")
+    if call["head_dim"] not in TRITON_HEAD_DIMS:
+        why.append(f"head dim {call['head_dim']} is not one of {TRITON_HEAD_DIMS}")
+    return why
+
+
+def _run_torch(q, k, v, prompt_k, prompt_v, scale):
+    # Plain autograd through SDPA: no custom op needed, and torch.compile traces it.
+    return prompt_attention_reference(q, k, v, prompt_k, prompt_v, scale)
+
+
+def _run_triton_fwd(q, k, v, prompt_k, prompt_v, scale):
+    from nolabels.triton.attention import prompt_attention_fwd_triton
+
+    return prompt_attention_fwd_triton(q, k, v, prompt_k, prompt_v, scale)
+
+
+def _run_triton_bwd(dout, q, k, v, prompt_k, prompt_v, out, lse, scale):
+    from nolabels.triton.attention import prompt_attention_bwd_triton
+
+    return prompt_attention_bwd_triton(dout, q, k, v, prompt_k, prompt_v, out, lse, scale)
+
+
+BACKEND_IMPLS: tuple[BackendImpl, ...] = register_op("prompt_attention", (
+    BackendImpl("torch", lambda: None, _reasons_torch, _run_torch),
+    BackendImpl("triton", triton_status, _reasons_triton, _run_triton_fwd),
+))
+_FWD = {"triton": _run_triton_fwd}
+_BWD = {"triton": _run_triton_bwd}
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("nolabels::prompt_attention_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prompt_k: Optional[torch.Tensor],
+    prompt_v: Optional[torch.Tensor],
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, L, H, d), lse (B, H, L) float32) of a fused backend."""
+    return _FWD[backend](q, k, v, prompt_k, prompt_v, scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, prompt_k, prompt_v, scale, backend):
+    b, n, h, d = q.shape
+    return q.new_empty((b, n, h, d)), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("nolabels::prompt_attention_bwd", mutates_args=())
+def _bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prompt_k: Optional[torch.Tensor],
+    prompt_v: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dprompt_k, dprompt_v); the prompt gradients are (0, H, d) without prompts."""
+    return _BWD[backend](dout, q, k, v, prompt_k, prompt_v, out, lse, scale)
+
+
+@_bwd_op.register_fake
+def _(dout, q, k, v, prompt_k, prompt_v, out, lse, scale, backend):
+    b, n, h, d = q.shape
+    p = 0 if prompt_k is None else prompt_k.shape[0]
+    return (
+        q.new_empty((b, n, h, d)),
+        q.new_empty((b, n, h, d)),
+        q.new_empty((b, n, h, d)),
+        q.new_empty((p, h, d)),
+        q.new_empty((p, h, d)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prompt_k, prompt_v, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prompt_k, prompt_v, out, lse)
+    ctx.scale = scale
+    ctx.backend = backend
+
+
+def _backward(ctx, dout, dlse):
+    # lse is an internal output (never returned to users): dlse is ignored.
+    q, k, v, prompt_k, prompt_v, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv, dpk, dpv = _bwd_op(dout, q, k, v, prompt_k, prompt_v, out, lse, ctx.scale, ctx.backend)
+    if prompt_k is None:
+        dpk = dpv = None
+    return dq, dk, dv, dpk, dpv, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public op
+def _validate(q, k, v, prompt_k, prompt_v, scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"prompt_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"prompt_attention: {name} must be 4-D (B, L, H, d), got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"prompt_attention: {name} has unsupported dtype {t.dtype}; "
+                "use float32, float16 or bfloat16"
+            )
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(
+                f"prompt_attention: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}"
+            )
+        if t.dtype != q.dtype:
+            raise ValueError(f"prompt_attention: {name} is {t.dtype} but q is {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"prompt_attention: {name} is on {t.device} but q is on {q.device}")
+    if q.shape[-1] == 0:
+        raise ValueError("prompt_attention: head dim d = 0")
+    if (prompt_k is None) != (prompt_v is None):
+        raise ValueError("prompt_attention: give both prompt_k and prompt_v, or neither")
+    if prompt_k is not None:
+        for name, t in (("prompt_k", prompt_k), ("prompt_v", prompt_v)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(
+                    f"prompt_attention: {name} must be a torch.Tensor or None, got {type(t).__name__}"
+                )
+            if t.dim() != 3 or tuple(t.shape[1:]) != tuple(q.shape[2:]):
+                raise ValueError(
+                    f"prompt_attention: {name} must be (P, H, d) = (P, {q.shape[2]}, {q.shape[3]}), "
+                    f"got shape {tuple(t.shape)}"
+                )
+            if t.dtype not in SUPPORTED_DTYPES:
+                raise ValueError(
+                    f"prompt_attention: {name} has unsupported dtype {t.dtype}; "
+                    "use float32, float16 or bfloat16"
+                )
+            if t.device != q.device:
+                raise ValueError(f"prompt_attention: {name} is on {t.device} but q is on {q.device}")
+        if prompt_k.shape != prompt_v.shape:
+            raise ValueError(
+                f"prompt_attention: prompt_k {tuple(prompt_k.shape)} and prompt_v "
+                f"{tuple(prompt_v.shape)} differ"
+            )
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise ValueError(f"prompt_attention: scale must be a float or None, got {scale!r}")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"prompt_attention: scale must be finite, got {scale}")
+
+
+def prompt_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prompt_k: torch.Tensor | None = None,
+    prompt_v: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    backend: BackendName = "auto",
+) -> torch.Tensor:
+    """Attention over [prompt tokens ‖ image tokens], prompts shared by the batch.
+
+    ``out[b, i, h] = softmax_j(scale · q[b, i, h] · K[b, j, h]) V[b, j, h]`` with
+    ``K[b] = [prompt_k ‖ k[b]]`` and ``V[b] = [prompt_v ‖ v[b]]`` (keys along
+    dim 1). No mask. VPT-deep: the layer's prompts enter only as keys and
+    values (their queries and outputs are never needed). VPT-shallow: pass
+    ``prompt_k = prompt_v = None`` (the prompts are ordinary tokens of q, k, v).
+
+    Args:
+        q, k, v: (B, L, H, d), same shape, dtype and device; any strides (for
+            example views of a packed (B, L, 3, H, d) qkv projection). B, L
+            may be 0.
+        prompt_k, prompt_v: (P, H, d), P >= 0, or both None. Cast to q's dtype
+            if they differ.
+        scale: softmax scale, default ``1/sqrt(d)``.
+        backend: "auto" | "torch" | "triton" (see ``nolabels info``);
+            ``NOLABELS_BACKEND`` overrides "auto". The triton backend takes
+            CUDA tensors (CPU ones under ``TRITON_INTERPRET=1``) with d in
+            {16, 32, 64, 128}.
+
+    Returns:
+        out (B, L, H, d) in q's dtype. Differentiable in q, k, v,
+        prompt_k, prompt_v (once: no double backward through the triton
+        backend); the prompt gradients are summed over the batch. The triton
+        backend's float32 results (forward and gradients) are deterministic.
+
+    Raises:
+        ValueError: on wrong shapes or ranks, d = 0, unsupported or
+            mismatched dtypes, different devices, a non-finite ``scale``, or a
+            backend that cannot take the call (with every reason).
+
+    Non-finite inputs are not scanned for (that would cost a device sync per
+    layer): like SDPA, a NaN/Inf in the inputs gives NaN outputs.
+
+    Memory: the triton backend allocates out plus a (B, H, L) float32
+    log-sum-exp saved for backward; its backward adds a (B, H, L) float32
+    buffer and, with prompts, two float32 (min(B, 64), P, H, d) partial sums.
+    The torch backend materialises the concatenated (B, P + L, H, d) keys and
+    values (and what its SDPA kernel saves).
+    """
+    _validate(q, k, v, prompt_k, prompt_v, scale)
+    if prompt_k is not None:
+        prompt_k, prompt_v = prompt_k.to(q.dtype), prompt_v.to(q.dtype)  # no-op if equal
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    call = {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1]}
+    impl = dispatch("prompt_attention", BACKEND_IMPLS, backend, q.device, call)
+    if impl.name == "torch":
+        return _run_torch(q, k, v, prompt_k, prompt_v, scale)
+    out, _lse = _fwd_op(q, k, v, prompt_k, prompt_v, scale, impl.name)
+    return out
