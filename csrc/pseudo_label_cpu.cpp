@@ -106,8 +106,10 @@ void load_block(const Tensor& src, int64_t r0, int64_t r1, float* dst,
 // to 0 (those terms are below float precision of any sum they enter).
 inline float exp_nonpos(float x) {
   x = x < -87.0f ? -87.0f : x;
+  // Round to nearest with the 1.5 * 2^23 trick: std::nearbyint is a libm
+  // call on baseline x86-64 and would stop the loop from vectorising.
   const float t = x * 1.44269504088896341f;
-  const float n = std::nearbyint(t);
+  const float n = (t + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -117,12 +119,9 @@ inline float exp_nonpos(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &p, 4);
-  bits += static_cast<int32_t>(n) << 23;
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
+  // p * 2^n by adding n to the exponent bits (n in [-126, 0] here).
+  const int32_t bits = __builtin_bit_cast(int32_t, p) + (static_cast<int32_t>(n) << 23);
+  return __builtin_bit_cast(float, bits);
 }
 
 struct RowStats {
@@ -137,9 +136,13 @@ struct RowStats {
 
 NOLABELS_MULTIVERSION
 RowStats row_stats(const float* x, int64_t C) {
+  // The omp simd reductions let GCC reorder the sums (no -ffast-math needed,
+  // which would also break the isfinite checks elsewhere in this file).
   float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
   for (int64_t c = 0; c < C; ++c) m = x[c] > m ? x[c] : m;
   float s = 0.f, t = 0.f;
+#pragma omp simd reduction(+ : s, t)
   for (int64_t c = 0; c < C; ++c) {
     const float z = x[c] - m;
     const float e = exp_nonpos(z);
@@ -150,29 +153,41 @@ RowStats row_stats(const float* x, int64_t C) {
 }
 
 // Top-k of one row, descending, ties to the lower index. Small k: a sorted
-// insertion buffer (one compare per element in the common case). Large k:
-// partial sort of an index scratch buffer.
+// insertion buffer, fed 16 elements at a time; a chunk whose (vectorised) max
+// does not beat the current k-th value is skipped, which is almost every
+// chunk once the buffer is full. Large k: partial sort of an index buffer.
+NOLABELS_MULTIVERSION
 void row_topk(const float* x, int64_t C, int64_t k, float* vals, int64_t* idx,
               std::vector<int32_t>& scratch) {
   if (k <= 32) {
+    constexpr int64_t kChunk = 16;
     for (int64_t j = 0; j < k; ++j) {
       vals[j] = -std::numeric_limits<float>::infinity();
       idx[j] = -1;
     }
     float kth = -std::numeric_limits<float>::infinity();
     int64_t filled = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      const float v = x[c];
-      if (filled == k && !(v > kth)) continue;
-      int64_t j = filled < k ? filled++ : k - 1;
-      while (j > 0 && v > vals[j - 1]) {
-        vals[j] = vals[j - 1];
-        idx[j] = idx[j - 1];
-        --j;
+    for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+      const int64_t c1 = std::min(C, c0 + kChunk);
+      if (filled == k && c1 - c0 == kChunk) {
+        float cm = x[c0];
+#pragma omp simd reduction(max : cm)
+        for (int64_t c = 1; c < kChunk; ++c) cm = x[c0 + c] > cm ? x[c0 + c] : cm;
+        if (!(cm > kth)) continue;
       }
-      vals[j] = v;
-      idx[j] = c;
-      kth = vals[k - 1];
+      for (int64_t c = c0; c < c1; ++c) {
+        const float v = x[c];
+        if (filled == k && !(v > kth)) continue;
+        int64_t j = filled < k ? filled++ : k - 1;
+        while (j > 0 && v > vals[j - 1]) {
+          vals[j] = vals[j - 1];
+          idx[j] = idx[j - 1];
+          --j;
+        }
+        vals[j] = v;
+        idx[j] = c;
+        kth = vals[k - 1];
+      }
     }
     return;
   }

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec flock /tmp/nolabels_build.lock \
-  pip install --no-build-isolation --no-deps -e . -q "$@"
+  python -m pip install --no-build-isolation --no-deps -e . -q "$@"
