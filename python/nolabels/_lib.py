@@ -38,18 +38,16 @@ class LibraryStatus:
 
 
 def _find(stem: str) -> Path | None:
-    """Path of nolabels/<stem>.so: next to this file, or wherever an editable
-    install's import hook maps ``nolabels.<stem>`` (scikit-build-core redirect)."""
-    hits = sorted(_PKG.glob(f"{stem}.so"))
-    if hits:
-        return hits[0]
+    """Path of nolabels/<stem>.so: where the import system finds ``nolabels.<stem>``
+    (this also follows an editable install's redirect), else next to this file."""
     try:
         spec = importlib.util.find_spec(f"nolabels.{stem}")
     except (ImportError, ValueError):
-        return None
+        spec = None
     if spec is not None and spec.origin and spec.origin.endswith(".so"):
         return Path(spec.origin)
-    return None
+    hits = sorted(_PKG.glob(f"{stem}.so"))
+    return hits[0] if hits else None
 
 
 def _load() -> LibraryStatus:

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# GPU check: one command on a CUDA machine with no network.
+#   1. use the kernel libraries built elsewhere (staged into python/nolabels/ by
+#      scripts/stage_libs.sh) or build them here with pip --no-build-isolation;
+#   2. run the GPU tests (pytest -m gpu; Triton compiled, not interpreted);
+#   3. run every benchmark at GPU sizes;
+#   4. copy JSON results and logs into $OUT (default benchmarks/results/gpu-run).
+# Target: under 10 minutes on one H100.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu-run}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+LOG="$OUT/gpu_check.log"
+exec > >(tee -a "$LOG") 2>&1
+echo "== gpu_check $(date -Is)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+
+status=0
+if [ -f python/nolabels/_C.so ]; then
+  echo "== using staged libraries in python/nolabels/"
+  export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "== building with pip install --no-build-isolation"
+  $PY -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -20 || status=1
+fi
+$PY -m nolabels info --json > "$OUT/info.json"; $PY -m nolabels info || status=1
+
+echo "== GPU tests"
+NOLABELS_TEST_GPU=1 timeout 240 $PY -m pytest -q -m gpu -ra \
+  --junitxml="$OUT/gpu_tests.xml" tests 2>&1 | tail -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+run_bench() {  # name, timeout, args...
+  local name=$1 t=$2; shift 2
+  echo "== bench $name $*"
+  timeout "$t" $PY "benchmarks/$name.py" "$@" 2>&1 | tail -25
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
+# Issue targets: H100 bf16 N=1e6, C=1000, D=512 (cuda/triton >= 2x reference, >= 70% of matmul).
+run_bench bench_pseudo_label 150 --device cuda --dtype bfloat16 --n 1000000 --c 1000 --d 512 --topk 3 \
+  --out "$OUT/pseudo_label-bf16.json"
+run_bench bench_pseudo_label 90 --device cuda --dtype float32 --n 200000 --c 1000 --d 512 --topk 3 \
+  --no-memory --out "$OUT/pseudo_label-fp32.json"
+for extra in bench_coder bench_attention; do
+  if [ -f "benchmarks/$extra.py" ]; then
+    run_bench "$extra" 150 --device cuda --out "$OUT/$extra.json"
+  fi
+done
+cp benchmarks/results/*.json "$OUT/" 2>/dev/null || true
+echo "== gpu_check finished with status $status"
+exit $status
