@@ -7,13 +7,15 @@
 // Design (why it is fast and small):
 //   * The class matrix is normalised once and the logit scale is folded into
 //     it, W' = scale * W / |W| (C x D float32): the only O(C*D) buffer.
-//   * Images are processed in row blocks of BLOCK_N rows: the block is loaded
-//     (any dtype, any strides), normalised into a float32 (BLOCK_N x D)
-//     buffer, multiplied with W'^T by torch's own matmul (MKL / oneDNN through
-//     the dispatcher, multi-threaded on torch's pool), and the (BLOCK_N x C)
-//     tile, which stays in L2, is reduced row by row in parallel: max,
-//     sum exp, sum exp * x (entropy), top-k. BLOCK_N is chosen so the tile is
-//     about 1M floats (4 MB): peak extra memory is W' + 2 tiles, O(tile).
+//   * Images are split into row blocks of ~256K/C rows; each worker of torch's
+//     thread pool owns whole blocks: it loads the block (any dtype, any
+//     strides), normalises it into a float32 (rows x D) buffer, multiplies it
+//     with W'^T through torch's own matmul (single-threaded inside the
+//     parallel region: MKL / oneDNN through the dispatcher), and reduces the
+//     (rows x C) tile, still in its L2, row by row: max, sum exp,
+//     sum exp * x (entropy), top-k. No barrier separates GEMM and epilogue.
+//     Peak extra memory: W' (C x D floats) + per thread one block buffer and
+//     one ~1 MB tile, i.e. O(C*D + threads*tile), never O(N*C).
 //   * exp is a branch-free polynomial that GCC vectorises; the reduction is
 //     compiled twice (AVX2+FMA and baseline) and picked at load time, so the
 //     wheel stays portable.
@@ -223,26 +225,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pseudo_label_cpu(
              static_cast<float>(scale), nullptr);
   Tensor wt = torch::stable::transpose(w, 0, 1);  // (D x C) view
 
-  // ~1M-float tiles; at least 16 rows, at most N.
-  const int64_t block = std::min<int64_t>(N, std::max<int64_t>(16, (1 << 20) / C));
-  Tensor a = torch::stable::empty({block, D}, ScalarType::Float, std::nullopt, dev);
-  std::vector<uint8_t> bad(block);
-
   float* probs_p = probs.mutable_data_ptr<float>();
   int64_t* cls_p = classes.mutable_data_ptr<int64_t>();
   float* ent_p = entropy.mutable_data_ptr<float>();
   float* lse_p = lse.mutable_data_ptr<float>();
 
-  for (int64_t r0 = 0; r0 < N; r0 += block) {
-    const int64_t r1 = std::min(N, r0 + block), rows = r1 - r0;
-    load_block(image, r0, r1, a.mutable_data_ptr<float>(), normalize, 1.0f, bad.data());
-    Tensor a_view = rows == block ? a : torch::stable::narrow(a, 0, 0, rows);
-    Tensor logits = torch::stable::matmul(a_view, wt);  // (rows x C) tile
-    const float* lp = logits.const_data_ptr<float>();
-    torch::stable::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
-      std::vector<int32_t> scratch;
-      std::vector<float> vals(topk);
-      for (int64_t i = b; i < e; ++i) {
+  // Each worker owns whole row blocks: load + normalise, a single-threaded
+  // GEMM (torch's matmul inside a parallel region does not fan out again),
+  // then the epilogue while the tile is still in L2. No barrier between the
+  // GEMM and the epilogue, and the tile never leaves the core that made it.
+  // ~256K-float tiles (1 MB): at least 8 rows.
+  const int64_t block = std::max<int64_t>(8, (1 << 18) / C);
+  const int64_t nblocks = (N + block - 1) / block;
+  torch::stable::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    Tensor a = torch::stable::empty({block, D}, ScalarType::Float, std::nullopt, dev);
+    std::vector<uint8_t> bad(block);
+    std::vector<int32_t> scratch;
+    std::vector<float> vals(topk);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * block, r1 = std::min(N, r0 + block), rows = r1 - r0;
+      load_block(image, r0, r1, a.mutable_data_ptr<float>(), normalize, 1.0f, bad.data());
+      Tensor a_view = rows == block ? a : torch::stable::narrow(a, 0, 0, rows);
+      Tensor logits = torch::stable::matmul(a_view, wt);  // (rows x C) tile
+      STD_TORCH_CHECK(logits.is_contiguous(), "pseudo_label_cpu: unexpected tile layout");
+      const float* lp = logits.const_data_ptr<float>();
+      for (int64_t i = 0; i < rows; ++i) {
         const int64_t r = r0 + i;
         const float* x = lp + i * C;
         RowStats st = row_stats(x, C);
@@ -258,8 +265,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pseudo_label_cpu(
         row_topk(x, C, topk, vals.data(), cls_p + r * topk, scratch);
         for (int64_t j = 0; j < topk; ++j) probs_p[r * topk + j] = std::exp(vals[j] - l);
       }
-    });
-  }
+    }
+  });
   return {probs, classes, entropy, lse};
 }
 
