@@ -1,6 +1,6 @@
 """Host-side emulation of kernels/pseudo_label.cu, for checking its index math without a GPU.
 
-Run: python kernels/pseudo_label_emulator.py   (numpy + torch; ~20 s)
+Run: python tests/emulators/pseudo_label_cuda.py, or through tests/test_pseudo_label.py   (numpy + torch; ~20 s)
 
 What it does. The tensor-core kernel is replayed thread by thread with the *same* integer
 formulas as the .cu file (swizzle, loader geometry, ldmatrix lane addresses, accumulator ->
