@@ -24,11 +24,14 @@
 //   * Non-finite inputs: a non-finite query row gets NaN values; any
 //     non-finite key makes every value NaN. The Python caller raises.
 //
-// coder_class_scores: the Python side folds CODER's mean/max into a float32
-//   bank (C + M1, D): scaled per-class sums of kind-0 texts, then the scaled
-//   kind-1 texts sorted by class (segment offsets `seg`). Per block of image
-//   rows: one GEMM against the bank, then per row and class
-//   out = tile[c] + max over the class's kind-1 segment (0 if empty).
+// coder_class_scores: CODER's mean/max is folded into one float32 bank. With
+//   w_c = scale / (n0_c + [n1_c > 0]) > 0, score_c = x.(w_c sum_{kind 0} t_j)
+//   + max_{kind 1} x.(w_c t_j) (max commutes with a positive factor), so the
+//   bank holds the scaled kind-0 sums (C rows; "a mean of dot products is the
+//   dot product with the mean") and the scaled kind-1 texts, grouped by class
+//   with a counting sort. Per block of image rows: one GEMM against the bank,
+//   then per row the per-class max over the kind-1 columns, added to the sum
+//   column (layouts: see scores_from_bank). Texts may come in any order.
 //
 // coder_affinity: G = T^T T over the row-normalised text bank (accumulated
 //   tile by tile), U = X G, |CODER(x)|^2 = rowdot(U, X), out = U Y^T scaled by
@@ -151,6 +154,14 @@ void scale_to_bf16(float* x, float f, uint16_t* bf, int64_t D) {
   for (int64_t d = 0; d < D; ++d) x[d] *= f;
   if (bf)
     for (int64_t d = 0; d < D; ++d) bf[d] = bf16_bits(x[d]);
+}
+
+// Row r of src -> L2-normalised float32 dst (zero row stays zero; no NaN check).
+void load_one_normalized(const Tensor& src, int64_t r, float* dst) {
+  const int64_t D = src.size(1);
+  row_to_f32(src, r, dst);
+  const double nrm = std::sqrt(sumsq(dst, D));
+  scale_to_bf16(dst, static_cast<float>(1.0 / std::max(nrm, static_cast<double>(kNormEps))), nullptr, D);
 }
 
 // Rows [r0, r1) of `src` -> float32 rows of `dst` (leading dim D), optionally
@@ -481,23 +492,27 @@ std::tuple<Tensor, Tensor> topk_similarity_cpu(const Tensor& queries, const Tens
 }
 
 // ---------------------------------------------------------------- coder_class_scores
-Tensor coder_class_scores_cpu(const Tensor& image, const Tensor& bank, const Tensor& seg) {
-  STD_TORCH_CHECK(image.dim() == 2 && bank.dim() == 2 && seg.dim() == 1,
-                  "coder_class_scores: image (N,D), bank (R,D), seg (C+1,) expected");
-  STD_TORCH_CHECK(image.size(1) == bank.size(1), "coder_class_scores: D mismatch");
-  STD_TORCH_CHECK(is_supported_float(image.scalar_type()), "coder_class_scores: bad image dtype");
-  STD_TORCH_CHECK(bank.scalar_type() == ScalarType::Float && bank.is_contiguous(),
-                  "coder_class_scores: bank must be contiguous float32");
-  STD_TORCH_CHECK(seg.scalar_type() == ScalarType::Long && seg.is_contiguous(),
-                  "coder_class_scores: seg must be contiguous int64");
-  STD_TORCH_CHECK(image.is_cpu() && bank.is_cpu() && seg.is_cpu(), "coder_class_scores: CPU tensors expected");
-  const int64_t N = image.size(0), D = image.size(1), R = bank.size(0);
-  const int64_t C = seg.size(0) - 1;
-  STD_TORCH_CHECK(C >= 1, "coder_class_scores: need at least one class");
-  const int64_t* sg = seg.const_data_ptr<int64_t>();
-  STD_TORCH_CHECK(sg[0] == 0 && C + sg[C] == R, "coder_class_scores: seg does not match bank");
-  for (int64_t c = 0; c < C; ++c) STD_TORCH_CHECK(sg[c] <= sg[c + 1], "coder_class_scores: seg not sorted");
+// Vertical max of P rows of length C (stride C) -> dst (added to dst).
+CODER_MULTIVERSION
+void add_slot_max(const float* slots, int64_t P, int64_t C, const float* base, float* dst) {
+  for (int64_t c = 0; c < C; ++c) dst[c] = slots[c];
+  for (int64_t p = 1; p < P; ++p) {
+    const float* sp = slots + p * C;
+    for (int64_t c = 0; c < C; ++c) dst[c] = sp[c] > dst[c] ? sp[c] : dst[c];
+  }
+  for (int64_t c = 0; c < C; ++c) dst[c] += base[c];
+}
 
+// Scores of image rows against a folded bank (see the file comment).
+//   padded (P > 0): bank rows [0, C) kind-0 sums, then P slot blocks of C rows;
+//     a class with n1 < P kind-1 texts repeats them across the unused slots
+//     (duplicates do not change a max), a class without any has zero rows (max 0);
+//     the reduction is a vertical max over slots, vectorised over classes.
+//   segmented (P == 0, seg != nullptr): kind-1 rows of class c at C + seg[c]..seg[c+1].
+//   neither (P == 0, seg == nullptr): no kind-1 texts at all.
+Tensor scores_from_bank(const Tensor& image, const Tensor& bank, int64_t C, int64_t P,
+                        const int64_t* seg) {
+  const int64_t N = image.size(0), D = image.size(1), R = bank.size(0);
   Tensor out = empty_f32({N, C});
   if (N == 0) return out;
   // ~4M-float tiles (16 MB), at least 16 rows.
@@ -505,38 +520,142 @@ Tensor coder_class_scores_cpu(const Tensor& image, const Tensor& bank, const Ten
   Tensor xb = empty_f32({BN, D});
   Tensor tile = empty_f32({BN, R});
   std::vector<uint8_t> bad(BN);
-  Tensor bank_t = torch::stable::transpose(bank, 0, 1);
+  const Tensor bank_t = torch::stable::transpose(bank, 0, 1);
   float* out_p = out.mutable_data_ptr<float>();
   const float nan = std::numeric_limits<float>::quiet_NaN();
 
   for (int64_t r0 = 0; r0 < N; r0 += BN) {
     const int64_t r1 = std::min(N, r0 + BN), nr = r1 - r0;
     load_rows(image, r0, r1, xb.mutable_data_ptr<float>(), nullptr, nullptr, bad.data(), true);
-    Tensor xv = nr == BN ? xb : torch::stable::narrow(xb, 0, 0, nr);
     Tensor tv = nr == BN ? tile : torch::stable::narrow(tile, 0, 0, nr);
-    mm_out(tv, xv, bank_t);
+    mm_out(tv, nr == BN ? xb : torch::stable::narrow(xb, 0, 0, nr), bank_t);
     const float* tp = tile.const_data_ptr<float>();
     torch::stable::parallel_for(0, nr, 8, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const float* row = tp + i * R;
-        const float* ones = row + C;
         float* o = out_p + (r0 + i) * C;
         if (bad[i]) {
           for (int64_t c = 0; c < C; ++c) o[c] = nan;
-          continue;
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          float mx = 0.f;
-          if (sg[c + 1] > sg[c]) {
-            mx = ones[sg[c]];
-            for (int64_t j = sg[c] + 1; j < sg[c + 1]; ++j) mx = std::max(mx, ones[j]);
+        } else if (P > 0) {
+          add_slot_max(row + C, P, C, row, o);
+        } else if (seg != nullptr) {
+          const float* ones = row + C;
+          for (int64_t c = 0; c < C; ++c) {
+            float mx = 0.f;
+            if (seg[c + 1] > seg[c]) {
+              mx = ones[seg[c]];
+              for (int64_t j = seg[c] + 1; j < seg[c + 1]; ++j) mx = std::max(mx, ones[j]);
+            }
+            o[c] = row[c] + mx;
           }
-          o[c] = row[c] + mx;
+        } else {
+          std::memcpy(o, row, C * sizeof(float));
         }
       }
     });
   }
   return out;
+}
+
+// Full op: builds the bank from the raw text bank, then scores.
+Tensor coder_class_scores_cpu(const Tensor& image, const Tensor& text, const Tensor& text_class,
+                              const Tensor& text_kind, int64_t C, double scale) {
+  STD_TORCH_CHECK(image.dim() == 2 && text.dim() == 2 && image.size(1) == text.size(1),
+                  "coder_class_scores: image (N,D) and text (M,D) expected");
+  const int64_t M = text.size(0), D = text.size(1);
+  STD_TORCH_CHECK(text_class.dim() == 1 && text_class.size(0) == M && text_kind.dim() == 1 &&
+                      text_kind.size(0) == M,
+                  "coder_class_scores: text_class and text_kind must be (M,)");
+  STD_TORCH_CHECK(text_class.scalar_type() == ScalarType::Long && text_kind.scalar_type() == ScalarType::Long,
+                  "coder_class_scores: text_class and text_kind must be int64");
+  STD_TORCH_CHECK(is_supported_float(image.scalar_type()) && is_supported_float(text.scalar_type()),
+                  "coder_class_scores: dtype must be float32, float16 or bfloat16");
+  STD_TORCH_CHECK(image.is_cpu() && text.is_cpu() && text_class.is_cpu() && text_kind.is_cpu(),
+                  "coder_class_scores: CPU tensors expected");
+  STD_TORCH_CHECK(C >= 1 && scale > 0, "coder_class_scores: need C >= 1 and scale > 0");
+  const Tensor cls_t = torch::stable::contiguous(text_class);
+  const Tensor kind_t = torch::stable::contiguous(text_kind);
+  const int64_t* cls = cls_t.const_data_ptr<int64_t>();
+  const int64_t* kind = kind_t.const_data_ptr<int64_t>();
+
+  // Counting sort of the texts by (kind, class).
+  std::vector<int64_t> n0(C, 0), n1(C, 0);
+  for (int64_t j = 0; j < M; ++j) {
+    STD_TORCH_CHECK(cls[j] >= 0 && cls[j] < C, "coder_class_scores: text_class out of range");
+    STD_TORCH_CHECK(kind[j] == 0 || kind[j] == 1, "coder_class_scores: text_kind must be 0 or 1");
+    (kind[j] == 0 ? n0 : n1)[cls[j]]++;
+  }
+  std::vector<int64_t> s0(C + 1, 0), s1(C + 1, 0);
+  int64_t P = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    STD_TORCH_CHECK(n0[c] + n1[c] > 0, "coder_class_scores: a class has no texts");
+    s0[c + 1] = s0[c] + n0[c];
+    s1[c + 1] = s1[c] + n1[c];
+    P = std::max(P, n1[c]);
+  }
+  const int64_t M1 = s1[C];
+  std::vector<int64_t> list0(s0[C]), list1(M1), f0(s0.begin(), s0.end() - 1), f1(s1.begin(), s1.end() - 1);
+  for (int64_t j = 0; j < M; ++j) {
+    if (kind[j] == 0) list0[f0[cls[j]]++] = j;
+    else list1[f1[cls[j]]++] = j;
+  }
+  std::vector<float> w(C);
+  for (int64_t c = 0; c < C; ++c)
+    w[c] = static_cast<float>(scale / static_cast<double>(n0[c] + (n1[c] > 0 ? 1 : 0)));
+
+  // Padded slot layout when the padding costs at most 25% more GEMM columns.
+  const bool padded = M1 > 0 && (1 + P) * C * 4 <= 5 * (C + M1);
+  const int64_t R = M1 == 0 ? C : (padded ? (1 + P) * C : C + M1);
+  Tensor bank = empty_f32({R, D});
+  float* bp = bank.mutable_data_ptr<float>();
+  torch::stable::parallel_for(0, C, 4, [&](int64_t b, int64_t e) {
+    std::vector<float> row(D);
+    for (int64_t c = b; c < e; ++c) {
+      float* sum = bp + c * D;
+      std::fill(sum, sum + D, 0.f);
+      for (int64_t q = s0[c]; q < s0[c + 1]; ++q) {
+        load_one_normalized(text, list0[q], row.data());
+        for (int64_t d = 0; d < D; ++d) sum[d] += row[d];
+      }
+      for (int64_t d = 0; d < D; ++d) sum[d] *= w[c];
+      if (M1 == 0) continue;
+      const int64_t slots = padded ? P : n1[c];
+      for (int64_t p = 0; p < slots; ++p) {
+        float* dst = padded ? bp + (C + p * C + c) * D : bp + (C + s1[c] + p) * D;
+        if (n1[c] == 0) {
+          std::fill(dst, dst + D, 0.f);
+        } else if (p < n1[c]) {
+          const int64_t j = list1[s1[c] + p];
+          load_one_normalized(text, j, dst);
+          for (int64_t d = 0; d < D; ++d) dst[d] *= w[c];
+        } else {
+          std::memcpy(dst, bp + (C + (p % n1[c]) * C + c) * D, D * sizeof(float));
+        }
+      }
+    }
+  });
+  return scores_from_bank(image, bank, C, padded ? P : 0, (M1 > 0 && !padded) ? s1.data() : nullptr);
+}
+
+// Bank version (also the CUDA schema): bank and seg from
+// nolabels.ops.coder.prepare_class_bank.
+Tensor coder_class_scores_bank_cpu(const Tensor& image, const Tensor& bank, const Tensor& seg) {
+  STD_TORCH_CHECK(image.dim() == 2 && bank.dim() == 2 && seg.dim() == 1,
+                  "coder_class_scores_bank: image (N,D), bank (R,D), seg (C+1,) expected");
+  STD_TORCH_CHECK(image.size(1) == bank.size(1), "coder_class_scores_bank: D mismatch");
+  STD_TORCH_CHECK(is_supported_float(image.scalar_type()), "coder_class_scores_bank: bad image dtype");
+  STD_TORCH_CHECK(bank.scalar_type() == ScalarType::Float && bank.is_contiguous(),
+                  "coder_class_scores_bank: bank must be contiguous float32");
+  STD_TORCH_CHECK(seg.scalar_type() == ScalarType::Long && seg.is_contiguous(),
+                  "coder_class_scores_bank: seg must be contiguous int64");
+  STD_TORCH_CHECK(image.is_cpu() && bank.is_cpu() && seg.is_cpu(),
+                  "coder_class_scores_bank: CPU tensors expected");
+  const int64_t C = seg.size(0) - 1;
+  STD_TORCH_CHECK(C >= 1, "coder_class_scores_bank: need at least one class");
+  const int64_t* sg = seg.const_data_ptr<int64_t>();
+  STD_TORCH_CHECK(sg[0] == 0 && C + sg[C] == bank.size(0), "coder_class_scores_bank: seg does not match bank");
+  for (int64_t c = 0; c < C; ++c) STD_TORCH_CHECK(sg[c] <= sg[c + 1], "coder_class_scores_bank: seg not sorted");
+  return scores_from_bank(image, bank, C, 0, sg);
 }
 
 // ---------------------------------------------------------------- coder_affinity
@@ -575,24 +694,47 @@ Tensor coder_affinity_cpu(const Tensor& x, const Tensor& y, const Tensor& text) 
   if (N == 0 || K == 0) return out;
 
   // G = sum over text tiles of That^T That (D x D), tiles of <= 4096 rows.
+  // G is symmetric: with D split in halves [A | B] only A^T A, A^T B and
+  // B^T B are computed (3/4 of the flops); B^T A is mirrored at the end.
   const int64_t TT = std::min<int64_t>(M, 4096);
+  const int64_t h = D >= 128 ? (D / 2) & ~int64_t(15) : D;
   Tensor tt = empty_f32({TT, D});
   Tensor G = empty_f32({D, D});
   Tensor P = empty_f32({D, D});
   float* gp = G.mutable_data_ptr<float>();
+  const float* pp = P.const_data_ptr<float>();
   for (int64_t m0 = 0; m0 < M; m0 += TT) {
     const int64_t m1 = std::min(M, m0 + TT), nm = m1 - m0;
     load_rows(text, m0, m1, tt.mutable_data_ptr<float>(), nullptr, nullptr, nullptr, true);
     Tensor tv = nm == TT ? tt : torch::stable::narrow(tt, 0, 0, nm);
-    if (m0 == 0) {
-      mm_out(G, torch::stable::transpose(tv, 0, 1), tv);
+    Tensor dst = m0 == 0 ? G : P;
+    if (h == D) {
+      mm_out(dst, torch::stable::transpose(tv, 0, 1), tv);
     } else {
-      mm_out(P, torch::stable::transpose(tv, 0, 1), tv);
-      const float* pp = P.const_data_ptr<float>();
-      torch::stable::parallel_for(0, D * D, 4096, [&](int64_t b, int64_t e) {
-        for (int64_t j = b; j < e; ++j) gp[j] += pp[j];
+      const Tensor A = torch::stable::narrow(tv, 1, 0, h);
+      const Tensor B = torch::stable::narrow(tv, 1, h, D - h);
+      const Tensor At = torch::stable::transpose(A, 0, 1);
+      Tensor top = torch::stable::narrow(dst, 0, 0, h);
+      Tensor bottom = torch::stable::narrow(dst, 0, h, D - h);
+      Tensor d11 = torch::stable::narrow(top, 1, 0, h);
+      Tensor d12 = torch::stable::narrow(top, 1, h, D - h);
+      Tensor d22 = torch::stable::narrow(bottom, 1, h, D - h);
+      mm_out(d11, At, A);
+      mm_out(d12, At, B);
+      mm_out(d22, torch::stable::transpose(B, 0, 1), B);
+    }
+    if (m0 != 0) {
+      torch::stable::parallel_for(0, D, 16, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          const int64_t c0 = (h == D || r < h) ? 0 : h;  // skip the unset lower-left block
+          for (int64_t c = c0; c < D; ++c) gp[r * D + c] += pp[r * D + c];
+        }
       });
     }
+  }
+  if (h != D) {
+    for (int64_t r = h; r < D; ++r)
+      for (int64_t c = 0; c < h; ++c) gp[r * D + c] = gp[c * D + r];
   }
 
   Tensor xn = normalized_copy(x);
@@ -623,12 +765,17 @@ STABLE_TORCH_LIBRARY_FRAGMENT(nolabels_C, m) {
   // (values (N,k) f32 descending, indices (N,k) i64). Non-finite inputs give NaN values.
   m.def("topk_similarity(Tensor queries, Tensor keys, int k, bool normalize) -> (Tensor, Tensor)");
   // bank (C+M1, D) f32 and seg (C+1,) i64 from nolabels.ops.coder.prepare_class_bank.
-  m.def("coder_class_scores(Tensor image, Tensor bank, Tensor seg) -> Tensor");
+  // The full op (CPU): builds the folded bank itself.
+  m.def("coder_class_scores(Tensor image, Tensor text, Tensor text_class, Tensor text_kind,"
+        " int num_classes, float scale) -> Tensor");
+  // Scores against a bank/seg from nolabels.ops.coder.prepare_class_bank (CPU and CUDA).
+  m.def("coder_class_scores_bank(Tensor image, Tensor bank, Tensor seg) -> Tensor");
   m.def("coder_affinity(Tensor x, Tensor y, Tensor text) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(nolabels_C, CPU, m) {
   m.impl("topk_similarity", TORCH_BOX(&nolabels::coder::topk_similarity_cpu));
   m.impl("coder_class_scores", TORCH_BOX(&nolabels::coder::coder_class_scores_cpu));
+  m.impl("coder_class_scores_bank", TORCH_BOX(&nolabels::coder::coder_class_scores_bank_cpu));
   m.impl("coder_affinity", TORCH_BOX(&nolabels::coder::coder_affinity_cpu));
 }

@@ -264,9 +264,14 @@ def _scores_torch(image, text, tcls, tkind, c, scale):
     return coder_class_scores_reference(image, text, tcls, tkind, c, scale)
 
 
-def _scores_library(image, text, tcls, tkind, c, scale):
+def _scores_cpu(image, text, tcls, tkind, c, scale):
+    # The C++ op builds its bank itself (one pass over the texts, no torch ops).
+    return torch.ops.nolabels_C.coder_class_scores(image, text, tcls, tkind, c, scale)
+
+
+def _scores_cuda(image, text, tcls, tkind, c, scale):
     bank, seg, _ = prepare_class_bank(text, tcls, tkind, c, scale)
-    return torch.ops.nolabels_C.coder_class_scores(image, bank, seg)
+    return torch.ops.nolabels_C.coder_class_scores_bank(image, bank, seg)
 
 
 def _scores_triton(image, text, tcls, tkind, c, scale):
@@ -279,11 +284,11 @@ def _scores_triton(image, text, tcls, tkind, c, scale):
 SCORES_IMPLS: tuple[BackendImpl, ...] = register_op("coder_class_scores", (
     BackendImpl("torch", lambda: None, lambda call: [], _scores_torch),
     BackendImpl("cpu", lambda: _kernel_status("coder_class_scores", "CPU", library_cpu_status),
-                lambda call: device_reasons(call["device"], "cpu"), _scores_library),
+                lambda call: device_reasons(call["device"], "cpu"), _scores_cpu),
     BackendImpl("triton", triton_status, lambda call: device_reasons(call["device"], "triton"),
                 _scores_triton),
-    BackendImpl("cuda", lambda: _kernel_status("coder_class_scores", "CUDA", library_cuda_status),
-                lambda call: device_reasons(call["device"], "cuda"), _scores_library),
+    BackendImpl("cuda", lambda: _kernel_status("coder_class_scores_bank", "CUDA", library_cuda_status),
+                lambda call: device_reasons(call["device"], "cuda"), _scores_cuda),
 ))
 _SCORES_BY_NAME = {b.name: b for b in SCORES_IMPLS}
 
