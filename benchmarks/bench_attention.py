@@ -43,11 +43,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as common  # noqa: E402
-
-import nolabels  # noqa: E402
-from nolabels.ops.attention import BACKEND_IMPLS, prompt_attention  # noqa: E402
-from nolabels.reference.attention import concat_prompt_kv, prompt_attention_reference  # noqa: E402
+import _common as common
+import nolabels
+from nolabels.ops.attention import BACKEND_IMPLS, prompt_attention
+from nolabels.reference.attention import concat_prompt_kv, prompt_attention_reference
 
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 
@@ -167,7 +166,7 @@ def run_attention(args, device, dtype, ceil, deadline, emit) -> list[dict]:
                         with torch.no_grad():
                             return fn(*leaves)
                 else:
-                    def call(fn=fn, leaves=leaves):
+                    def call(fn=fn, leaves=leaves, dout=dout):
                         o = fn(*leaves)
                         return torch.autograd.grad(o, leaves, dout)
                 try:
@@ -201,20 +200,41 @@ def build_vit(device, small: bool):
     from open_clip.transformer import VisionTransformer
 
     if small:
-        cfg = dict(image_size=64, patch_size=16, width=192, layers=4, heads=3, output_dim=128)
+        cfg = {"image_size": 64, "patch_size": 16, "width": 192, "layers": 4, "heads": 3, "output_dim": 128}
     else:  # ViT-B/32
-        cfg = dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, output_dim=512)
+        cfg = {"image_size": 224, "patch_size": 32, "width": 768, "layers": 12, "heads": 12, "output_dim": 512}
     torch.manual_seed(0)
     return VisionTransformer(mlp_ratio=4.0, **cfg).to(device), cfg
 
 
-def run_model_step(args, device, deadline, emit) -> list[dict]:
+def make_train_step(device, small, p, impl, backend, batch, n_classes=100):
+    """One LaFTer/NoLA-style training step of a deep-prompted ViT: forward, label-smoothed CE
+    through a linear head, backward, AdamW on the trainable parameters."""
     from nolabels.models import PromptedVisionTransformer
 
+    visual, cfg = build_vit(device, small)
+    model = PromptedVisionTransformer(visual, p, "deep", deep_impl=impl, attention_backend=backend)
+    head = torch.nn.Linear(cfg["output_dim"], n_classes, bias=False).to(device)
+    opt = torch.optim.AdamW(model.trainable_parameters() + list(head.parameters()), lr=1e-4, weight_decay=0.01)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, cfg["image_size"], cfg["image_size"], generator=g).to(device)
+    y = torch.randint(0, n_classes, (batch,), generator=g).to(device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with amp:
+            loss = F.cross_entropy(head(model(x)), y, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def run_model_step(args, device, deadline, emit) -> list[dict]:
     rows = []
     small = args.model == "small"
-    n_classes = 100
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     for p in args.prompts:
         variants = [("naive", "auto"), ("fused", "torch")]
         if device == "cuda":
@@ -228,23 +248,7 @@ def run_model_step(args, device, deadline, emit) -> list[dict]:
                 row["skipped"] = "time budget"
                 rows.append(row)
                 continue
-            visual, cfg = build_vit(device, small)
-            model = PromptedVisionTransformer(visual, p, "deep", deep_impl=impl, attention_backend=backend)
-            head = torch.nn.Linear(cfg["output_dim"], n_classes, bias=False).to(device)
-            params = model.trainable_parameters() + list(head.parameters())
-            opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
-            g = torch.Generator().manual_seed(1)
-            x = torch.randn(args.model_batch, 3, cfg["image_size"], cfg["image_size"], generator=g).to(device)
-            y = torch.randint(0, n_classes, (args.model_batch,), generator=g).to(device)
-
-            def step():
-                with amp:
-                    loss = F.cross_entropy(head(model(x)), y, label_smoothing=0.1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                return loss
-
+            step = make_train_step(device, small, p, impl, backend, args.model_batch)
             try:
                 t = common.median_time(step, device, args.model_repeat, warmup=2)
             except Exception as e:  # noqa: BLE001
@@ -262,7 +266,7 @@ def run_model_step(args, device, deadline, emit) -> list[dict]:
             rows.append(row)
             print(f"step P={p:3d} {name:14s} {t * 1e3:9.2f} ms  x{row.get('speedup_vs_naive', 1):.2f} vs naive",
                   flush=True)
-            del model, visual, head, opt
+            del step
             emit(rows)
     return rows
 
@@ -335,7 +339,7 @@ def main(argv=None):
     path = emit("model_step")(payload["model_step"])
     att_cols = ["mode", "P", "candidate", "median_s", "speedup_vs_reference", "tflops", "gbps",
                 "pct_matmul_ceiling", "peak_extra_MB", "skipped"]
-    short = lambda rows: [{**r, "skipped": r.get("skipped", "")[:48] or None} for r in rows]  # noqa: E731
+    short = lambda rows: [{**r, "skipped": r.get("skipped", "")[:48] or None} for r in rows]
     print(common.markdown_table(short(payload["attention"]), att_cols))
     print(common.markdown_table(short(payload["model_step"]),
                                 ["P", "candidate", "median_s", "images_per_s", "speedup_vs_naive",

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip")
 
-from nolabels.backends import triton_status  # noqa: E402
-from nolabels.models import PromptedVisionTransformer  # noqa: E402
-from nolabels.models.prompted_vit import PROMPT_INIT_BOUND  # noqa: E402
+from nolabels.backends import triton_status
+from nolabels.models import PromptedVisionTransformer
+from nolabels.models.prompted_vit import PROMPT_INIT_BOUND
 
 WIDTH, LAYERS, HEADS, PATCH, IMAGE, OUT_DIM = 64, 2, 2, 8, 32, 24
 
@@ -197,3 +197,24 @@ def test_prompt_init_and_bad_arguments(gen):
     with pytest.raises(ValueError, match="ResidualAttentionBlock"):
         PromptedVisionTransformer(custom, 4, "deep")
     PromptedVisionTransformer(custom, 4, "shallow")  # shallow only needs the wrapped transformer
+
+
+@pytest.mark.gpu
+def test_gpu_deep_fused_triton_matches_cat_sdpa(gen):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("set NOLABELS_TEST_GPU=1 to compile Triton for the GPU")
+    clip = tiny_clip().cuda()
+    model = PromptedVisionTransformer(clip.visual, 16, "deep", attention_backend="triton", generator=gen)
+    x = images(gen, 8).cuda()
+    cot = torch.randn(8, OUT_DIM, generator=gen).cuda()
+    got = model(x)
+    want = deep_by_cat_sdpa(clip.visual, model.prompts, x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    g_got, g_want = grads(model, got, cot), grads(model, want, cot)
+    for name in g_got:
+        torch.testing.assert_close(g_got[name], g_want[name], atol=1e-4, rtol=1e-3, msg=name)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = model(x)
+        model.deep_impl = "naive"
+        naive = model(x)
+    torch.testing.assert_close(fused.float(), naive.float(), atol=0.1, rtol=0.05)

@@ -23,7 +23,8 @@ LaFTer/NoLA (``ln_post`` on the pooled token, then ``@ proj``).
 from __future__ import annotations
 
 import math
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

@@ -11,7 +11,6 @@ over the batch in the backward kernel.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -72,8 +71,8 @@ def _fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    prompt_k: Optional[torch.Tensor],
-    prompt_v: Optional[torch.Tensor],
+    prompt_k: torch.Tensor | None,
+    prompt_v: torch.Tensor | None,
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +92,8 @@ def _bwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    prompt_k: Optional[torch.Tensor],
-    prompt_v: Optional[torch.Tensor],
+    prompt_k: torch.Tensor | None,
+    prompt_v: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     scale: float,

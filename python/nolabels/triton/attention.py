@@ -444,9 +444,9 @@ def prompt_attention_bwd_triton(
 
 __all__ = [
     "HEAD_DIMS",
-    "prompt_attention_fwd_triton",
-    "prompt_attention_bwd_triton",
-    "fwd_config",
     "bwd_config",
+    "fwd_config",
+    "prompt_attention_bwd_triton",
+    "prompt_attention_fwd_triton",
     "prompt_groups",
 ]
