@@ -44,15 +44,25 @@ CUDA_MAX_K = 1024  # the CUDA block-select keeps it in shared memory
 
 
 # --------------------------------------------------------------------------- helpers
+def _has_kernel(op: str, key: str) -> bool:
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"nolabels_C::{op}", key))
+    except RuntimeError:  # the schema is not there: a library built before this op
+        return False
+
+
+# Filled at import (below), so that the check is a dict lookup under torch.compile.
+_HAS_KERNEL: dict[tuple[str, str], bool] = {}
+
+
 def _kernel_status(op: str, key: str, lib_status) -> str | None:
     """None if the compiled library is loaded *and* has ``op``'s kernel for ``key``."""
     why = lib_status()
     if why is not None:
         return why
-    try:
-        has = torch._C._dispatch_has_kernel_for_dispatch_key(f"nolabels_C::{op}", key)
-    except RuntimeError:  # the schema is not there: a library built before this op
-        has = False
+    has = _HAS_KERNEL.get((op, key))
+    if has is None:
+        has = _HAS_KERNEL[(op, key)] = _has_kernel(op, key)
     if not has:
         return f"the loaded library has no {key} kernel for {op} (rebuild: scripts/dev_build.sh)"
     return None
@@ -484,3 +494,10 @@ def coder_affinity(
     call = {"device": x.device, "dtype": x.dtype}
     impl = dispatch(op, AFFINITY_IMPLS, backend, x.device, call)
     return _affinity_op(x, y, text_emb, impl.name)
+
+
+from nolabels import _lib  # noqa: E402  (loads the kernel libraries)
+
+for _op in ("topk_similarity", "coder_class_scores", "coder_class_scores_bank", "coder_affinity"):
+    for _key in ("CPU", "CUDA"):
+        _HAS_KERNEL[(_op, _key)] = _has_kernel(_op, _key)
