@@ -35,8 +35,9 @@ class PseudoLabels(NamedTuple):
     Attributes:
         labels: (N,) int64, the arg-max class (``classes[:, 0]``).
         probs: (N, k) float32, softmax probabilities of the top-k classes, descending.
-        classes: (N, k) int64, the top-k class indices (ties: lower index first
-            in the cpu backend; any order among exactly equal logits is legal).
+        classes: (N, k) int64, the top-k class indices (exactly equal logits:
+            the fused backends put the lower index first; the torch backend
+            follows ``torch.topk``).
         entropy: (N,) float32, entropy (nats) of the softmax over all C classes.
         lse: (N,) float32, log-sum-exp of the scaled logits.
     """
