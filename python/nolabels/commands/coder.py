@@ -1,0 +1,330 @@
+"""``nolabels coder`` (CODER / CODER* / few-shot CODER) and ``nolabels coder-knowledge`` (ATG).
+
+::
+
+    nolabels coder STORE --classes classes.txt --knowledge knowledge.json \\
+        [--shots SHOTS] [--dataset NAME] [--model SPEC | --encoder MOD:FACTORY] --out preds.parquet
+
+STORE is an embedding store directory (``manifest.json``, ``emb_*.npy``, ``meta_*.parquet``;
+design.md §8), or a ``.pt`` / ``.npy`` file of image embeddings (a ``.pt`` may hold a dict with
+"emb" and "paths"; otherwise pass ``--paths``, one path per line). SHOTS (few-shot) is a store
+or a ``.pt`` dict with "emb" and "labels" (ints or class names); a store's labels are the
+parent folder names of its paths. Texts are encoded by ``--model`` (``nolabels.models``
+spec; default: the store's model id) or ``--encoder module:factory``, and cached in
+``--cache-dir``; with a warm cache no encoder is loaded at all.
+
+    nolabels coder-knowledge --classes classes.txt --out knowledge.json \\
+        --base-url URL --llm-model NAME [--api-key-env OPENAI_API_KEY] [--pairs auto:2]
+
+fills the knowledge JSON through an OpenAI-compatible chat endpoint (ATG). Base URL,
+model and key also come from NOLABELS_LLM_BASE_URL, NOLABELS_LLM_MODEL, OPENAI_API_KEY.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+# --------------------------------------------------------------------------- inputs
+def read_lines(path: str | os.PathLike) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [ln.strip() for ln in f if ln.strip()]
+
+
+def read_store_dir(path: Path) -> tuple[torch.Tensor, list[str], str | None]:
+    """(emb (N, D) float32, paths, model id) of an embedding store directory."""
+    manifest = {}
+    mf = path / "manifest.json"
+    if mf.exists():
+        manifest = json.loads(mf.read_text())
+    embs = sorted(path.glob("emb_*.npy"))
+    if not embs:
+        raise ValueError(f"{path}: no emb_*.npy shards (not an embedding store)")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("reading an embedding store needs pyarrow: pip install 'nolabels[data]'") from e
+    arrays, paths = [], []
+    for e in embs:
+        arr = np.load(e)
+        meta = e.with_name(e.name.replace("emb_", "meta_").replace(".npy", ".parquet"))
+        if not meta.exists():
+            raise ValueError(f"{path}: {e.name} has no {meta.name}")
+        table = pq.read_table(meta).to_pydict()
+        rows = table.get("row", list(range(len(table["path"]))))
+        order = np.argsort(np.asarray(rows))
+        arrays.append(arr[np.asarray(rows)[order]] if len(rows) == len(arr) else arr)
+        paths += [table["path"][i] for i in order]
+    emb = torch.from_numpy(np.concatenate(arrays).astype(np.float32))
+    if emb.shape[0] != len(paths):
+        raise ValueError(f"{path}: {emb.shape[0]} embeddings but {len(paths)} paths")
+    return emb, paths, manifest.get("model_id") or manifest.get("model")
+
+
+def read_embeddings(spec: str, paths_file: str | None = None
+                    ) -> tuple[torch.Tensor, list[str], str | None, list | None]:
+    """(emb, paths, model id, labels-or-None) from a store dir, ``.pt`` or ``.npy``."""
+    p = Path(spec)
+    labels = None
+    model_id = None
+    if p.is_dir():
+        emb, paths, model_id = read_store_dir(p)
+    elif p.suffix == ".npy":
+        emb = torch.from_numpy(np.load(p).astype(np.float32))
+        paths = []
+    elif p.suffix in (".pt", ".pth"):
+        obj = torch.load(p, map_location="cpu", weights_only=False)
+        if isinstance(obj, dict):
+            emb = obj.get("emb", obj.get("embeddings"))
+            if emb is None:
+                raise ValueError(f"{p}: a dict needs an 'emb' entry")
+            paths = list(obj.get("paths", []))
+            labels = obj.get("labels")
+            model_id = obj.get("model_id")
+        else:
+            emb, paths = obj, []
+        emb = torch.as_tensor(emb).float()
+    else:
+        raise ValueError(f"{spec}: expected an embedding store directory, .pt or .npy")
+    if paths_file:
+        paths = read_lines(paths_file)
+    if not paths:
+        paths = [str(i) for i in range(emb.shape[0])]
+    if emb.dim() != 2 or emb.shape[0] != len(paths):
+        raise ValueError(f"{spec}: embeddings {tuple(emb.shape)} do not match {len(paths)} paths")
+    return emb, paths, model_id, labels
+
+
+def labels_from(paths: list[str], labels, class_names: list[str]) -> torch.Tensor:
+    """Shot labels: given ints / names, else the parent folder of each path."""
+    from nolabels.methods.coder import Knowledge
+
+    index = {Knowledge._key(c): i for i, c in enumerate(class_names)}
+    if labels is None:
+        labels = [Path(p).parent.name for p in paths]
+    if isinstance(labels, torch.Tensor):
+        labels = labels.tolist()
+    out = []
+    for lab in labels:
+        if isinstance(lab, str):
+            key = Knowledge._key(lab)
+            if key not in index:
+                raise ValueError(f"shot label {lab!r} is not one of the classes")
+            out.append(index[key])
+        else:
+            out.append(int(lab))
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def load_text_encoder(model: str | None, factory: str | None, device: str = "cpu"):
+    """An object with ``encode_text`` (and ``model_id``), or None if neither is given."""
+    if factory:
+        mod, _, attr = factory.partition(":")
+        if not attr:
+            raise ValueError(f"--encoder must be module:factory, got {factory!r}")
+        obj = getattr(importlib.import_module(mod), attr)
+        return obj() if callable(obj) and not hasattr(obj, "encode_text") else obj
+    if model:
+        try:
+            from nolabels.models import load_encoder  # type: ignore[attr-defined]
+        except ImportError:
+            from nolabels.models.base import load_encoder  # type: ignore[no-redef]
+        return load_encoder(model, device=device)
+    return None
+
+
+def write_table(path: str, columns: dict[str, list]) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    if out.suffix == ".csv":
+        import csv
+
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            names = list(columns)
+            w.writerow(names)
+            w.writerows(zip(*(columns[n] for n in names)))
+    else:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as e:  # pragma: no cover
+            raise ImportError("writing parquet needs pyarrow: pip install 'nolabels[data]' "
+                              "(or use --out preds.csv)") from e
+        pq.write_table(pa.table(columns), tmp)
+    os.replace(tmp, out)
+
+
+# --------------------------------------------------------------------------- coder
+def run_coder(args: argparse.Namespace) -> int:
+    from nolabels.methods import coder as C
+
+    emb, paths, store_model, _ = read_embeddings(args.store, args.paths)
+    knowledge = C.Knowledge.load(args.knowledge) if args.knowledge else C.Knowledge()
+    if args.classes:
+        class_names = read_lines(args.classes)
+    elif knowledge.classes:
+        class_names = list(knowledge.classes)
+    else:
+        raise ValueError("coder: pass --classes (or a --knowledge file that lists the classes)")
+    dataset = args.dataset or knowledge.dataset
+    unknown = knowledge.unknown_classes(class_names)
+    if unknown:
+        print(f"coder: warning: knowledge names not in the class list: {unknown[:10]}", file=sys.stderr)
+    model_id = args.model or store_model
+    encoder = None
+
+    def enc():
+        nonlocal encoder
+        if encoder is None:
+            encoder = load_text_encoder(args.model or store_model, args.encoder)
+            if encoder is None:
+                raise ValueError("coder: no cached text embeddings and no encoder: pass --model or --encoder")
+        return encoder
+
+    cache = args.cache_dir
+
+    def encode(bank):
+        try:
+            return bank.encode(None, model_id=model_id, cache_dir=cache, batch_size=args.batch_size)
+        except ValueError:
+            e = enc()
+            mid = model_id or getattr(e, "model_id", None)
+            return bank.encode(e, model_id=mid, cache_dir=cache if mid else None, batch_size=args.batch_size)
+
+    if model_id is None and args.encoder is None:
+        raise ValueError("coder: unknown model: pass --model (the store has no model id) or --encoder")
+    if model_id is None:
+        model_id = getattr(enc(), "model_id", None)
+
+    bank = encode(C.TextBank.build(class_names, knowledge, templates=args.templates or dataset))
+    scores, rr = C.coder_zero_shot(emb, bank, rerank=not args.no_rerank, tau=args.tau, dataset=dataset,
+                                   backend=args.backend)
+    columns: dict[str, list] = {"path": paths}
+    final = rr.pred
+    columns["zs_pred"] = rr.pred.tolist()
+    columns["zs_score"] = scores.gather(1, rr.pred[:, None]).squeeze(1).tolist()
+    columns["reranked"] = rr.reranked.tolist()
+    fit = None
+    if args.shots:
+        s_emb, s_paths, _, s_labels = read_embeddings(args.shots)
+        s_lab = labels_from(s_paths, s_labels, class_names)
+        fs_bank = encode(C.TextBank.build(class_names, knowledge, templates=args.templates or dataset,
+                                          types=("name", "att", "ana"), task="few-shot", ovo=False))
+        zs_w = torch.nn.functional.normalize(encode(C.TextBank.build(
+            class_names, None, templates={"name": args.zs_templates, "att": [], "ana": [], "ovo": []},
+            types=("name",), ovo=False)).emb.view(len(class_names), len(args.zs_templates), -1).mean(1), dim=1)
+        few = C.CoderFewShot(fs_bank, zs_w, s_emb, s_lab, backend=args.backend)
+        fit = few.fit(val_fraction=args.shot_val_fraction, dataset=dataset, seed=args.seed)
+        final = few.predict(emb)
+        columns["fs_pred"] = final.tolist()
+    columns["pred"] = final.tolist()
+    columns["label"] = [bank.class_names[i] for i in final.tolist()]
+    write_table(args.out, columns)
+    msg = {"rows": len(paths), "classes": len(class_names), "texts": len(bank.texts),
+           "ovo_texts": len(bank.ovo_texts), "reranked": int(rr.reranked.sum()),
+           "changed_by_rerank": int(rr.changed.sum()), "out": args.out}
+    if fit is not None:
+        msg.update(beta=fit.beta, alpha=fit.alpha, shots_val_acc=fit.val_acc, shots_cache=fit.n_cache,
+                   shots_val=fit.n_val)
+    if args.eval:  # labels from class folders, for reporting only
+        idx = {C.Knowledge._key(c): i for i, c in enumerate(class_names)}
+        truth = [idx.get(C.Knowledge._key(Path(p).parent.name), -1) for p in paths]
+        keep = [i for i, t in enumerate(truth) if t >= 0]
+        if keep:
+            t = torch.tensor([truth[i] for i in keep])
+            msg["accuracy_zero_shot"] = C.accuracy(scores.argmax(1)[keep], t)
+            msg["accuracy_coder_star"] = C.accuracy(rr.pred[keep], t)
+            if fit is not None:
+                msg["accuracy_few_shot"] = C.accuracy(final[keep], t)
+            msg["evaluated_rows"] = len(keep)
+    print(json.dumps(msg))
+    return 0
+
+
+# --------------------------------------------------------------------------- knowledge
+def run_knowledge(args: argparse.Namespace) -> int:
+    from nolabels.methods import coder as C
+
+    base_url = args.base_url or os.environ.get("NOLABELS_LLM_BASE_URL")
+    model = args.llm_model or os.environ.get("NOLABELS_LLM_MODEL")
+    if not base_url or not model:
+        raise ValueError("coder-knowledge: pass --base-url and --llm-model "
+                         "(or set NOLABELS_LLM_BASE_URL / NOLABELS_LLM_MODEL)")
+    key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    class_names = [C.Knowledge._key(c) for c in read_lines(args.classes)]
+    encoder = load_text_encoder(args.model, args.encoder)
+    gen = C.KnowledgeGenerator(base_url, model, key, encoder=encoder, retries=args.retries)
+    pairs: list[tuple[str, str]] = []
+    if args.pairs:
+        if args.pairs.startswith("auto:"):
+            if encoder is None:
+                raise ValueError("coder-knowledge: --pairs auto:K needs --model or --encoder")
+            k = int(args.pairs.split(":", 1)[1])
+            e = torch.as_tensor(encoder.encode_text([f"a photo of {c}" for c in class_names]))
+            pairs = C.confusing_pairs(e, class_names, k)
+        else:
+            pairs = [tuple(ln.split("\t")[:2]) for ln in read_lines(args.pairs)]  # type: ignore[misc]
+    kn = gen.generate(class_names, pairs=pairs, dataset=args.dataset,
+                      progress=(lambda s: print(f"coder-knowledge: {s}", file=sys.stderr)) if args.verbose else None)
+    kn.save(args.out)
+    print(json.dumps({"classes": len(kn.classes), "pairs": len(pairs), "requests": gen.requests, "out": args.out}))
+    return 0
+
+
+# --------------------------------------------------------------------------- registration
+def _default_cache() -> str:
+    return os.environ.get("NOLABELS_CACHE", str(Path.home() / ".cache" / "nolabels" / "text"))
+
+
+def register(subparsers) -> None:
+    """Add ``coder`` and ``coder-knowledge`` to the ``nolabels`` command line."""
+    p = subparsers.add_parser("coder", help="CODER zero-shot / CODER* / few-shot CODER from an embedding store",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("store", help="embedding store directory, or a .pt/.npy file of image embeddings")
+    p.add_argument("--classes", help="class names, one per line (label order)")
+    p.add_argument("--knowledge", help="knowledge JSON (schema: nolabels.methods.coder.Knowledge)")
+    p.add_argument("--out", required=True, help="predictions: .parquet (default) or .csv")
+    p.add_argument("--paths", help="paths file for a .pt/.npy STORE (one per line)")
+    p.add_argument("--shots", help="labelled few-shot embeddings (store dir or .pt): few-shot CODER")
+    p.add_argument("--dataset", help="dataset name: template variant, CODER* τ and few-shot init")
+    p.add_argument("--templates", help="template set name (default: from --dataset)")
+    p.add_argument("--tau", type=float, help="CODER* gap threshold (default: per dataset, else 0.1)")
+    p.add_argument("--no-rerank", action="store_true", help="plain CODER (no one-vs-one re-ranking)")
+    p.add_argument("--zs-templates", nargs="+", default=["a photo of a {c}."],
+                   help="few-shot zero-shot classifier templates ({c} = class name)")
+    p.add_argument("--shot-val-fraction", type=float, default=0.25,
+                   help="share of each class's shots held out to choose alpha, beta")
+    p.add_argument("--model", help="text encoder spec (nolabels.models; default: the store's model id)")
+    p.add_argument("--encoder", help="custom text encoder factory, module:callable")
+    p.add_argument("--cache-dir", default=_default_cache(), help="text-embedding cache directory")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--backend", default="auto", help="ops backend (auto, torch, cpu, triton, cuda)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", action="store_true",
+                   help="report accuracy using class-folder names in the paths (reporting only)")
+    p.set_defaults(func=run_coder)
+
+    k = subparsers.add_parser("coder-knowledge", help="generate CODER's knowledge JSON with an LLM (ATG)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("--classes", required=True, help="class names, one per line")
+    k.add_argument("--out", required=True, help="knowledge JSON to write")
+    k.add_argument("--base-url", help="OpenAI-compatible base URL (env NOLABELS_LLM_BASE_URL)")
+    k.add_argument("--llm-model", help="chat model name (env NOLABELS_LLM_MODEL)")
+    k.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (never pass keys on the command line)")
+    k.add_argument("--pairs", help="one-vs-one pairs: a TSV file of 'c1<TAB>c2', or auto:K (K nearest classes)")
+    k.add_argument("--dataset", help="dataset name stored in the JSON")
+    k.add_argument("--model", help="text encoder spec for the analogous-class rejection rule")
+    k.add_argument("--encoder", help="custom text encoder factory, module:callable")
+    k.add_argument("--retries", type=int, default=4)
+    k.add_argument("--verbose", action="store_true")
+    k.set_defaults(func=run_knowledge)
