@@ -1,0 +1,299 @@
+// CUDA kernels of the CODER ops (nolabels.ops.coder). The host launcher is
+// csrc/cuda/coder_cuda.cpp; the GEMMs are torch's (cuBLAS) through the stable
+// ABI, these kernels do everything around them. The interface below is plain
+// C++ (void* streams, int error codes) and is declared again, identically, at
+// the top of coder_cuda.cpp: keep the two in sync.
+//
+// topk_similarity (FAISS GPU IndexFlat's design: tiled GEMM + k-selection)
+//   For each (query block, key tile), the host normalises the key tile into a
+//   float32 buffer, multiplies (cuBLAS), and topk_merge_kernel merges each row
+//   of the similarity tile into the row's running top-k, which lives in the
+//   output tensors between tiles (O(N k) state, O(tile) buffers).
+//   topk_merge_kernel is a block select: one 128-thread block per row keeps
+//   the row's list sorted in shared memory, [0, CAP), next to a candidate
+//   buffer [CAP, 2 CAP). The row is read in rounds of 128 elements; an element
+//   is a candidate only if it beats the current k-th (value, then lower
+//   index), which after the first tile is rare, so most rounds cost one
+//   coalesced load and a compare. When the buffer could overflow in the next
+//   round (and at the end) the block bitonic-sorts the 2 CAP entries
+//   (descending value, ascending index) and keeps the first CAP. CAP =
+//   max(128, next_pow2(k)) <= 1024: shared memory <= 24 KB. Order among equal
+//   values: lower index first, as on the CPU.
+//
+// coder_class_scores: seg_reduce_kernel turns a (rows, C + M1) tile of
+//   x̂ · bank into scores: tile[c] + max over the class's kind-1 segment.
+//
+// coder_affinity: normalize_rows_kernel, rowdot_inv_kernel (1/|x̂ T̂ᵀ| from
+//   U = x̂ G) and scale_clamp_kernel around three cuBLAS GEMMs.
+//
+// Non-finite inputs: normalize_rows_kernel flags rows whose sum of squares is
+// not finite (per-row flag and/or one any-flag); topk_poison_kernel then
+// writes NaN values so that the Python caller raises.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstdint>
+
+namespace nolabels {
+namespace coder_cuda {
+
+enum Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+constexpr int kMaxK = 1024;
+
+int normalize_rows(const void* src, int dtype, int64_t rows, int64_t D, int64_t s0, int64_t s1,
+                   float* dst, bool normalize, int* row_bad, int* any_bad, void* stream);
+int topk_merge(const float* S, int64_t rows, int64_t cols, int64_t ld, float* vals, int64_t* idx,
+               int64_t k, int64_t base, bool first, void* stream);
+int topk_poison(float* vals, int64_t rows, int64_t k, const int* row_bad, const int* any_bad,
+                void* stream);
+int seg_reduce(const float* tile, int64_t rows, int64_t R, int64_t C, const int64_t* seg,
+               const int* row_bad, float* out, void* stream);
+int rowdot_inv(const float* U, const float* X, int64_t rows, int64_t D, float* inv, void* stream);
+int scale_clamp(float* out, int64_t N, int64_t K, const float* ix, const float* iy, void* stream);
+const char* error_string(int err);
+
+namespace {
+
+constexpr float kNormEps = 1e-12f;
+constexpr int kThreads = 128;
+
+__device__ __forceinline__ float load_as_float(const void* p, int dtype, int64_t off) {
+  if (dtype == kFloat32) return static_cast<const float*>(p)[off];
+  if (dtype == kFloat16) return __half2float(static_cast<const __half*>(p)[off]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[off]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// One warp per row: dst[r] = src[r] / max(|src[r]|, eps) (or a plain copy).
+__global__ void normalize_rows_kernel(const void* __restrict__ src, int dtype, int64_t rows,
+                                      int64_t D, int64_t s0, int64_t s1, float* __restrict__ dst,
+                                      bool normalize, int* row_bad, int* any_bad) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  if (r >= rows) return;
+  float ss = 0.f;
+  for (int64_t d = lane; d < D; d += 32) {
+    const float v = load_as_float(src, dtype, r * s0 + d * s1);
+    ss += v * v;
+  }
+  ss = warp_sum(ss);
+  const bool bad = !isfinite(ss);
+  const float f = (normalize && !bad) ? 1.0f / fmaxf(sqrtf(ss), kNormEps) : 1.0f;
+  float* out = dst + r * D;
+  for (int64_t d = lane; d < D; d += 32) out[d] = load_as_float(src, dtype, r * s0 + d * s1) * f;
+  if (lane == 0) {
+    if (row_bad) row_bad[r] = bad ? 1 : 0;
+    if (bad && any_bad) atomicExch(any_bad, 1);
+  }
+}
+
+// "a ranks before b": larger value, or equal value and smaller index.
+__device__ __forceinline__ bool before(float va, int64_t ia, float vb, int64_t ib) {
+  return va > vb || (va == vb && ia < ib);
+}
+
+// Bitonic sort of L = 2 CAP (value, index) pairs in shared memory, best first.
+template <int L>
+__device__ void block_sort(float* sv, int64_t* si) {
+  for (int size = 2; size <= L; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int t = threadIdx.x; t < L / 2; t += blockDim.x) {
+        const int i = 2 * t - (t & (stride - 1));
+        const int j = i + stride;
+        const bool up = (i & size) == 0;  // this run ends up best-first
+        const bool swap = up ? before(sv[j], si[j], sv[i], si[i]) : before(sv[i], si[i], sv[j], si[j]);
+        if (swap) {
+          const float tv = sv[i];
+          sv[i] = sv[j];
+          sv[j] = tv;
+          const int64_t ti = si[i];
+          si[i] = si[j];
+          si[j] = ti;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+template <int CAP>
+__global__ void __launch_bounds__(kThreads) topk_merge_kernel(const float* __restrict__ S,
+                                                               int64_t cols, int64_t ld,
+                                                               float* __restrict__ vals,
+                                                               int64_t* __restrict__ idx, int k,
+                                                               int64_t base, bool first) {
+  __shared__ float sv[2 * CAP];
+  __shared__ int64_t si[2 * CAP];
+  __shared__ int cnt;
+  const int64_t row = blockIdx.x;
+  const float* srow = S + row * ld;
+  float* vrow = vals + row * k;
+  int64_t* irow = idx + row * k;
+  for (int i = threadIdx.x; i < 2 * CAP; i += blockDim.x) {
+    const bool keep = !first && i < k;
+    sv[i] = keep ? vrow[i] : __int_as_float(0xff800000);  // -inf
+    si[i] = keep ? irow[i] : INT64_MAX;
+  }
+  if (threadIdx.x == 0) cnt = 0;
+  __syncthreads();
+  float thv = sv[k - 1];
+  int64_t thi = si[k - 1];
+
+  auto flush = [&]() {
+    for (int i = CAP + cnt + threadIdx.x; i < 2 * CAP; i += blockDim.x) {
+      sv[i] = __int_as_float(0xff800000);
+      si[i] = INT64_MAX;
+    }
+    __syncthreads();
+    block_sort<2 * CAP>(sv, si);
+    if (threadIdx.x == 0) cnt = 0;
+    __syncthreads();
+    thv = sv[k - 1];
+    thi = si[k - 1];
+  };
+
+  for (int64_t r0 = 0; r0 < cols; r0 += blockDim.x) {
+    if (cnt + static_cast<int>(blockDim.x) > CAP) flush();  // cnt is block-uniform here
+    const int64_t j = r0 + threadIdx.x;
+    if (j < cols) {
+      const float v = srow[j];
+      const int64_t id = base + j;
+      if (before(v, id, thv, thi)) {
+        const int p = atomicAdd(&cnt, 1);
+        sv[CAP + p] = v;
+        si[CAP + p] = id;
+      }
+    }
+    __syncthreads();
+  }
+  if (cnt > 0) flush();
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    vrow[i] = sv[i];
+    irow[i] = si[i];
+  }
+}
+
+__global__ void topk_poison_kernel(float* vals, int64_t rows, int64_t k, const int* row_bad,
+                                   const int* any_bad) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * k) return;
+  if ((any_bad && *any_bad) || (row_bad && row_bad[i / k])) vals[i] = __int_as_float(0x7fc00000);
+}
+
+__global__ void seg_reduce_kernel(const float* __restrict__ tile, int64_t R, int64_t C,
+                                  const int64_t* __restrict__ seg, const int* row_bad,
+                                  float* __restrict__ out) {
+  const int64_t row = blockIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const float* t = tile + row * R;
+  float v;
+  if (row_bad && row_bad[row]) {
+    v = __int_as_float(0x7fc00000);
+  } else {
+    const int64_t a = seg[c], b = seg[c + 1];
+    float mx = 0.f;
+    if (b > a) {
+      mx = t[C + a];
+      for (int64_t j = a + 1; j < b; ++j) mx = fmaxf(mx, t[C + j]);
+    }
+    v = t[c] + mx;
+  }
+  out[row * C + c] = v;
+}
+
+// inv[r] = 1 / max(sqrt(max(<U_r, X_r>, 0)), eps); one warp per row.
+__global__ void rowdot_inv_kernel(const float* __restrict__ U, const float* __restrict__ X,
+                                  int64_t rows, int64_t D, float* __restrict__ inv) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  if (r >= rows) return;
+  float s = 0.f;
+  for (int64_t d = lane; d < D; d += 32) s += U[r * D + d] * X[r * D + d];
+  s = warp_sum(s);
+  if (lane == 0) inv[r] = 1.0f / fmaxf(sqrtf(fmaxf(s, 0.f)), kNormEps);
+}
+
+__global__ void scale_clamp_kernel(float* out, int64_t N, int64_t K, const float* ix,
+                                   const float* iy) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= N * K) return;
+  const float v = out[i] * ix[i / K] * iy[i % K];
+  out[i] = fminf(1.0f, fmaxf(-1.0f, v));
+}
+
+inline unsigned blocks_for(int64_t n, int per_block) {
+  return static_cast<unsigned>((n + per_block - 1) / per_block);
+}
+
+}  // namespace
+
+int normalize_rows(const void* src, int dtype, int64_t rows, int64_t D, int64_t s0, int64_t s1,
+                   float* dst, bool normalize, int* row_bad, int* any_bad, void* stream) {
+  if (rows == 0) return 0;
+  const int per_block = kThreads / 32;
+  normalize_rows_kernel<<<blocks_for(rows, per_block), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      src, dtype, rows, D, s0, s1, dst, normalize, row_bad, any_bad);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int topk_merge(const float* S, int64_t rows, int64_t cols, int64_t ld, float* vals, int64_t* idx,
+               int64_t k, int64_t base, bool first, void* stream) {
+  if (rows == 0 || cols == 0) return 0;
+  if (k < 1 || k > kMaxK) return static_cast<int>(cudaErrorInvalidValue);
+  auto s = static_cast<cudaStream_t>(stream);
+  const dim3 grid(static_cast<unsigned>(rows));
+  const int ki = static_cast<int>(k);
+  if (k <= 128) {
+    topk_merge_kernel<128><<<grid, kThreads, 0, s>>>(S, cols, ld, vals, idx, ki, base, first);
+  } else if (k <= 256) {
+    topk_merge_kernel<256><<<grid, kThreads, 0, s>>>(S, cols, ld, vals, idx, ki, base, first);
+  } else if (k <= 512) {
+    topk_merge_kernel<512><<<grid, kThreads, 0, s>>>(S, cols, ld, vals, idx, ki, base, first);
+  } else {
+    topk_merge_kernel<1024><<<grid, kThreads, 0, s>>>(S, cols, ld, vals, idx, ki, base, first);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int topk_poison(float* vals, int64_t rows, int64_t k, const int* row_bad, const int* any_bad,
+                void* stream) {
+  if (rows * k == 0) return 0;
+  topk_poison_kernel<<<blocks_for(rows * k, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      vals, rows, k, row_bad, any_bad);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int seg_reduce(const float* tile, int64_t rows, int64_t R, int64_t C, const int64_t* seg,
+               const int* row_bad, float* out, void* stream) {
+  if (rows == 0) return 0;
+  const dim3 grid(blocks_for(C, kThreads), static_cast<unsigned>(rows));
+  seg_reduce_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(tile, R, C, seg,
+                                                                             row_bad, out);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int rowdot_inv(const float* U, const float* X, int64_t rows, int64_t D, float* inv, void* stream) {
+  if (rows == 0) return 0;
+  rowdot_inv_kernel<<<blocks_for(rows, kThreads / 32), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      U, X, rows, D, inv);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int scale_clamp(float* out, int64_t N, int64_t K, const float* ix, const float* iy, void* stream) {
+  if (N * K == 0) return 0;
+  scale_clamp_kernel<<<blocks_for(N * K, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(out, N, K,
+                                                                                           ix, iy);
+  return static_cast<int>(cudaGetLastError());
+}
+
+const char* error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+
+}  // namespace coder_cuda
+}  // namespace nolabels
