@@ -38,11 +38,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as common  # noqa: E402
-
-import nolabels  # noqa: E402
-from nolabels.ops.coder import AFFINITY_IMPLS, SCORES_IMPLS, TOPK_IMPLS  # noqa: E402
-from nolabels.reference.coder import (  # noqa: E402
+import _common as common
+import nolabels
+from nolabels.ops.coder import AFFINITY_IMPLS, SCORES_IMPLS, TOPK_IMPLS
+from nolabels.reference.coder import (
     coder_affinity_reference,
     coder_class_scores_reference,
     topk_similarity_reference,

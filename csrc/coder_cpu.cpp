@@ -445,11 +445,12 @@ std::tuple<Tensor, Tensor> topk_similarity_cpu(const Tensor& queries, const Tens
       const Tensor kbt = torch::stable::transpose(
           nm == TM ? kb : torch::stable::narrow(kb, 0, 0, nm), 0, 1);  // (D, nm)
 
-      // Worker w takes sub-blocks w, w + workers, ...: GEMM (single-threaded
-      // inside the parallel region) into its own buffer, then scans its rows.
+      // Workers take sub-blocks dynamically: GEMM (single-threaded inside the
+      // parallel region) into the worker's own buffer, then scan its rows.
+      std::atomic<int64_t> next{0};
       torch::stable::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
         for (int64_t w = wb; w < we; ++w) {
-          for (int64_t sbi = w; sbi < nsub; sbi += workers) {
+          for (int64_t sbi; (sbi = next.fetch_add(1)) < nsub;) {
             const int64_t i0 = sbi * SB, i1 = std::min(nq, i0 + SB), ni = i1 - i0;
             Tensor tv = tiles[w];
             if (ni != SB) tv = torch::stable::narrow(tv, 0, 0, ni);
@@ -515,45 +516,59 @@ Tensor scores_from_bank(const Tensor& image, const Tensor& bank, int64_t C, int6
   const int64_t N = image.size(0), D = image.size(1), R = bank.size(0);
   Tensor out = empty_f32({N, C});
   if (N == 0) return out;
-  // ~4M-float tiles (16 MB), at least 16 rows.
-  const int64_t BN = std::min<int64_t>(N, std::max<int64_t>(16, (int64_t(1) << 22) / R));
-  Tensor xb = empty_f32({BN, D});
-  Tensor tile = empty_f32({BN, R});
-  std::vector<uint8_t> bad(BN);
+  // Sub-blocks of SB rows with a ~8 MB (SB x R) tile each, taken dynamically
+  // by the workers: load + normalise, single-threaded GEMM into the worker's
+  // own tile, reduce while the tile is in cache. One parallel region for the
+  // whole call, so a worker descheduled on a busy machine does not stall the
+  // others at a barrier.
+  const int64_t SB = std::min<int64_t>(N, std::max<int64_t>(16, ((int64_t(1) << 21) / R) & ~int64_t(7)));
+  const int64_t nsub = (N + SB - 1) / SB;
+  const int64_t workers = std::max<int64_t>(
+      1, std::min<int64_t>(torch::stable::get_num_threads(), nsub));
+  std::vector<Tensor> xbs, tiles;
+  std::vector<std::vector<uint8_t>> bads(workers, std::vector<uint8_t>(SB));
+  for (int64_t w = 0; w < workers; ++w) {
+    xbs.push_back(empty_f32({SB, D}));
+    tiles.push_back(empty_f32({SB, R}));
+  }
   const Tensor bank_t = torch::stable::transpose(bank, 0, 1);
   float* out_p = out.mutable_data_ptr<float>();
   const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::atomic<int64_t> next{0};
 
-  for (int64_t r0 = 0; r0 < N; r0 += BN) {
-    const int64_t r1 = std::min(N, r0 + BN), nr = r1 - r0;
-    load_rows(image, r0, r1, xb.mutable_data_ptr<float>(), nullptr, nullptr, bad.data(), true);
-    Tensor tv = nr == BN ? tile : torch::stable::narrow(tile, 0, 0, nr);
-    mm_out(tv, nr == BN ? xb : torch::stable::narrow(xb, 0, 0, nr), bank_t);
-    const float* tp = tile.const_data_ptr<float>();
-    torch::stable::parallel_for(0, nr, 8, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const float* row = tp + i * R;
-        float* o = out_p + (r0 + i) * C;
-        if (bad[i]) {
-          for (int64_t c = 0; c < C; ++c) o[c] = nan;
-        } else if (P > 0) {
-          add_slot_max(row + C, P, C, row, o);
-        } else if (seg != nullptr) {
-          const float* ones = row + C;
-          for (int64_t c = 0; c < C; ++c) {
-            float mx = 0.f;
-            if (seg[c + 1] > seg[c]) {
-              mx = ones[seg[c]];
-              for (int64_t j = seg[c] + 1; j < seg[c + 1]; ++j) mx = std::max(mx, ones[j]);
+  torch::stable::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
+    for (int64_t w = wb; w < we; ++w) {
+      for (int64_t sbi; (sbi = next.fetch_add(1)) < nsub;) {
+        const int64_t r0 = sbi * SB, nr = std::min(SB, N - r0);
+        uint8_t* bad = bads[w].data();
+        load_rows(image, r0, r0 + nr, xbs[w].mutable_data_ptr<float>(), nullptr, nullptr, bad, true);
+        Tensor tv = nr == SB ? tiles[w] : torch::stable::narrow(tiles[w], 0, 0, nr);
+        mm_out(tv, nr == SB ? xbs[w] : torch::stable::narrow(xbs[w], 0, 0, nr), bank_t);
+        const float* tp = tiles[w].const_data_ptr<float>();
+        for (int64_t i = 0; i < nr; ++i) {
+          const float* row = tp + i * R;
+          float* o = out_p + (r0 + i) * C;
+          if (bad[i]) {
+            for (int64_t c = 0; c < C; ++c) o[c] = nan;
+          } else if (P > 0) {
+            add_slot_max(row + C, P, C, row, o);
+          } else if (seg != nullptr) {
+            const float* ones = row + C;
+            for (int64_t c = 0; c < C; ++c) {
+              float mx = 0.f;
+              if (seg[c + 1] > seg[c]) {
+                mx = ones[seg[c]];
+                for (int64_t j = seg[c] + 1; j < seg[c + 1]; ++j) mx = std::max(mx, ones[j]);
+              }
+              o[c] = row[c] + mx;
             }
-            o[c] = row[c] + mx;
+          } else {
+            std::memcpy(o, row, C * sizeof(float));
           }
-        } else {
-          std::memcpy(o, row, C * sizeof(float));
         }
       }
-    });
-  }
+    }
+  });
   return out;
 }
 

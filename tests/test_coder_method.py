@@ -6,13 +6,11 @@ import hashlib
 import http.server
 import json
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from nolabels.methods import coder as C
 
 
@@ -295,7 +293,7 @@ def test_few_shot_beats_zero_shot_on_clusters(gen):
 
 
 def test_few_shot_affinity_computed_once_and_grid_is_exact(gen, monkeypatch):
-    bank, zs, sx, sy, tx, ty = synthetic_few_shot(gen, c=4, k=6, n_test=50)
+    bank, zs, sx, sy, _, _ = synthetic_few_shot(gen, c=4, k=6, n_test=50)
     calls = []
     real = C.ops.coder_affinity
 
@@ -338,7 +336,7 @@ def test_few_shot_affinity_computed_once_and_grid_is_exact(gen, monkeypatch):
 
 
 def test_few_shot_one_shot_uses_init_and_validates(gen):
-    bank, zs, sx, sy, tx, ty = synthetic_few_shot(gen, c=3, k=1)
+    bank, zs, sx, sy, tx, _ = synthetic_few_shot(gen, c=3, k=1)
     few = C.CoderFewShot(bank, zs, sx, sy)
     fit = few.fit(dataset="DTD")
     assert not fit.searched and (fit.beta, fit.alpha) == (30.18, 2.57)

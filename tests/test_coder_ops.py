@@ -16,10 +16,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
 from nolabels.backends import library_cpu_status, library_cuda_status, triton_status
 from nolabels.ops import coder_affinity, coder_class_scores
-from nolabels.reference.coder import coder_affinity_reference, coder_class_scores_reference
+from nolabels.reference.coder import (
+    coder_affinity_reference,
+    coder_class_scores_reference,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -194,7 +196,7 @@ def _bank(m=6, c=3, d=8):
 )
 def test_scores_bad_arguments(mutate, match):
     x, t, cls, kind = _bank()
-    a = dict(x=x, t=t, cls=cls, kind=kind, c=3, scale=100.0)
+    a = {"x": x, "t": t, "cls": cls, "kind": kind, "c": 3, "scale": 100.0}
     mutate(a)
     with pytest.raises(ValueError, match=match):
         coder_class_scores(a["x"], a["t"], a["cls"], a["kind"], a["c"], scale=a["scale"])

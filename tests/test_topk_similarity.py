@@ -16,7 +16,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
 from nolabels.backends import library_cpu_status, library_cuda_status, triton_status
 from nolabels.ops import topk_similarity
 
@@ -324,7 +323,7 @@ def test_gpu_edge_cases(gen, backend):
     base = torch.randn(6, 16, generator=gen)
     keys = base.repeat(25, 1).cuda()
     q = torch.randn(4, 16, generator=gen).cuda()
-    v, i = topk_similarity(q, keys, 5, backend=backend)
+    _, i = topk_similarity(q, keys, 5, backend=backend)
     best = sims64(q.cpu(), base).argmax(dim=1)
     assert i.cpu().tolist() == [[b + 6 * t for t in range(5)] for b in best.tolist()]
     q2 = q.clone()

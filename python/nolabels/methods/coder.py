@@ -43,9 +43,10 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -80,17 +81,17 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
         "ovo": [
             "The unique utilization of {a} in satellite photos makes {c} different from {o}.",
             "Differences in {a} representation separate {c} in satellite photos from {o}.",
-            "Contrasting {c} and {o} in satellite photos reveals notable differences in the "
-            "representation of {a}.",
+            ("Contrasting {c} and {o} in satellite photos reveals notable differences in the "
+             "representation of {a}."),
             "{c} and {o} showcase distinct visual features when it comes to {a} in satellite imagery.",
-            "The comparison of {c} and {o} in satellite photos underscores variations in the "
-            "depiction of {a}.",
-            "In the context of satellite imagery, differences emerge between {c} and {o} in how "
-            "they capture {a}.",
-            "Analyzing satellite photos highlights disparities in the portrayal of {a} between "
-            "{c} and {o}.",
-            "{c} and {o} exhibit contrasting visual interpretations when representing {a} in "
-            "satellite imagery.",
+            ("The comparison of {c} and {o} in satellite photos underscores variations in the "
+             "depiction of {a}."),
+            ("In the context of satellite imagery, differences emerge between {c} and {o} in how "
+             "they capture {a}."),
+            ("Analyzing satellite photos highlights disparities in the portrayal of {a} between "
+             "{c} and {o}."),
+            ("{c} and {o} exhibit contrasting visual interpretations when representing {a} in "
+             "satellite imagery."),
         ],
     },
     "oxford_pets": {
@@ -98,13 +99,13 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
         "att": ["A pet photo of {c} which has {a}."],
         "ana": ["A pet photo of a {c} similar to {x}."],
         "ovo": [
-            "A {c}, a species of pet, can be distinguished from a {o}, a species of pet, by the "
-            "characteristics of {a}",
+            ("A {c}, a species of pet, can be distinguished from a {o}, a species of pet, by the "
+             "characteristics of {a}"),
             "Because of {a}, a {c}, a kind of pet, is different from a {o}, a kind of pet.",
-            "Due to their {a}, a {c}, a pet type, displays a different demeanor compared to a {o}, "
-            "another pet type.",
-            "Because of their {a}, a {c}, a kind of pet, differs significantly from a {o}, a kind "
-            "of pet.",
+            ("Due to their {a}, a {c}, a pet type, displays a different demeanor compared to a {o}, "
+             "another pet type."),
+            ("Because of their {a}, a {c}, a kind of pet, differs significantly from a {o}, a kind "
+             "of pet."),
         ],
     },
     "food101": {
@@ -152,8 +153,8 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
         "att": ["{c} which has {a}"],
         "ana": ["a {c} similar to {x}."],
         "ovo": [
-            "{c}, a type of places, can be distinguished from {o}, a type of places, by the "
-            "characteristics of {a}",
+            ("{c}, a type of places, can be distinguished from {o}, a type of places, by the "
+             "characteristics of {a}"),
             "Because of {a}, {c}, a type of places, is different from {o}, a type of places.",
         ],
     },
@@ -260,7 +261,7 @@ class Knowledge:
         return name.replace("_", " ").strip()
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "Knowledge":
+    def from_dict(cls, d: Mapping) -> Knowledge:
         if not isinstance(d, Mapping):
             raise ValueError("knowledge: the top level must be a JSON object")
         raw = d.get("classes", {})
@@ -294,7 +295,7 @@ class Knowledge:
         return {"version": 1, "dataset": self.dataset, "classes": self.classes, "ovo": self.ovo}
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Knowledge":
+    def load(cls, path: str | os.PathLike) -> Knowledge:
         with open(path, encoding="utf-8") as f:
             try:
                 d = json.load(f)
@@ -382,7 +383,7 @@ class TextBank:
         types: Iterable[str] = TEXT_TYPES,
         task: str = "zero-shot",
         ovo: bool = True,
-    ) -> "TextBank":
+    ) -> TextBank:
         """Render the texts of every class with the paper's templates.
 
         Args:
@@ -473,7 +474,7 @@ class TextBank:
         model_id: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         batch_size: int = 256,
-    ) -> "TextBank":
+    ) -> TextBank:
         """Embed every text (general and one-vs-one), L2-normalised, float32, in batches.
 
         Identical strings are encoded once. With ``cache_dir`` the embeddings are read

@@ -496,7 +496,8 @@ def coder_affinity(
     return _affinity_op(x, y, text_emb, impl.name)
 
 
-from nolabels import _lib  # noqa: E402  (loads the kernel libraries)
+# Load the kernel libraries now and record which ops they have.
+from nolabels import _lib  # noqa: F401
 
 for _op in ("topk_similarity", "coder_class_scores", "coder_class_scores_bank", "coder_affinity"):
     for _key in ("CPU", "CUDA"):

@@ -162,7 +162,7 @@ def _topk_kernel(
         if NORMALIZE:
             sim = sim * (1.0 / tl.maximum(tl.sqrt(kss), 1e-12))[None, :]
         k_bad = ~(kss < float("inf"))
-        sim = tl.where(q_bad[:, None] | k_bad[None, :] | (sim != sim), float("inf"), sim)
+        sim = tl.where(q_bad[:, None] | k_bad[None, :] | (sim != sim), float("inf"), sim)  # noqa: PLR0124
         sim = tl.where(m_ok[None, :], sim, float("-inf"))
         tmax = tl.max(sim, axis=1)
         if tl.max((tmax > kth).to(tl.int32), axis=0) > 0:
@@ -227,9 +227,9 @@ def topk_similarity_triton(
     grid = (triton.cdiv(n, block_n), splits)
     args = (queries, keys, part, n, m, d, m_per_split,
             queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
-    flags = dict(NORMALIZE=bool(normalize), TOPK=int(k), KP=kp, S=splits,
-                 IS_FP32=queries.dtype == torch.float32,
-                 UPCAST=_INTERPRET and queries.dtype == torch.bfloat16)
+    flags = {"NORMALIZE": bool(normalize), "TOPK": int(k), "KP": kp, "S": splits,
+             "IS_FP32": queries.dtype == torch.float32,
+             "UPCAST": _INTERPRET and queries.dtype == torch.bfloat16}
     if _INTERPRET:
         _topk_kernel[grid](*args, **flags, **meta)
     else:
@@ -271,7 +271,7 @@ def _scores_kernel(
         acc0 = tl.dot(x, w, acc0, input_precision="ieee")
     n1 = tl.load(N1 + cls, mask=c_ok, other=0)
     mx = tl.full((BLOCK_N, BLOCK_C), float("-inf"), dtype=tl.float32)
-    for p in range(0, P):
+    for p in range(P):
         acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
