@@ -3,13 +3,17 @@
 // (a fragment of the nolabels_C library); the CUDA kernels live in _C_cuda.
 //
 // topk_similarity (FAISS IndexFlatIP's design: blocked GEMM + per-row heap)
-//   * Queries are taken in super-blocks of at most 4096 rows, normalised once
+//   * Queries are taken in super-blocks of at most 8192 rows, normalised once
 //     into float32 (and bfloat16) buffers; keys stream through in tiles of
-//     2048 rows, each normalised once per super-block. Per (super-block, tile)
-//     one GEMM (torch's mm into a reused buffer: MKL / oneDNN, multi-threaded)
-//     gives the similarity tile, which is scanned row by row in parallel
-//     against the row's running top-k, a min-heap kept in the output tensors.
-//     Working memory: O(tile) buffers + the (N, k) outputs, never (N, M).
+//     1024 rows, each normalised once per super-block (one pass over the keys
+//     when N <= 8192). Within a tile, workers take 256-row sub-blocks
+//     dynamically: a single-threaded GEMM (torch's mm into the worker's own
+//     reused buffer: oneDNN / MKL) writes a (256 x 1024) similarity tile that
+//     is still in L2 when the same worker scans it, row by row, against the
+//     row's running top-k, a min-heap kept in the output tensors. Blocks of
+//     256 and then 16 similarities whose maximum cannot enter are skipped
+//     after one vectorised pass. Working memory: O(tile) buffers + the (N, k)
+//     outputs, never (N, M).
 //   * Filter mode (default where the CPU has AVX512-BF16 / AMX-BF16: bf16 GEMMs
 //     run at ~2x float32's rate): the GEMM runs on bfloat16 copies, and every
 //     key whose approximate score a is within the rigorous bound e of the
@@ -17,8 +21,9 @@
 //     the float32 normalised rows). With unit roundoff u = 2^-8 (bf16 inputs and
 //     output) and g = D 2^-24 (float32 accumulation, either side):
 //         |a - s| <= (2u + u^2 + u (1+u)^2 (1+g) + g (1+u)^2 + g) |q| |k| =: c |q| |k|,
-//     so a key is skipped only if it cannot enter the top-k: the result is the
-//     float32 search's, ties included. Keys are streamed in index order and
+//     so a key is skipped only if its float32 score cannot enter the top-k:
+//     the result is the float32 search's (up to the summation order of the
+//     float32 dot products). Keys are streamed in index order and
 //     only a strictly larger score displaces the k-th, so among equal scores
 //     the lower index wins. NOLABELS_TOPK_FILTER=off|on overrides the choice.
 //   * Non-finite inputs: a non-finite query row gets NaN values; any
@@ -32,6 +37,8 @@
 //   with a counting sort. Per block of image rows: one GEMM against the bank,
 //   then per row the per-class max over the kind-1 columns, added to the sum
 //   column (layouts: see scores_from_bank). Texts may come in any order.
+//   Workers take row sub-blocks dynamically (GEMM + reduce each, one parallel
+//   region per call).
 //
 // coder_affinity: G = T^T T over the row-normalised text bank (accumulated
 //   tile by tile), U = X G, |CODER(x)|^2 = rowdot(U, X), out = U Y^T scaled by
