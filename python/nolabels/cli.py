@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="versions, devices, kernel library and backend status")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=_cmd_info)
+    from nolabels.commands import register_all
+
+    register_all(sub)  # embed, label, eval, demo
     return p
 
 

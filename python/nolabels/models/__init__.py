@@ -1,2 +1,11 @@
-"""Models: open_clip CLIP towers and their prompted variants."""
+"""Models: image/text encoders behind one interface, and prompted open_clip towers.
+
+``load_encoder(spec)`` builds an :class:`Encoder` from ``openclip:ARCH/TAG``,
+``openclip:ARCH`` + checkpoint, ``timm:NAME`` (e.g. DINO) or the offline
+``surrogate:effnet-lite0+minilm`` (ConSE, **not CLIP**). Heavy dependencies
+(open_clip, timm, sentence-transformers) are imported only when a model is built.
+"""
+from nolabels.models.base import Encoder, WeightsUnavailableError, load_encoder  # noqa: F401
 from nolabels.models.prompted_vit import PromptedVisionTransformer  # noqa: F401
+
+__all__ = ["Encoder", "WeightsUnavailableError", "load_encoder", "PromptedVisionTransformer"]

@@ -1,0 +1,273 @@
+"""``nolabels embed IMAGES --model MODEL --out STORE``: images -> embedding store.
+
+Resumable: re-running the same command after a crash or kill computes only the
+shards that were not committed. Under ``torchrun --nproc-per-node N -m nolabels
+embed ...`` rank r embeds shards r, r + N, ... of the same store.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from nolabels.commands._common import Log, add_common, progress
+
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_SHARD_SIZE = 4096
+
+
+def default_workers(device_type: str = "cpu") -> int:
+    """DataLoader workers for "auto": on a CPU run decoding competes with the model
+    for the same cores (bench_pipeline.py: 0 workers is fastest on 2 cores for the
+    surrogate); on GPU, up to 8 processes decode while the GPU computes."""
+    n = os.cpu_count() or 1
+    if device_type == "cuda":
+        return max(1, min(8, n - 1))
+    return 0 if n <= 4 else min(4, n // 4)
+
+
+@dataclass
+class EmbedReport:
+    """What one ``embed`` call did (on this rank; ``rows``/``failed`` are store totals)."""
+
+    store: str
+    model_id: str
+    rows: int
+    failed: list[dict]
+    complete: bool
+    images_done: int
+    seconds: float
+    images_per_s: float
+    model_seconds: float
+    wait_seconds: float
+    shards_written: int
+    rank: int = 0
+    world_size: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class ShardBatches:
+    """Batch sampler: batches of up to ``batch_size`` items, never crossing a shard,
+    over the given shards in order. Batch composition is then the same whatever the
+    number of ranks, so embeddings are identical to a single-process run."""
+
+    def __init__(self, shards: list[range], batch_size: int) -> None:
+        self.batches = [list(r[i:i + batch_size]) for r in shards
+                        for i in range(0, len(r), batch_size)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def embed(images: Any, model: Any, out: str | os.PathLike, *, checkpoint: str | None = None,
+          batch_size: int = DEFAULT_BATCH_SIZE, workers: int | str = "auto",
+          device: str | None = "auto", shard_size: int = DEFAULT_SHARD_SIZE,
+          overwrite: bool = False, quiet: bool = False, limit: int | None = None) -> EmbedReport:
+    """Embed every image of ``images`` with ``model`` into the store at ``out``.
+
+    Args:
+        images: a folder, list file, tar shard(s) (see :func:`nolabels.data.open_source`)
+            or an :class:`~nolabels.data.ImageSource`.
+        model: a model spec (``openclip:ViT-B-32/laion2b_s34b_b79k``,
+            ``surrogate:effnet-lite0+minilm``, ...) or a loaded :class:`~nolabels.models.Encoder`.
+        checkpoint: local weights file for the model spec.
+        batch_size: images per forward pass.
+        workers: DataLoader worker processes, or "auto".
+        device: "auto" (this rank's GPU if any, else CPU), "cpu", "cuda", "cuda:N".
+        shard_size: input items per store shard (the unit of resumption).
+        overwrite: discard an existing store at ``out``.
+        quiet: no progress bar / logs.
+        limit: only the first ``limit`` images.
+    Returns:
+        an :class:`EmbedReport`. Unreadable images are skipped and listed in
+        ``report.failed`` and in the store's manifest.
+    """
+    import torch
+
+    from nolabels import dist
+    from nolabels.data import EmbeddingStore, ImageDataset, ImageSource, collate, open_source
+    from nolabels.models import Encoder, load_encoder
+
+    t_start = time.perf_counter()
+    with dist.dist_session(device) as ctx:
+        log = Log(quiet, ctx.is_main)
+        source = images if isinstance(images, ImageSource) else open_source(images)
+        if limit is not None:
+            source = source.subset(limit)
+        log(f"{len(source)} images from {source.root} ({source.kind})"
+            + (f", rank {ctx.rank} of {ctx.world_size}" if ctx.distributed else ""))
+        enc = model if isinstance(model, Encoder) else load_encoder(
+            model, checkpoint=checkpoint, device=ctx.device)
+        if isinstance(model, Encoder):
+            enc.to(ctx.device)
+        if getattr(enc, "not_clip", None):
+            log(f"note: {enc.not_clip}")
+        log(f"model {enc.model_id} (D={enc.dim}) on {ctx.device}")
+
+        err: BaseException | None = None
+        if ctx.is_main:
+            try:
+                store = EmbeddingStore.create_or_resume(out, model=enc.describe(),
+                                                        source=source.describe(),
+                                                        shard_size=shard_size,
+                                                        overwrite=overwrite)
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                err = e
+        err = dist.broadcast_object(err)
+        if err is not None:
+            raise err
+        if not ctx.is_main:
+            store = EmbeddingStore(out)
+        pending = store.pending_shards()
+        mine = [s for s in pending if s % ctx.world_size == ctx.rank]
+        done_before = store.num_shards - len(pending)
+        if done_before:
+            log(f"resuming: {done_before} of {store.num_shards} shards already done")
+        ranges = [store.shard_items(s) for s in mine]
+        total = sum(len(r) for r in ranges)
+
+        n_workers = default_workers(ctx.device.type) if workers == "auto" else int(workers)
+        loader = torch.utils.data.DataLoader(
+            ImageDataset(source, enc.transform),
+            batch_sampler=ShardBatches(ranges, batch_size),
+            num_workers=n_workers,
+            collate_fn=collate,
+            pin_memory=ctx.device.type == "cuda",
+            prefetch_factor=4 if n_workers > 0 else None,
+            persistent_workers=False,
+        )
+        bufs: dict[int, dict[str, list]] = {}
+        left = {s: len(store.shard_items(s)) for s in mine}
+        n_failed = 0
+        done = 0
+        written = 0
+        model_s = wait_s = 0.0
+        bar = progress(total, "embed", quiet=quiet, main=ctx.is_main)
+        t_loop = time.perf_counter()
+        t_wait = time.perf_counter()
+        for batch in loader:
+            wait_s += time.perf_counter() - t_wait
+            items = batch.all_items()
+            shard = items[0] // store.shard_size
+            b = bufs.setdefault(shard, {"items": [], "emb": [], "failed": []})
+            if batch.images is not None:
+                t0 = time.perf_counter()
+                e = enc.encode_image(batch.images)
+                e = e.to("cpu", torch.float32).numpy()
+                model_s += time.perf_counter() - t0
+                b["items"].extend(batch.index.tolist())
+                b["emb"].append(e)
+            b["failed"].extend(batch.failed)
+            n_failed += len(batch.failed)
+            left[shard] -= len(items)
+            if left[shard] == 0:
+                _write(store, shard, bufs.pop(shard), source, single=not ctx.distributed)
+                written += 1
+            done += len(items)
+            bar.update(len(items))
+            if batch.failed:
+                bar.set_postfix(failed=n_failed)
+            t_wait = time.perf_counter()
+        bar.close()
+        loop_s = time.perf_counter() - t_loop
+        if bufs:
+            raise RuntimeError(f"internal error: shards {sorted(bufs)} were not completed")
+        dist.barrier()
+        if ctx.is_main:
+            store.refresh_manifest()
+        dist.barrier()
+        if not ctx.is_main:
+            store = EmbeddingStore(out)
+        m = store.manifest
+        report = EmbedReport(
+            store=str(store.root), model_id=enc.model_id, rows=m["num_rows"],
+            failed=store.failed, complete=store.complete, images_done=done,
+            seconds=time.perf_counter() - t_start,
+            images_per_s=done / loop_s if loop_s > 0 else 0.0,
+            model_seconds=model_s, wait_seconds=wait_s, shards_written=written,
+            rank=ctx.rank, world_size=ctx.world_size, extra={"workers": n_workers,
+                                                             "batch_size": batch_size},
+        )
+        if ctx.is_main and not quiet:
+            log(f"embedded {done} images in {loop_s:.1f}s ({report.images_per_s:.1f} img/s on "
+                f"rank 0; model {model_s:.1f}s, waiting for data {wait_s:.1f}s)")
+        if ctx.is_main and report.failed:
+            print(f"nolabels embed: {len(report.failed)} image(s) could not be read and were "
+                  f"skipped (listed in {store.root}/manifest.json):", file=sys.stderr)
+            for f in report.failed[:10]:
+                print(f"  {f['path']}: {f['reason']}", file=sys.stderr)
+            if len(report.failed) > 10:
+                print(f"  ... and {len(report.failed) - 10} more", file=sys.stderr)
+        return report
+
+
+def _write(store, shard: int, b: dict, source, *, single: bool) -> None:
+    import numpy as np
+
+    order = np.argsort(np.asarray(b["items"], dtype=np.int64), kind="stable")
+    items = [b["items"][j] for j in order]
+    emb = np.concatenate(b["emb"])[order] if b["emb"] else np.zeros((0, store.dim), np.float32)
+    failed = [(i, source.paths[i], source.labels[i], reason) for i, reason in b["failed"]]
+    entry = store.write_shard(shard, emb, items, [source.paths[i] for i in items],
+                              [source.labels[i] for i in items], failed)
+    if single:
+        store.commit(entry)
+
+
+# --------------------------------------------------------------------------- CLI
+def _run(args: argparse.Namespace) -> int:
+    from nolabels.data.store import StoreMismatchError
+    from nolabels.models import WeightsUnavailableError
+
+    try:
+        rep = embed(args.images, args.model, args.out, checkpoint=args.checkpoint,
+                    batch_size=args.batch_size, workers=args.workers, device=args.device,
+                    shard_size=args.shard_size, overwrite=args.overwrite, quiet=args.quiet,
+                    limit=args.limit)
+    except (WeightsUnavailableError, StoreMismatchError, FileNotFoundError, ValueError,
+            ImportError) as e:
+        print(f"nolabels embed: error: {e}", file=sys.stderr)
+        return 2
+    if rep.rank == 0:
+        print(f"store: {rep.store}  rows: {rep.rows}  failed: {len(rep.failed)}  "
+              f"model: {rep.model_id}  complete: {rep.complete}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``embed`` to the ``nolabels`` CLI."""
+    p = subparsers.add_parser(
+        "embed", help="embed images into a resumable embedding store",
+        description="Embed a folder (class/*.jpg labels kept for evaluation only), a .txt list "
+                    "of paths, or webdataset .tar shards into STORE (float16 L2-normalised "
+                    "emb_*.npy + meta_*.parquet + manifest.json). Re-running resumes. Scale out "
+                    "with: torchrun --nproc-per-node N -m nolabels embed ...")
+    p.add_argument("images", help="image folder, .txt/.lst list of paths, or .tar shard(s) "
+                                  "(brace pattern shards-{000..009}.tar)")
+    p.add_argument("--model", required=True,
+                   help="openclip:ARCH/TAG (e.g. openclip:ViT-B-32/laion2b_s34b_b79k), "
+                        "openclip:ARCH with --checkpoint, timm:NAME (e.g. "
+                        "timm:vit_base_patch16_224.dino), or surrogate:effnet-lite0+minilm "
+                        "(offline ConSE stand-in, NOT CLIP)")
+    p.add_argument("--checkpoint", help="local weights file (when the weights cannot be downloaded)")
+    p.add_argument("--out", required=True, help="store directory")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--workers", default="auto",
+                   help="DataLoader worker processes (default auto: 0 on a small CPU machine, "
+                        "up to 8 with a GPU)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                   help="images per store shard, the unit of resumption")
+    p.add_argument("--limit", type=int, help="embed only the first N images")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
+    add_common(p)
+    p.set_defaults(func=_run)

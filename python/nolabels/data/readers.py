@@ -1,0 +1,293 @@
+"""Image sources: a folder, a text file of paths, or webdataset tar shards.
+
+``open_source(spec)`` lists the images once, in a deterministic order, as an
+:class:`ImageSource`: item ``i`` has a ``path`` (a file path, or
+``SHARD.tar::MEMBER`` inside a tar shard) and an optional ``label`` (the class
+folder name; **used for evaluation only**, never by a label-free method).
+
+* directory: every image file below it (recursive, sorted). Images inside
+  ``ROOT/<class>/...`` get label ``<class>``; images directly in ROOT get none.
+* ``*.txt`` / ``*.lst``: one path per line (relative paths are relative to the
+  list file; blank lines and ``#`` comments skipped); ``path<TAB>label`` gives a label.
+* ``*.tar``, a brace pattern ``shards-{000..009}.tar``, a glob, or a directory of
+  ``.tar`` files: webdataset shards. Members are grouped into samples by key
+  (the member path up to the first dot of its basename); the sample's image is its
+  jpg/jpeg/png/webp/... member, its label the text of a ``cls`` member if present.
+  Shards must be uncompressed (random access); ``.tar.gz`` is refused with advice.
+
+:class:`ImageDataset` decodes item ``i`` for a torch ``DataLoader``; a corrupt or
+unreadable image yields an error string instead of raising, so the embedding loop
+skips it and records the reason.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from nolabels.data.transforms import decode_image
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+_TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+
+
+@dataclass
+class ImageSource:
+    """A fixed, ordered list of images.
+
+    Attributes:
+        kind: "folder" | "list" | "tar".
+        root: what the user passed.
+        paths: item paths (``SHARD.tar::MEMBER`` for tar members).
+        labels: class-folder (or ``cls``) label per item, or None (evaluation only).
+        tar_ranges: for tar items, (shard index, byte offset, size) per item.
+        shards: the tar shard files.
+    """
+
+    kind: str
+    root: str
+    paths: list[str]
+    labels: list[str | None]
+    tar_ranges: list[tuple[int, int, int]] | None = None
+    shards: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def has_labels(self) -> bool:
+        return any(lab is not None for lab in self.labels)
+
+    def read_bytes(self, i: int) -> bytes:
+        """The encoded bytes of item ``i`` (raises OSError if unreadable)."""
+        if self.tar_ranges is None:
+            with open(self.paths[i], "rb") as f:
+                return f.read()
+        shard, offset, size = self.tar_ranges[i]
+        with open(self.shards[shard], "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"truncated tar member ({len(data)} of {size} bytes)")
+        return data
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the item paths and labels: detects a changed input on resume."""
+        h = hashlib.sha256()
+        for p, lab in zip(self.paths, self.labels):
+            h.update(p.encode("utf-8", "surrogateescape"))
+            h.update(b"\t" + (lab or "").encode("utf-8", "surrogateescape") + b"\n")
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        """JSON facts for the store manifest."""
+        return {"kind": self.kind, "root": self.root, "num_items": len(self),
+                "fingerprint": self.fingerprint(), "has_labels": self.has_labels}
+
+    def subset(self, n: int) -> "ImageSource":
+        """The first ``n`` items."""
+        return ImageSource(self.kind, self.root, self.paths[:n], self.labels[:n],
+                           None if self.tar_ranges is None else self.tar_ranges[:n], self.shards)
+
+
+def open_source(spec: str | os.PathLike | Sequence[str]) -> ImageSource:
+    """List the images of ``spec`` (see the module docstring).
+
+    Args:
+        spec: a directory, a ``.txt``/``.lst`` list file, a ``.tar`` shard, a brace or
+            glob pattern of shards, or a Python list of image paths.
+    Raises:
+        FileNotFoundError: nothing there, or no images found.
+        ValueError: compressed tar shards.
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        paths = [os.path.abspath(p) for p in spec]
+        return ImageSource("list", "<list>", paths, [None] * len(paths))
+    s = os.fspath(spec)
+    if os.path.isdir(s):
+        src = _folder(s)
+        if len(src):
+            return src
+        tars = sorted(glob.glob(os.path.join(s, "*.tar")))
+        if tars:
+            return _tar_shards(s, tars)
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {s!r}")
+    low = s.lower()
+    if low.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")):
+        raise ValueError(
+            f"{s}: compressed tar shards cannot be read by offset; decompress them first "
+            f"(e.g. `gunzip -k {s}` gives a .tar, or `tar -xzf {s}` and pass the folder)"
+        )
+    if low.endswith((".txt", ".lst")) and os.path.isfile(s):
+        return _list_file(s)
+    if ".tar" in low:
+        shards = _expand_shards(s)
+        if not shards:
+            raise FileNotFoundError(f"no tar shards match {s!r}")
+        return _tar_shards(s, shards)
+    if os.path.isfile(s) and Path(s).suffix.lower() in IMAGE_EXTENSIONS:
+        return ImageSource("list", s, [os.path.abspath(s)], [None])
+    raise FileNotFoundError(
+        f"{s!r} is not a directory, a .txt/.lst list of paths, or .tar shards"
+    )
+
+
+def _folder(root: str) -> ImageSource:
+    root_p = Path(root)
+    found: list[tuple[str, str | None]] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root_p)
+        label = rel.parts[0] if rel.parts else None
+        for fn in sorted(filenames):
+            if Path(fn).suffix.lower() in IMAGE_EXTENSIONS and not fn.startswith("."):
+                found.append((os.path.join(dirpath, fn), label))
+    found.sort(key=lambda t: t[0])
+    return ImageSource("folder", root, [p for p, _ in found], [lab for _, lab in found])
+
+
+def _list_file(path: str) -> ImageSource:
+    base = os.path.dirname(os.path.abspath(path))
+    paths, labels = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            p, _, lab = line.partition("\t")
+            p = p.strip()
+            paths.append(p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p)))
+            labels.append(lab.strip() or None)
+    if not paths:
+        raise FileNotFoundError(f"{path}: no paths listed")
+    return ImageSource("list", path, paths, labels)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a-{000..002}.tar`` -> [a-000.tar, a-001.tar, a-002.tar]; ``{x,y}`` lists too."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    body, pre, post = m.group(1), pattern[:m.start()], pattern[m.end():]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        a, b = r.group(1), r.group(2)
+        width = len(a) if a.startswith("0") else 0
+        opts = [str(i).zfill(width) for i in range(int(a), int(b) + 1)]
+    else:
+        opts = body.split(",")
+    return [x for o in opts for x in expand_braces(pre + o + post)]
+
+
+def _expand_shards(spec: str) -> list[str]:
+    out: list[str] = []
+    for p in expand_braces(spec):
+        if any(c in p for c in "*?["):
+            out.extend(sorted(glob.glob(p)))
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"tar shard {p!r} does not exist")
+    return out
+
+
+def _tar_shards(root: str, shards: list[str]) -> ImageSource:
+    for s in shards:
+        if not s.lower().endswith(".tar"):
+            raise ValueError(f"{s}: only uncompressed .tar shards are supported")
+    paths, labels, ranges = [], [], []
+    for si, shard in enumerate(shards):
+        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        order: list[str] = []
+        with tarfile.open(shard, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                d, base = os.path.split(m.name)
+                if base.startswith("."):
+                    continue
+                stem, dot, ext = base.partition(".")
+                if not dot:
+                    continue
+                key = os.path.join(d, stem)
+                if key not in samples:
+                    samples[key] = {}
+                    order.append(key)
+                samples[key][ext.lower()] = m
+            f = tf.fileobj
+            for key in order:
+                members = samples[key]
+                img = next((members[e] for e in _TAR_IMAGE_EXTS if e in members), None)
+                if img is None:
+                    continue
+                label = None
+                cls = members.get("cls")
+                if cls is not None and cls.size < 4096:
+                    f.seek(cls.offset_data)
+                    label = f.read(cls.size).decode("utf-8", "replace").strip() or None
+                paths.append(f"{shard}::{img.name}")
+                labels.append(label)
+                ranges.append((si, img.offset_data, img.size))
+    if not paths:
+        raise FileNotFoundError(f"no image samples in tar shards {shards[:3]}...")
+    return ImageSource("tar", root, paths, labels, ranges, [os.path.abspath(s) for s in shards])
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Map-style dataset over an :class:`ImageSource`.
+
+    ``ds[i]`` -> ``(i, image, error)``: ``image`` is ``transform(PIL RGB)`` (for
+    encoders: (3, H, W) float32) and ``error`` None, or ``image`` None and ``error``
+    the reason the item could not be read or decoded.
+    """
+
+    def __init__(self, source: ImageSource, transform: Callable[[object], torch.Tensor]) -> None:
+        self.source = source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        try:
+            img = decode_image(self.source.read_bytes(i))
+            return i, self.transform(img), None
+        except Exception as e:  # noqa: BLE001 - any failure is recorded, never fatal
+            msg = re.sub(r" at 0x[0-9a-fA-F]+", "", str(e))  # no memory addresses: reproducible
+            return i, None, f"{type(e).__name__}: {msg}"[:500]
+
+
+@dataclass
+class Batch:
+    """A collated batch: ``images`` (B, 3, H, W) of the good items ``index`` (B,) int64,
+    and ``failed``: list of (item index, reason)."""
+
+    index: torch.Tensor
+    images: torch.Tensor | None
+    failed: list[tuple[int, str]]
+
+    def all_items(self) -> list[int]:
+        return sorted(self.index.tolist() + [i for i, _ in self.failed])
+
+    def pin_memory(self) -> "Batch":
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
+
+
+def collate(samples: list[tuple[int, torch.Tensor | None, str | None]]) -> Batch:
+    """DataLoader collate_fn for :class:`ImageDataset`: stack the good ones, list the bad."""
+    good = [(i, x) for i, x, err in samples if err is None]
+    failed = [(i, err) for i, _, err in samples if err is not None]
+    index = torch.tensor([i for i, _ in good], dtype=torch.int64)
+    images = torch.stack([x for _, x in good]) if good else None
+    return Batch(index, images, failed)

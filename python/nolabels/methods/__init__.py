@@ -1,0 +1,1 @@
+"""Label-free methods. ``zeroshot``: prompt-template ensembles and CDE class embeddings."""

