@@ -100,10 +100,17 @@ def unpack(dest: str | os.PathLike) -> Path:
     return root
 
 
-def demo(out: str | os.PathLike = "nolabels-demo", *, select_per_class: int = DEFAULT_SELECT,
-         batch_size: int = 64, workers: int | str = "auto", device: str = "cpu",
-         templates: str = "simple", quiet: bool = False, plot: bool = True) -> dict[str, Any]:
-    """Run the demo; returns the eval result plus ``paths`` and ``seconds``."""
+def demo(out: str | os.PathLike = "nolabels-demo", *, per_class: int = PER_CLASS,
+         select_per_class: int = DEFAULT_SELECT, batch_size: int = 64,
+         workers: int | str = "auto", device: str = "cpu", templates: str = "simple",
+         quiet: bool = False, plot: bool = True) -> dict[str, Any]:
+    """Run the demo; returns the eval result plus ``paths`` and ``seconds``.
+
+    Args:
+        out: output directory (images, classes.txt, store/, labels.parquet, labels.png).
+        per_class: use the first ``per_class`` (<= 100) shipped images of each class.
+        select_per_class: K of NoLA's confident subset.
+    """
     from nolabels.commands.embed import embed
     from nolabels.commands.evaluate import evaluate, format_report
     from nolabels.commands.label import label
@@ -115,21 +122,33 @@ def demo(out: str | os.PathLike = "nolabels-demo", *, select_per_class: int = DE
     out.mkdir(parents=True, exist_ok=True)
     images = unpack(out)
     log(f"unpacked {PER_CLASS * len(CIFAR10_CLASSES)} CIFAR-10 test images to {images}")
+    if not 1 <= per_class <= PER_CLASS:
+        raise ValueError(f"per_class must be in [1, {PER_CLASS}], got {per_class}")
+    source: Any = images
+    if per_class < PER_CLASS:
+        lines = [f"{p.relative_to(out)}\t{c}" for c in CIFAR10_CLASSES
+                 for p in sorted((images / c).glob("*.jpg"))[:per_class]]
+        source = out / f"subset_{per_class}.txt"
+        source.write_text("\n".join(lines) + "\n")
     classes = out / "classes.txt"
     classes.write_text("\n".join(CIFAR10_CLASSES) + "\n")
-    store = out / "store"
-    labels = out / "labels.parquet"
-    rep = embed(images, DEMO_MODEL, store, batch_size=batch_size, workers=workers, device=device,
+    tag = "" if per_class == PER_CLASS else f"_{per_class}"
+    store = out / f"store{tag}"
+    labels = out / f"labels{tag}.parquet"
+    from nolabels.models import load_encoder
+
+    encoder = load_encoder(DEMO_MODEL, device=device)  # loaded once for embed and label
+    rep = embed(source, encoder, store, batch_size=batch_size, workers=workers, device=device,
                 quiet=quiet)
     t_embed = time.perf_counter() - t0
     label(store, classes, labels, templates=templates, select_per_class=select_per_class,
-          device=device, quiet=quiet)
+          device=device, quiet=quiet, encoder=encoder)
     png = None
     if plot:
         try:
             import matplotlib  # noqa: F401
 
-            png = out / "labels.png"
+            png = out / f"labels{tag}.png"
         except ImportError:
             log("matplotlib is not installed: no plot (pip install matplotlib)")
     res = evaluate(labels, plot=png)
@@ -140,7 +159,7 @@ def demo(out: str | os.PathLike = "nolabels-demo", *, select_per_class: int = DE
                     "labels": str(labels), "plot": None if png is None else str(png)}
     print(format_report(res))
     print()
-    print(f"nolabels demo: {res['rows']} CIFAR-10 test images, zero-shot with {DEMO_MODEL}")
+    print(f"nolabels demo: {res['rows']} real CIFAR-10 test images, zero-shot with {DEMO_MODEL}")
     print(f"  {NOT_CLIP}.")
     print(f"  accuracy {100 * res['accuracy']:.1f}% (chance 10%)"
           + (f"; the {res['selected']['rows']} most confident ({select_per_class}/class): "
@@ -158,12 +177,15 @@ def demo(out: str | os.PathLike = "nolabels-demo", *, select_per_class: int = DE
 # --------------------------------------------------------------------------- CLI
 def _run(args: argparse.Namespace) -> int:
     try:
-        demo(args.out, select_per_class=args.select_per_class, batch_size=args.batch_size,
+        demo(args.out, per_class=args.per_class, select_per_class=args.select_per_class, batch_size=args.batch_size,
              workers=args.workers, device=args.device, templates=args.templates,
              quiet=args.quiet, plot=not args.no_plot)
-    except (ImportError, FileNotFoundError) as e:
+    except ImportError as e:
         print(f"nolabels demo: error: {e}\nThe demo needs: pip install 'nolabels[demo]'",
               file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"nolabels demo: error: {e}", file=sys.stderr)
         return 2
     return 0
 
@@ -177,6 +199,8 @@ def register(subparsers) -> None:
                     "surrogate:effnet-lite0+minilm (ConSE, NOT CLIP), and print the accuracy "
                     "and the output paths. No network needed: pip install 'nolabels[demo]'.")
     p.add_argument("--out", default="nolabels-demo", help="output directory (default ./nolabels-demo)")
+    p.add_argument("--per-class", type=int, default=PER_CLASS, metavar="N",
+                   help=f"images per class, at most {PER_CLASS} (default: all)")
     p.add_argument("--select-per-class", type=int, default=DEFAULT_SELECT, metavar="K")
     p.add_argument("--templates", default="simple")
     p.add_argument("--batch-size", type=int, default=64)

