@@ -351,3 +351,18 @@ def test_gpu_scores_and_affinity(gen, backend, dtype):
     t, cls, kind = text_bank(gen, 12, 3, 8, torch.float32)
     with pytest.raises(ValueError, match="image_emb"):
         coder_class_scores(x, t.cuda(), cls.cuda(), kind.cuda(), 3, backend=backend)
+
+
+def test_finiteness_check_fast_path_is_exact():
+    from nolabels.ops.coder import _all_finite
+
+    assert _all_finite(torch.full((10, 3), 3e38))  # the float32 sum overflows; values are finite
+    assert _all_finite(torch.empty(0, 4))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.randn(7, 5)
+        t[3, 2] = bad
+        assert not _all_finite(t)
+        assert not _all_finite(t.bfloat16())
+    t = torch.zeros(4, 4)
+    t[0, 0], t[1, 1] = float("inf"), float("-inf")  # sums to NaN
+    assert not _all_finite(t)

@@ -92,9 +92,18 @@ def _nonfinite_rows(t: torch.Tensor) -> list[int]:
     return (~torch.isfinite(t)).any(dim=1).nonzero().flatten()[:5].tolist()
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Exact finiteness test, fast path first: any NaN/Inf makes the float32 sum
+    non-finite; only if the sum is non-finite (which finite values near float32's
+    range can also cause) are the elements tested one by one."""
+    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _raise_if_nonfinite(op: str, **tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
-        if t.numel() and not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             raise ValueError(f"{op}: {name} contains NaN or Inf (rows {_nonfinite_rows(t)}...)")
 
 
@@ -147,7 +156,7 @@ def _topk_op(
     queries: torch.Tensor, keys: torch.Tensor, k: int, normalize: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     values, indices = _TOPK_BY_NAME[backend].run(queries, keys, k, normalize)
-    if values.numel() and not bool(torch.isfinite(values).all()):
+    if not _all_finite(values):
         # Every backend turns a non-finite query row, or any non-finite key,
         # into NaN values; the input scans run only on this error path.
         _raise_if_nonfinite("topk_similarity", queries=queries, keys=keys)
@@ -329,7 +338,7 @@ def _scores_op(
         raise ValueError(f"{op}: classes {empty}... have no texts (every class needs at least one)")
     _raise_if_nonfinite(op, text_emb=text_emb)
     out = _SCORES_BY_NAME[backend].run(image_emb, text_emb, text_class, text_kind, num_classes, scale)
-    if out.numel() and not bool(torch.isfinite(out).all()):
+    if not _all_finite(out):
         _raise_if_nonfinite(op, image_emb=image_emb)
         raise ValueError(f"{op}: scores overflowed float32 (scale={scale})")
     return out
