@@ -1,0 +1,149 @@
+"""torchrun scale-out on 2 CPU processes (gloo): collectives, the merged per-class
+selection, and ``torchrun -m nolabels embed|label`` equal to the single-process run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _pipeline_helpers import make_folder, tiny_config, tiny_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _torchrun(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "python"),
+           "TORCHELASTIC_ERROR_FILE": str(tmp_path / "torchelastic_error.json")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                         cwd=tmp_path)
+    assert res.returncode == 0, f"{res.stdout}\n{res.stderr}"
+    return res
+
+
+COLLECTIVES = r"""
+import json, sys, torch
+from nolabels import dist, ops
+with dist.dist_session("cpu") as ctx:
+    assert ctx.world_size == 2 and ctx.backend == "gloo"
+    # all_gather_variable: uneven sizes, one rank empty in the second call
+    x = torch.arange(3 * (ctx.rank + 1) * 2, dtype=torch.float32).reshape(-1, 2) + 100 * ctx.rank
+    g = dist.all_gather_variable(x)
+    e = dist.all_gather_variable(torch.ones(ctx.rank, 4, dtype=torch.int64))
+    # merged selection == global selection on skewed random pseudo-labels
+    gen = torch.Generator().manual_seed(7)
+    n, c, k = 400, 9, 5
+    logits = torch.randn(n, c, generator=gen) * 3
+    logits[:, 7:] -= 6  # classes 7, 8 rarely top-1: the fallback ranks are used
+    emb = torch.nn.functional.normalize(torch.randn(n, 16, generator=gen), dim=-1)
+    cls = torch.nn.functional.normalize(torch.randn(c, 16, generator=gen), dim=-1)
+    full = ops.pseudo_label(logits, torch.eye(c), logit_scale=1.0, topk=3, normalize=False)
+    ids = torch.arange(n)
+    mine = ids[ids % 2 == ctx.rank]  # interleaved shards
+    pl = full.take(mine)
+    local = ops.select_per_class(pl, k, row_ids=mine, num_classes=c)
+    pos = {int(i): j for j, i in enumerate(mine.tolist())}
+    take = torch.tensor([pos[int(i)] for i in local.indices.tolist()])
+    cand = pl.take(take)
+    gi = dist.all_gather_variable(mine[take])
+    gc = dist.all_gather_variable(cand.classes)
+    gp = dist.all_gather_variable(cand.probs)
+    z = torch.zeros(len(gi))
+    merged = ops.select_per_class(ops.PseudoLabels(gc[:, 0], gp, gc, z, z), k, row_ids=gi,
+                                  num_classes=c)
+    ref = ops.select_per_class(full, k, num_classes=c)
+    fallback = int((torch.bincount(full.labels, minlength=c) == 0).sum())
+    out = {"g": g.tolist(), "e": e.tolist(), "merged": merged.indices.tolist(),
+           "merged_labels": merged.labels.tolist(), "ref": ref.indices.tolist(),
+           "ref_labels": ref.labels.tolist(), "fallback_classes": fallback,
+           "obj": dist.all_gather_object(ctx.rank * 10)}
+    if ctx.rank == 0:
+        json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def test_collectives_and_selection_merge(tmp_path):
+    script = tmp_path / "coll.py"
+    script.write_text(COLLECTIVES)
+    _torchrun([str(script), str(tmp_path / "out.json")], tmp_path)
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["g"] == ([[float(2 * i), float(2 * i + 1)] for i in range(3)]
+                        + [[100.0 + 2 * i, 101.0 + 2 * i] for i in range(6)])
+    assert out["e"] == [[1, 1, 1, 1]]
+    assert out["obj"] == [0, 10]
+    assert out["fallback_classes"] >= 1  # the fallback path is exercised
+    assert out["merged"] == out["ref"] and out["merged_labels"] == out["ref_labels"]
+
+
+def test_dist_helpers_single_process():
+    from nolabels import dist
+
+    with dist.dist_session("cpu") as ctx:
+        assert (ctx.rank, ctx.world_size, ctx.distributed) == (0, 1, False)
+        t = torch.arange(3)
+        assert dist.all_gather_variable(t) is t
+        assert dist.broadcast_object({"a": 1}) == {"a": 1}
+        assert dist.all_gather_object(5) == [5]
+        dist.barrier()
+
+
+def test_torchrun_embed_label_equals_single_process(tmp_path):
+    pytest.importorskip("open_clip")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from nolabels.cli import main
+    from nolabels.data import EmbeddingStore
+
+    cfg = tiny_config(tmp_path)
+    spec = tiny_spec(cfg)
+    root = make_folder(tmp_path / "imgs", per_class=6)
+    (root / "dog" / "zz_bad.png").write_bytes(b"broken")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\nship\nairplane\nfrog\n")
+    common = ["--shard-size", "3", "--batch-size", "2", "--workers", "0", "--device", "cpu"]
+    label_args = ["--classes", str(classes), "--select-per-class", "2", "--topk", "3",
+                  "--device", "cpu"]
+
+    # Distributed: 2 ranks, gloo.
+    _torchrun(["-m", "nolabels", "embed", str(root), "--model", spec, "--out",
+               str(tmp_path / "s2"), *common, "-q"], tmp_path)
+    _torchrun(["-m", "nolabels", "label", str(tmp_path / "s2"), *label_args, "--out",
+               str(tmp_path / "l2.parquet"), "-q"], tmp_path)
+
+    # Single process, same thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["embed", str(root), "--model", spec, "--out", str(tmp_path / "s1"),
+                     *common, "-q"]) == 0
+        assert main(["label", str(tmp_path / "s1"), *label_args, "--out",
+                     str(tmp_path / "l1.parquet"), "-q"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    a, b = EmbeddingStore(tmp_path / "s1"), EmbeddingStore(tmp_path / "s2")
+    assert b.complete and b.num_shards == 7
+    for key in ("shards", "num_rows", "failed", "model", "source"):
+        assert a.manifest[key] == b.manifest[key], key
+    ea, ma = a.load()
+    eb, mb = b.load()
+    assert ma == mb
+    np.testing.assert_array_equal(ea, eb)
+
+    t1, t2 = pq.read_table(tmp_path / "l1.parquet"), pq.read_table(tmp_path / "l2.parquet")
+    c1, c2 = t1.to_pydict(), t2.to_pydict()
+    assert c1.keys() == c2.keys() and "selected" in c1
+    for k in c1:
+        assert c1[k] == c2[k], k  # row for row, exactly
+    assert sum(c1["selected"]) >= 3
+    m1 = json.loads(t1.schema.metadata[b"nolabels"])
+    m2 = json.loads(t2.schema.metadata[b"nolabels"])
+    m1.pop("store"), m2.pop("store")
+    assert m1 == m2
