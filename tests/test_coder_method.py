@@ -563,3 +563,37 @@ def test_cli_coder_knowledge_against_fake_server(llm, tmp_path, monkeypatch, cap
         monkeypatch.delenv("NOLABELS_LLM_BASE_URL")
         cli(["coder-knowledge", "--classes", str(tmp_path / "classes.txt"), "--out", str(tmp_path / "x.json"),
              "--llm-model", "m"])
+
+
+def test_cli_with_the_project_embedding_store(tmp_path, capsys):
+    """Images and shots from nolabels.data.store.EmbeddingStore (a failed image is skipped;
+    shot labels come from the store's class-folder labels; the model id from its manifest)."""
+    pytest.importorskip("pyarrow")
+    store_mod = pytest.importorskip("nolabels.data.store")
+    enc = HashEncoder()
+    cls = ["cat", "dog"]
+
+    def make(root, names):
+        x = enc.encode_text([f"a photo of {c}" for c in names]).numpy()
+        st = store_mod.EmbeddingStore.create_or_resume(
+            root, model={"model_id": enc.model_id, "dim": 64, "spec": None},
+            source={"kind": "test", "num_items": len(names) + 1, "fingerprint": "f"}, shard_size=64)
+        items = list(range(len(names)))
+        entry = st.write_shard(0, x, items, [f"d/{c}/{i}.jpg" for i, c in enumerate(names)], names,
+                               [(len(names), "d/cat/broken.jpg", "cat", "truncated file")])
+        st.commit(entry)
+        return root
+
+    imgs = make(tmp_path / "imgs", ["cat", "dog", "dog", "cat"])
+    shots = make(tmp_path / "shots", ["cat", "dog", "cat", "dog"])
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    assert cli(["coder", str(imgs), "--classes", str(tmp_path / "classes.txt"), "--shots", str(shots),
+                "--out", str(tmp_path / "p.csv"), "--encoder", "test_coder_method:make_encoder",
+                "--cache-dir", str(tmp_path / "c"), "--eval", "--shot-val-fraction", "0.5"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["rows"] == 4 and report["accuracy_zero_shot"] == 1.0
+    assert report["shots_val"] == 2 and report["accuracy_few_shot"] == 1.0
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert len(lines) == 5 and "broken" not in "".join(lines)
+    # the text cache is keyed by the store's model id
+    assert any(enc.model_id.replace(":", "_") in p.name for p in (tmp_path / "c").iterdir())

@@ -26,6 +26,7 @@ import importlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +39,34 @@ def read_lines(path: str | os.PathLike) -> list[str]:
         return [ln.strip() for ln in f if ln.strip()]
 
 
-def read_store_dir(path: Path) -> tuple[torch.Tensor, list[str], str | None]:
-    """(emb (N, D) float32, paths, model id) of an embedding store directory."""
-    manifest = {}
-    mf = path / "manifest.json"
-    if mf.exists():
-        manifest = json.loads(mf.read_text())
+@dataclass
+class Embeddings:
+    """Image embeddings read from a store or a file."""
+
+    emb: torch.Tensor  # (N, D) float32
+    paths: list[str]
+    model_id: str | None = None  # the text-cache key
+    spec: str | None = None  # a nolabels.models spec that can rebuild the encoder
+    labels: list | None = None  # shot labels (ints or class names), if the source has them
+
+
+def read_store_dir(path: Path) -> Embeddings:
+    """An embedding store directory (``nolabels.data.store.EmbeddingStore``; failed images
+    are skipped); without that module, a minimal reader of the same layout."""
+    manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").exists() else {}
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    model_id = model.get("model_id") or manifest.get("model_id")
+    spec = model.get("spec")
+    try:
+        from nolabels.data.store import EmbeddingStore
+    except ImportError:
+        EmbeddingStore = None  # noqa: N806
+    if EmbeddingStore is not None and "format_version" in manifest:
+        emb, meta = EmbeddingStore(path).load()
+        labels = meta.get("label")
+        labels = labels if labels and all(lab is not None for lab in labels) else None
+        return Embeddings(torch.from_numpy(np.asarray(emb, dtype=np.float32)), list(meta["path"]),
+                          model_id, spec, labels)
     embs = sorted(path.glob("emb_*.npy"))
     if not embs:
         raise ValueError(f"{path}: no emb_*.npy shards (not an embedding store)")
@@ -59,47 +82,40 @@ def read_store_dir(path: Path) -> tuple[torch.Tensor, list[str], str | None]:
             raise ValueError(f"{path}: {e.name} has no {meta.name}")
         table = pq.read_table(meta).to_pydict()
         rows = table.get("row", list(range(len(table["path"]))))
-        order = np.argsort(np.asarray(rows))
-        arrays.append(arr[np.asarray(rows)[order]] if len(rows) == len(arr) else arr)
-        paths += [table["path"][i] for i in order]
+        good = [(r, p) for r, p in zip(rows, table["path"]) if r is not None and r >= 0]
+        good.sort()
+        arrays.append(arr[[r for r, _ in good]])
+        paths += [p for _, p in good]
     emb = torch.from_numpy(np.concatenate(arrays).astype(np.float32))
-    if emb.shape[0] != len(paths):
-        raise ValueError(f"{path}: {emb.shape[0]} embeddings but {len(paths)} paths")
-    return emb, paths, manifest.get("model_id") or manifest.get("model")
+    return Embeddings(emb, paths, model_id, spec)
 
 
-def read_embeddings(spec: str, paths_file: str | None = None
-                    ) -> tuple[torch.Tensor, list[str], str | None, list | None]:
-    """(emb, paths, model id, labels-or-None) from a store dir, ``.pt`` or ``.npy``."""
+def read_embeddings(spec: str, paths_file: str | None = None) -> Embeddings:
+    """Image embeddings from a store directory, a ``.pt`` or a ``.npy`` file."""
     p = Path(spec)
-    labels = None
-    model_id = None
     if p.is_dir():
-        emb, paths, model_id = read_store_dir(p)
+        out = read_store_dir(p)
     elif p.suffix == ".npy":
-        emb = torch.from_numpy(np.load(p).astype(np.float32))
-        paths = []
+        out = Embeddings(torch.from_numpy(np.load(p).astype(np.float32)), [])
     elif p.suffix in (".pt", ".pth"):
         obj = torch.load(p, map_location="cpu", weights_only=False)
         if isinstance(obj, dict):
             emb = obj.get("emb", obj.get("embeddings"))
             if emb is None:
                 raise ValueError(f"{p}: a dict needs an 'emb' entry")
-            paths = list(obj.get("paths", []))
-            labels = obj.get("labels")
-            model_id = obj.get("model_id")
+            out = Embeddings(torch.as_tensor(emb).float(), list(obj.get("paths", [])),
+                             obj.get("model_id"), obj.get("spec"), obj.get("labels"))
         else:
-            emb, paths = obj, []
-        emb = torch.as_tensor(emb).float()
+            out = Embeddings(torch.as_tensor(obj).float(), [])
     else:
         raise ValueError(f"{spec}: expected an embedding store directory, .pt or .npy")
     if paths_file:
-        paths = read_lines(paths_file)
-    if not paths:
-        paths = [str(i) for i in range(emb.shape[0])]
-    if emb.dim() != 2 or emb.shape[0] != len(paths):
-        raise ValueError(f"{spec}: embeddings {tuple(emb.shape)} do not match {len(paths)} paths")
-    return emb, paths, model_id, labels
+        out.paths = read_lines(paths_file)
+    if not out.paths:
+        out.paths = [str(i) for i in range(out.emb.shape[0])]
+    if out.emb.dim() != 2 or out.emb.shape[0] != len(out.paths):
+        raise ValueError(f"{spec}: embeddings {tuple(out.emb.shape)} do not match {len(out.paths)} paths")
+    return out
 
 
 def labels_from(paths: list[str], labels, class_names: list[str]) -> torch.Tensor:
@@ -167,7 +183,8 @@ def write_table(path: str, columns: dict[str, list]) -> None:
 def run_coder(args: argparse.Namespace) -> int:
     from nolabels.methods import coder as C
 
-    emb, paths, store_model, _ = read_embeddings(args.store, args.paths)
+    src = read_embeddings(args.store, args.paths)
+    emb, paths, store_model = src.emb, src.paths, src.model_id
     knowledge = C.Knowledge.load(args.knowledge) if args.knowledge else C.Knowledge()
     if args.classes:
         class_names = read_lines(args.classes)
@@ -179,13 +196,13 @@ def run_coder(args: argparse.Namespace) -> int:
     unknown = knowledge.unknown_classes(class_names)
     if unknown:
         print(f"coder: warning: knowledge names not in the class list: {unknown[:10]}", file=sys.stderr)
-    model_id = args.model or store_model
+    model_id = store_model or args.model  # text must come from the model that embedded the images
     encoder = None
 
     def enc():
         nonlocal encoder
         if encoder is None:
-            encoder = load_text_encoder(args.model or store_model, args.encoder)
+            encoder = load_text_encoder(args.model or src.spec, args.encoder)
             if encoder is None:
                 raise ValueError("coder: no cached text embeddings and no encoder: pass --model or --encoder")
         return encoder
@@ -200,7 +217,7 @@ def run_coder(args: argparse.Namespace) -> int:
             mid = model_id or getattr(e, "model_id", None)
             return bank.encode(e, model_id=mid, cache_dir=cache if mid else None, batch_size=args.batch_size)
 
-    if model_id is None and args.encoder is None:
+    if model_id is None and args.encoder is None and src.spec is None:
         raise ValueError("coder: unknown model: pass --model (the store has no model id) or --encoder")
     if model_id is None:
         model_id = getattr(enc(), "model_id", None)
@@ -215,8 +232,9 @@ def run_coder(args: argparse.Namespace) -> int:
     columns["reranked"] = rr.reranked.tolist()
     fit = None
     if args.shots:
-        s_emb, s_paths, _, s_labels = read_embeddings(args.shots)
-        s_lab = labels_from(s_paths, s_labels, class_names)
+        shots = read_embeddings(args.shots)
+        s_emb = shots.emb
+        s_lab = labels_from(shots.paths, shots.labels, class_names)
         fs_bank = encode(C.TextBank.build(class_names, knowledge, templates=args.templates or dataset,
                                           types=("name", "att", "ana"), task="few-shot", ovo=False))
         zs_w = torch.nn.functional.normalize(encode(C.TextBank.build(
@@ -303,7 +321,7 @@ def register(subparsers) -> None:
                    help="few-shot zero-shot classifier templates ({c} = class name)")
     p.add_argument("--shot-val-fraction", type=float, default=0.25,
                    help="share of each class's shots held out to choose alpha, beta")
-    p.add_argument("--model", help="text encoder spec (nolabels.models; default: the store's model id)")
+    p.add_argument("--model", help="text encoder spec (nolabels.models; default: the store's model spec)")
     p.add_argument("--encoder", help="custom text encoder factory, module:callable")
     p.add_argument("--cache-dir", default=_default_cache(), help="text-embedding cache directory")
     p.add_argument("--batch-size", type=int, default=256)
