@@ -571,7 +571,6 @@ def test_cli_with_the_project_embedding_store(tmp_path, capsys):
     pytest.importorskip("pyarrow")
     store_mod = pytest.importorskip("nolabels.data.store")
     enc = HashEncoder()
-    cls = ["cat", "dog"]
 
     def make(root, names):
         x = enc.encode_text([f"a photo of {c}" for c in names]).numpy()

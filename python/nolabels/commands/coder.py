@@ -60,7 +60,7 @@ def read_store_dir(path: Path) -> Embeddings:
     try:
         from nolabels.data.store import EmbeddingStore
     except ImportError:
-        EmbeddingStore = None  # noqa: N806
+        EmbeddingStore = None
     if EmbeddingStore is not None and "format_version" in manifest:
         emb, meta = EmbeddingStore(path).load()
         labels = meta.get("label")
