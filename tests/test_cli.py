@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import json
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from _pipeline_helpers import make_folder, tiny_config, tiny_spec
 
 pytest.importorskip("open_clip")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from nolabels import ops  # noqa: E402
-from nolabels.cli import main  # noqa: E402
-from nolabels.data import EmbeddingStore  # noqa: E402
-from nolabels.methods.zeroshot import (TEMPLATES, class_embeddings, class_texts,  # noqa: E402
-                                       read_classes, read_descriptions, resolve_templates)
-from nolabels.models import load_encoder  # noqa: E402
+from nolabels import ops
+from nolabels.cli import main
+from nolabels.data import EmbeddingStore
+from nolabels.methods.zeroshot import (
+    TEMPLATES,
+    class_embeddings,
+    class_texts,
+    read_classes,
+    read_descriptions,
+    resolve_templates,
+)
+from nolabels.models import load_encoder
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,7 @@ def pipeline(tmp_path_factory, cfg):
 
 
 def test_label_output_schema(pipeline):
-    d, spec = pipeline
+    d, _ = pipeline
     t = pq.read_table(d / "labels.parquet")
     assert t.column_names == ["path", "item", "label", "class_name", "confidence",
                               "topk_classes", "topk_probs", "entropy", "selected", "true_class"]
@@ -233,7 +237,6 @@ def test_demo_archive_is_balanced_and_small():
 
 def test_demo_archive_is_reproducible(tmp_path):
     from _pipeline_helpers import CIFAR_TEST
-
     from nolabels.commands.demo import archive_path, build_demo_archive
 
     if not CIFAR_TEST.is_file():

@@ -6,13 +6,12 @@ import time
 
 import pytest
 import torch
-
 from _pipeline_helpers import cifar_images, tiny_config, tiny_spec
 
 pytest.importorskip("open_clip")
 
-from nolabels.models import Encoder, WeightsUnavailableError, load_encoder  # noqa: E402
-from nolabels.models import base as models_base  # noqa: E402
+from nolabels.models import Encoder, WeightsUnavailableError, load_encoder
+from nolabels.models import base as models_base
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ def evaluate(labels: str | os.PathLike, *, plot: str | os.PathLike | None = None
     has = true != -2
     unmatched = sorted({t for t, y in zip(truth_raw, true) if y == -1})
     res: dict[str, Any] = {
-        "labels": os.fspath(labels), "rows": int(len(pred)), "classes": names,
+        "labels": os.fspath(labels), "rows": len(pred), "classes": names,
         "model_id": meta.get("model_id"), "note": meta.get("note"),
         "evaluated": int(has.sum()), "unmatched_true_classes": unmatched,
         "predicted_counts": np.bincount(pred, minlength=C).tolist() if len(pred) else [0] * C,

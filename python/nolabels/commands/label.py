@@ -28,8 +28,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from nolabels.commands._common import Log, add_common
 
@@ -82,8 +83,12 @@ def label(store: str | os.PathLike, classes: str | os.PathLike | Sequence[str],
 
     from nolabels import dist, ops
     from nolabels.data import EmbeddingStore
-    from nolabels.methods.zeroshot import (class_embeddings, read_classes, read_descriptions,
-                                           resolve_templates)
+    from nolabels.methods.zeroshot import (
+        class_embeddings,
+        read_classes,
+        read_descriptions,
+        resolve_templates,
+    )
     from nolabels.models import load_encoder
 
     t0 = time.perf_counter()

@@ -4,8 +4,14 @@
 embedding shards + Parquet metadata + ``manifest.json`` (resumable, atomic writes).
 pyarrow and pillow are needed (``pip install 'nolabels[data]'``).
 """
-from nolabels.data.readers import ImageDataset, ImageSource, collate, open_source  # noqa: F401
-from nolabels.data.store import EmbeddingStore, StoreMismatchError  # noqa: F401
+from nolabels.data.readers import ImageDataset, ImageSource, collate, open_source
+from nolabels.data.store import EmbeddingStore, StoreMismatchError
 
-__all__ = ["ImageDataset", "ImageSource", "collate", "open_source", "EmbeddingStore",
-           "StoreMismatchError"]
+__all__ = [
+           "EmbeddingStore",
+           "ImageDataset",
+           "ImageSource",
+           "StoreMismatchError",
+           "collate",
+           "open_source",
+]

@@ -26,9 +26,9 @@ import hashlib
 import os
 import re
 import tarfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -93,7 +93,7 @@ class ImageSource:
         return {"kind": self.kind, "root": self.root, "num_items": len(self),
                 "fingerprint": self.fingerprint(), "has_labels": self.has_labels}
 
-    def subset(self, n: int) -> "ImageSource":
+    def subset(self, n: int) -> ImageSource:
         """The first ``n`` items."""
         return ImageSource(self.kind, self.root, self.paths[:n], self.labels[:n],
                            None if self.tar_ranges is None else self.tar_ranges[:n], self.shards)
@@ -278,7 +278,7 @@ class Batch:
     def all_items(self) -> list[int]:
         return sorted(self.index.tolist() + [i for i, _ in self.failed])
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         if self.images is not None:
             self.images = self.images.pin_memory()
         return self

@@ -26,8 +26,9 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -117,7 +118,7 @@ class EmbeddingStore:
     # ------------------------------------------------------------------ creation
     @classmethod
     def create_or_resume(cls, root: str | os.PathLike, *, model: dict, source: dict,
-                         shard_size: int, overwrite: bool = False) -> "EmbeddingStore":
+                         shard_size: int, overwrite: bool = False) -> EmbeddingStore:
         """Create a store, or reopen it to resume.
 
         Args:
@@ -331,8 +332,8 @@ class EmbeddingStore:
             if [d["row"][j] for j in ok] != list(range(e.shape[0])):
                 raise ValueError(f"{self.root}: shard {i}: meta rows do not match emb rows")
             embs.append(e)
-            for k in meta:
-                meta[k].extend(d[k][j] for j in ok)
+            for k, col in meta.items():
+                col.extend(d[k][j] for j in ok)
         emb = np.concatenate(embs) if embs else np.zeros((0, self.dim), np.float16)
         return emb, meta
 
@@ -345,8 +346,8 @@ class EmbeddingStore:
         for i in sorted(shards):
             d = pq.read_table(self.meta_path(i), columns=["path", "item", "row", "label"]).to_pydict()
             ok = [j for j, r in enumerate(d["row"]) if r >= 0]
-            for k in meta:
-                meta[k].extend(d[k][j] for j in ok)
+            for k, col in meta.items():
+                col.extend(d[k][j] for j in ok)
         return meta
 
     def load(self) -> tuple[np.ndarray, dict[str, list]]:

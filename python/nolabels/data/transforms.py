@@ -7,7 +7,7 @@ transform for models without one.
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def decode_image(data: bytes):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,7 @@ def read_descriptions(path: str | os.PathLike, classes: Sequence[str]) -> dict[s
     Classes without descriptions get an empty list (templates only)."""
     raw = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object {{class: [descriptions]}}")
+        raise ValueError(f"{path}: expected a JSON object {{class: [descriptions]}}")  # noqa: TRY004
     by_norm = {norm_name(k): v for k, v in raw.items()}
     out = {}
     for c in classes:

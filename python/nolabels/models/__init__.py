@@ -5,7 +5,7 @@
 ``surrogate:effnet-lite0+minilm`` (ConSE, **not CLIP**). Heavy dependencies
 (open_clip, timm, sentence-transformers) are imported only when a model is built.
 """
-from nolabels.models.base import Encoder, WeightsUnavailableError, load_encoder  # noqa: F401
-from nolabels.models.prompted_vit import PromptedVisionTransformer  # noqa: F401
+from nolabels.models.base import Encoder, WeightsUnavailableError, load_encoder
+from nolabels.models.prompted_vit import PromptedVisionTransformer
 
-__all__ = ["Encoder", "WeightsUnavailableError", "load_encoder", "PromptedVisionTransformer"]
+__all__ = ["Encoder", "PromptedVisionTransformer", "WeightsUnavailableError", "load_encoder"]

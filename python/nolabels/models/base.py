@@ -33,8 +33,8 @@ import contextlib
 import hashlib
 import os
 import socket
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -129,7 +129,7 @@ class Encoder(abc.ABC):
         out = [self._text_features(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
         return F.normalize(torch.cat(out).float().to(self.device), dim=-1)
 
-    def to(self, device: str | torch.device) -> "Encoder":
+    def to(self, device: str | torch.device) -> Encoder:
         """Move the model to ``device``; returns self."""
         self.device = torch.device(device)
         for m in self.modules():

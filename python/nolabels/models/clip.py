@@ -76,7 +76,7 @@ class OpenCLIPEncoder(Encoder):
             try:
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     arch, pretrained=str(path), weights_only=True)
-            except Exception as e:  # noqa: BLE001 - any loader error: say what the file was
+            except Exception as e:
                 raise ValueError(
                     f"{self.spec}: could not load checkpoint {str(path)!r} into {arch}: "
                     f"{type(e).__name__}: {e}"
@@ -104,7 +104,7 @@ class OpenCLIPEncoder(Encoder):
             with hub_offline_unless_reachable() as reachable:
                 try:
                     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag)
-                except Exception as e:  # noqa: BLE001 - download/cache errors of every kind
+                except Exception as e:
                     raise weights_error(self.spec, f"open_clip {arch} ({tag or 'hub'})",
                                         f"{type(e).__name__}: {e}",
                                         example_file=_example_download(open_clip, arch, tag),

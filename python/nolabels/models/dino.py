@@ -40,8 +40,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
         for p in ("module.", "backbone."):
-            if k.startswith(p):
-                k = k[len(p):]
+            k = k.removeprefix(p)
         out[k] = v
     return out
 
@@ -77,7 +76,7 @@ class TimmEncoder(Encoder):
             with hub_offline_unless_reachable() as reachable:
                 try:
                     model = timm.create_model(name, pretrained=True, num_classes=0)
-                except Exception as e:  # noqa: BLE001 - download/cache errors of every kind
+                except Exception as e:
                     cfg = getattr(timm.models, "get_pretrained_cfg", lambda n: None)(name)
                     hub = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
                     example = (f"`hf download {hub} model.safetensors`" if hub

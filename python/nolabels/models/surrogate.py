@@ -134,7 +134,7 @@ def load_minilm(device: str | torch.device = "cpu"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - cosmetic only
+    except Exception:  # noqa: BLE001, S110 - cosmetic only
         pass
     return st_mod.SentenceTransformer(str(g.get_model_path()), device=str(device),
                                       local_files_only=True)
@@ -177,6 +177,7 @@ class ConSESurrogate(Encoder):
         (``$NOLABELS_CACHE`` or ``~/.cache/nolabels``) keyed by the MiniLM package
         version, the template and the names; computing them takes seconds on a CPU."""
         import hashlib
+
         import numpy as np
 
         texts = [self.template.format(n) for n in imagenet_class_names()]
