@@ -25,9 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
-
 import nolabels  # noqa: E402
-from nolabels.backends import BACKENDS  # noqa: E402
 from nolabels.ops.pseudo_label import BACKEND_IMPLS  # noqa: E402
 from nolabels.reference.pseudo_label import pseudo_label_reference  # noqa: E402
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 import math
 import os
 
+import nolabels
 import pytest
 import torch
-
-import nolabels
 from nolabels.backends import library_cpu_status, library_cuda_status, triton_status
 from nolabels.ops import PseudoLabels, pseudo_label, select_per_class
 from nolabels.reference.pseudo_label import reference_logits

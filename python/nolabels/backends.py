@@ -10,8 +10,9 @@ every reason.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -93,6 +94,20 @@ def device_reasons(call_device: torch.device, name: str) -> list[str]:
         if call_device.type not in ("cpu", "cuda"):
             return [f"triton takes CUDA tensors, got {call_device.type}"]
     return []
+
+
+def reasons_for(name: str, limit_key: str | None = None, limit: int | None = None):
+    """The usual ``reasons`` of a backend: the device rules of :func:`device_reasons`,
+    plus ``call[limit_key] <= limit`` when the backend has such a limit (e.g. the
+    top-k a kernel keeps in registers)."""
+
+    def reasons(call: Mapping[str, Any]) -> list[str]:
+        why = device_reasons(call["device"], name) if name != "torch" else []
+        if limit_key is not None and limit is not None and call[limit_key] > limit:
+            why.append(f"{limit_key}={call[limit_key]} > {limit}")
+        return why
+
+    return reasons
 
 
 def dispatch(

@@ -19,6 +19,7 @@ from nolabels.backends import (
     BackendName,
     device_reasons,
     dispatch,
+    reasons_for,
     register_op,
     triton_status,
 )
@@ -29,10 +30,6 @@ TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 
 # --------------------------------------------------------------------------- backends
-def _reasons_torch(call) -> list[str]:
-    return []
-
-
 def _reasons_triton(call) -> list[str]:
     why = device_reasons(call["device"], "triton")
     if call["head_dim"] not in TRITON_HEAD_DIMS:
@@ -58,7 +55,7 @@ def _run_triton_bwd(dout, q, k, v, prompt_k, prompt_v, out, lse, scale):
 
 
 BACKEND_IMPLS: tuple[BackendImpl, ...] = register_op("prompt_attention", (
-    BackendImpl("torch", lambda: None, _reasons_torch, _run_torch),
+    BackendImpl("torch", lambda: None, reasons_for("torch"), _run_torch),
     BackendImpl("triton", triton_status, _reasons_triton, _run_triton_fwd),
 ))
 _FWD = {"triton": _run_triton_fwd}

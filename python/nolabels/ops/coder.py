@@ -22,13 +22,14 @@ import math
 
 import torch
 
+from nolabels import _lib  # noqa: F401 - loads the kernel libraries
 from nolabels.backends import (
     BackendImpl,
     BackendName,
-    device_reasons,
     dispatch,
     library_cpu_status,
     library_cuda_status,
+    reasons_for,
     register_op,
     triton_status,
 )
@@ -108,24 +109,6 @@ def _raise_if_nonfinite(op: str, **tensors: torch.Tensor) -> None:
 
 
 # =========================================================================== top-k
-def _topk_reasons_cpu(call) -> list[str]:
-    return device_reasons(call["device"], "cpu")
-
-
-def _topk_reasons_triton(call) -> list[str]:
-    why = device_reasons(call["device"], "triton")
-    if call["k"] > TRITON_MAX_K:
-        why.append(f"k={call['k']} > {TRITON_MAX_K}")
-    return why
-
-
-def _topk_reasons_cuda(call) -> list[str]:
-    why = device_reasons(call["device"], "cuda")
-    if call["k"] > CUDA_MAX_K:
-        why.append(f"k={call['k']} > {CUDA_MAX_K}")
-    return why
-
-
 def _topk_torch(q, keys, k, normalize):
     return topk_similarity_reference(q, keys, k, normalize)
 
@@ -141,12 +124,12 @@ def _topk_triton(q, keys, k, normalize):
 
 
 TOPK_IMPLS: tuple[BackendImpl, ...] = register_op("topk_similarity", (
-    BackendImpl("torch", lambda: None, lambda call: [], _topk_torch),
+    BackendImpl("torch", lambda: None, reasons_for("torch"), _topk_torch),
     BackendImpl("cpu", lambda: _kernel_status("topk_similarity", "CPU", library_cpu_status),
-                _topk_reasons_cpu, _topk_library),
-    BackendImpl("triton", triton_status, _topk_reasons_triton, _topk_triton),
+                reasons_for("cpu"), _topk_library),
+    BackendImpl("triton", triton_status, reasons_for("triton", "k", TRITON_MAX_K), _topk_triton),
     BackendImpl("cuda", lambda: _kernel_status("topk_similarity", "CUDA", library_cuda_status),
-                _topk_reasons_cuda, _topk_library),
+                reasons_for("cuda", "k", CUDA_MAX_K), _topk_library),
 ))
 _TOPK_BY_NAME = {b.name: b for b in TOPK_IMPLS}
 
@@ -301,13 +284,13 @@ def _scores_triton(image, text, tcls, tkind, c, scale):
 
 
 SCORES_IMPLS: tuple[BackendImpl, ...] = register_op("coder_class_scores", (
-    BackendImpl("torch", lambda: None, lambda call: [], _scores_torch),
+    BackendImpl("torch", lambda: None, reasons_for("torch"), _scores_torch),
     BackendImpl("cpu", lambda: _kernel_status("coder_class_scores", "CPU", library_cpu_status),
-                lambda call: device_reasons(call["device"], "cpu"), _scores_cpu),
-    BackendImpl("triton", triton_status, lambda call: device_reasons(call["device"], "triton"),
+                reasons_for("cpu"), _scores_cpu),
+    BackendImpl("triton", triton_status, reasons_for("triton"),
                 _scores_triton),
     BackendImpl("cuda", lambda: _kernel_status("coder_class_scores_bank", "CUDA", library_cuda_status),
-                lambda call: device_reasons(call["device"], "cuda"), _scores_cuda),
+                reasons_for("cuda"), _scores_cuda),
 ))
 _SCORES_BY_NAME = {b.name: b for b in SCORES_IMPLS}
 
@@ -436,13 +419,13 @@ def _aff_triton(x, y, text):
 
 
 AFFINITY_IMPLS: tuple[BackendImpl, ...] = register_op("coder_affinity", (
-    BackendImpl("torch", lambda: None, lambda call: [], _aff_torch),
+    BackendImpl("torch", lambda: None, reasons_for("torch"), _aff_torch),
     BackendImpl("cpu", lambda: _kernel_status("coder_affinity", "CPU", library_cpu_status),
-                lambda call: device_reasons(call["device"], "cpu"), _aff_library),
-    BackendImpl("triton", triton_status, lambda call: device_reasons(call["device"], "triton"),
+                reasons_for("cpu"), _aff_library),
+    BackendImpl("triton", triton_status, reasons_for("triton"),
                 _aff_triton),
     BackendImpl("cuda", lambda: _kernel_status("coder_affinity", "CUDA", library_cuda_status),
-                lambda call: device_reasons(call["device"], "cuda"), _aff_library),
+                reasons_for("cuda"), _aff_library),
 ))
 _AFF_BY_NAME = {b.name: b for b in AFFINITY_IMPLS}
 
@@ -505,8 +488,7 @@ def coder_affinity(
     return _affinity_op(x, y, text_emb, impl.name)
 
 
-# Load the kernel libraries now and record which ops they have.
-from nolabels import _lib  # noqa: F401
+# The kernel libraries are loaded (nolabels._lib, imported above); record which ops they have.
 
 for _op in ("topk_similarity", "coder_class_scores", "coder_class_scores_bank", "coder_affinity"):
     for _key in ("CPU", "CUDA"):

@@ -15,10 +15,10 @@ import torch
 from nolabels.backends import (
     BackendImpl,
     BackendName,
-    device_reasons,
+    dispatch,
     library_cpu_status,
     library_cuda_status,
-    dispatch,
+    reasons_for,
     register_op,
     triton_status,
 )
@@ -48,7 +48,7 @@ class PseudoLabels(NamedTuple):
     entropy: torch.Tensor
     lse: torch.Tensor
 
-    def take(self, index: torch.Tensor) -> "PseudoLabels":
+    def take(self, index: torch.Tensor) -> PseudoLabels:
         """Rows ``index`` (int64 (S,) or bool (N,)) of every field."""
         return PseudoLabels(*(t[index] for t in self))
 
@@ -67,28 +67,6 @@ class Selection(NamedTuple):
 
 
 # --------------------------------------------------------------------------- backends
-def _reasons_torch(call) -> list[str]:
-    return []
-
-
-def _reasons_cpu(call) -> list[str]:
-    return device_reasons(call["device"], "cpu")
-
-
-def _reasons_triton(call) -> list[str]:
-    why = device_reasons(call["device"], "triton")
-    if call["topk"] > TRITON_MAX_TOPK:
-        why.append(f"topk={call['topk']} > {TRITON_MAX_TOPK}")
-    return why
-
-
-def _reasons_cuda(call) -> list[str]:
-    why = device_reasons(call["device"], "cuda")
-    if call["topk"] > CUDA_MAX_TOPK:
-        why.append(f"topk={call['topk']} > {CUDA_MAX_TOPK}")
-    return why
-
-
 def _run_torch(image, cls, scale, topk, normalize):
     return pseudo_label_reference(image, cls, scale, topk, normalize)
 
@@ -105,10 +83,10 @@ def _run_triton(image, cls, scale, topk, normalize):
 
 
 BACKEND_IMPLS: tuple[BackendImpl, ...] = register_op("pseudo_label", (
-    BackendImpl("torch", lambda: None, _reasons_torch, _run_torch),
-    BackendImpl("cpu", library_cpu_status, _reasons_cpu, _run_library),
-    BackendImpl("triton", triton_status, _reasons_triton, _run_triton),
-    BackendImpl("cuda", library_cuda_status, _reasons_cuda, _run_library),
+    BackendImpl("torch", lambda: None, reasons_for("torch"), _run_torch),
+    BackendImpl("cpu", library_cpu_status, reasons_for("cpu"), _run_library),
+    BackendImpl("triton", triton_status, reasons_for("triton", "topk", TRITON_MAX_TOPK), _run_triton),
+    BackendImpl("cuda", library_cuda_status, reasons_for("cuda", "topk", CUDA_MAX_TOPK), _run_library),
 ))
 _BY_NAME = {b.name: b for b in BACKEND_IMPLS}
 
