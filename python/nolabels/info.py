@@ -36,7 +36,12 @@ def info_dict() -> dict:
         ops[op] = {}
         for b in impls:
             why = b.available()
-            ops[op][b.name] = "available" if why is None else f"unavailable: {why}"
+            if why is not None:
+                ops[op][b.name] = f"unavailable: {why}"
+            elif b.name == "triton" and not torch.cuda.is_available() and not triton_interpret():
+                ops[op][b.name] = "importable, but no CUDA device (CPU tensors run only under TRITON_INTERPRET=1)"
+            else:
+                ops[op][b.name] = "available"
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
