@@ -131,7 +131,8 @@ def label(store: str | os.PathLike, classes: str | os.PathLike | Sequence[str],
         mine = [s for s in range(st.num_shards) if s % ctx.world_size == ctx.rank]
         emb, meta = st.load_shards(mine, mmap=True)
         items = torch.tensor(meta["item"], dtype=torch.int64)
-        log(f"labelling {emb.shape[0]} rows x {C} classes (D={st.dim}, templates="
+        where = f" on rank {ctx.rank} of {ctx.world_size}" if ctx.distributed else ""
+        log(f"labelling {emb.shape[0]} rows{where} x {C} classes (D={st.dim}, templates="
             f"{len(tmpl)}{', CDE descriptions' if desc else ''}, logit_scale={scale:g})")
         parts = []
         for a in range(0, emb.shape[0], CHUNK_ROWS):
