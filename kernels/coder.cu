@@ -1,8 +1,7 @@
 // CUDA kernels of the CODER ops (nolabels.ops.coder). The host launcher is
 // csrc/cuda/coder_cuda.cpp; the GEMMs are torch's (cuBLAS) through the stable
 // ABI, these kernels do everything around them. The interface below is plain
-// C++ (void* streams, int error codes) and is declared again, identically, at
-// the top of coder_cuda.cpp: keep the two in sync.
+// C++ (void* streams, int error codes), declared in kernels/coder.cuh.
 //
 // topk_similarity (FAISS GPU IndexFlat's design: tiled GEMM + k-selection)
 //   For each (query block, key tile), the host normalises the key tile into a
@@ -33,26 +32,14 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "coder.cuh"
+
 #include <cfloat>
 #include <cstdint>
 
 namespace nolabels {
 namespace coder_cuda {
 
-enum Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-constexpr int kMaxK = 1024;
-
-int normalize_rows(const void* src, int dtype, int64_t rows, int64_t D, int64_t s0, int64_t s1,
-                   float* dst, bool normalize, int* row_bad, int* any_bad, void* stream);
-int topk_merge(const float* S, int64_t rows, int64_t cols, int64_t ld, float* vals, int64_t* idx,
-               int64_t k, int64_t base, bool first, void* stream);
-int topk_poison(float* vals, int64_t rows, int64_t k, const int* row_bad, const int* any_bad,
-                void* stream);
-int seg_reduce(const float* tile, int64_t rows, int64_t R, int64_t C, const int64_t* seg,
-               const int* row_bad, float* out, void* stream);
-int rowdot_inv(const float* U, const float* X, int64_t rows, int64_t D, float* inv, void* stream);
-int scale_clamp(float* out, int64_t N, int64_t K, const float* ix, const float* iy, void* stream);
-const char* error_string(int err);
 
 namespace {
 

@@ -12,6 +12,7 @@
 //                       bank, per-class segment max (kernel).
 //   coder_affinity      G = T̂ᵀT̂, U = X̂G, V = ŶG, inverse CODER norms (kernel),
 //                       out = U Ŷᵀ scaled and clamped (kernel).
+#include "coder.cuh"
 #include "common.h"
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
@@ -24,35 +25,20 @@
 #include <tuple>
 
 namespace nolabels {
-namespace coder_cuda {  // defined in kernels/coder.cu
-int normalize_rows(const void* src, int dtype, int64_t rows, int64_t D, int64_t s0, int64_t s1,
-                   float* dst, bool normalize, int* row_bad, int* any_bad, void* stream);
-int topk_merge(const float* S, int64_t rows, int64_t cols, int64_t ld, float* vals, int64_t* idx,
-               int64_t k, int64_t base, bool first, void* stream);
-int topk_poison(float* vals, int64_t rows, int64_t k, const int* row_bad, const int* any_bad,
-                void* stream);
-int seg_reduce(const float* tile, int64_t rows, int64_t R, int64_t C, const int64_t* seg,
-               const int* row_bad, float* out, void* stream);
-int rowdot_inv(const float* U, const float* X, int64_t rows, int64_t D, float* inv, void* stream);
-int scale_clamp(float* out, int64_t N, int64_t K, const float* ix, const float* iy, void* stream);
-const char* error_string(int err);
-}  // namespace coder_cuda
 
 namespace {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-constexpr int64_t kMaxK = 1024;
-
 int dtype_code(ScalarType t) {
   switch (t) {
     case ScalarType::Float:
-      return 0;
+      return coder_cuda::kFloat32;
     case ScalarType::Half:
-      return 1;
+      return coder_cuda::kFloat16;
     case ScalarType::BFloat16:
-      return 2;
+      return coder_cuda::kBFloat16;
     default:
       STD_TORCH_CHECK(false, "coder (cuda): dtype must be float32, float16 or bfloat16");
   }
@@ -109,7 +95,7 @@ std::tuple<Tensor, Tensor> topk_similarity_cuda(const Tensor& queries, const Ten
   check_2d_cuda(keys, "keys");
   STD_TORCH_CHECK(queries.size(1) == keys.size(1), "topk_similarity: D mismatch");
   STD_TORCH_CHECK(k >= 1 && k <= keys.size(0), "topk_similarity: k out of range");
-  STD_TORCH_CHECK(k <= kMaxK, "topk_similarity (cuda): k must be <= ", kMaxK);
+  STD_TORCH_CHECK(k <= coder_cuda::kMaxK, "topk_similarity (cuda): k must be <= ", coder_cuda::kMaxK);
   const int32_t dev = queries.get_device_index();
   STD_TORCH_CHECK(keys.get_device_index() == dev, "topk_similarity: inputs on different devices");
   torch::stable::accelerator::DeviceGuard guard(dev);
