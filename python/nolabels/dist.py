@@ -93,10 +93,18 @@ def dist_session(device: str | torch.device | None = None,
                           int(os.environ.get("LOCAL_RANK", "0")), dev, tdist.get_backend())
     else:
         ctx = DistContext(0, 1, 0, dev, None)
+    ok = False
     try:
         yield ctx
+        ok = True
     finally:
         if created and tdist.is_initialized():
+            # All ranks leave together: a rank that tears gloo down while a peer
+            # is still mid-collective makes the peer abort ("terminate called
+            # without an active exception"). Skipped on error, where a peer may
+            # never arrive.
+            if ok:
+                tdist.barrier()
             tdist.destroy_process_group()
 
 
