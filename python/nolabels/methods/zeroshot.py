@@ -2,8 +2,13 @@
 
 For class ``c`` the texts are ``T_c = {template(c) for each template} ∪ descriptions(c)``
 and the class embedding is ``w_c = normalize(mean_{t in T_c} normalize(text_encoder(t)))``
-(CLIP's prompt ensemble; with descriptions it is NoLA's CDE classifier, methods.md §3.2).
-Underscores in class names become spaces.
+(CLIP's prompt ensemble; with descriptions it is NoLA's CDE classifier, methods.md §3.2:
+``e_t = normalize(text(t))``, ``w_c = normalize(mean_{t in T_c} e_t)``; no classifier is
+trained). Underscores in class names become spaces.
+
+Descriptions are a JSON file ``{class: [sentence, ...]}`` (LaFTer/NoLA/CuPL format) or
+the name of one shipped with the package: ``cifar10`` (hand-written, 10 sentences per
+class, ``nolabels/methods/data/cifar10_descriptions.json``; not LLM output).
 """
 from __future__ import annotations
 
@@ -73,11 +78,29 @@ def resolve_templates(spec: str | Sequence[str]) -> list[str]:
     return templates
 
 
+#: Descriptions shipped with the package (name -> file in ``nolabels/methods/data``).
+BUILTIN_DESCRIPTIONS = {"cifar10": "cifar10_descriptions.json"}
+
+
+def descriptions_path(spec: str | os.PathLike) -> Path:
+    """A descriptions file: an existing path, or a built-in name (``cifar10``)."""
+    if os.path.isfile(spec):
+        return Path(spec)
+    if str(spec) in BUILTIN_DESCRIPTIONS:
+        from importlib import resources
+
+        return Path(str(resources.files("nolabels.methods").joinpath(
+            "data", BUILTIN_DESCRIPTIONS[str(spec)])))
+    raise FileNotFoundError(f"descriptions {str(spec)!r}: no such file, and not a built-in set "
+                            f"({', '.join(sorted(BUILTIN_DESCRIPTIONS))})")
+
+
 def read_descriptions(path: str | os.PathLike, classes: Sequence[str]) -> dict[str, list[str]]:
     """A descriptions JSON ``{class name: [sentence, ...]}`` (LaFTer/NoLA/CuPL format),
     keyed by the matching entry of ``classes`` (names matched with :func:`norm_name`).
-    Classes without descriptions get an empty list (templates only)."""
-    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    ``path`` may also name a built-in set (``cifar10``). Classes without descriptions
+    get an empty list (templates only)."""
+    raw = json.loads(descriptions_path(path).read_text(encoding="utf-8"))
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object {{class: [descriptions]}}")  # noqa: TRY004
     by_norm = {norm_name(k): v for k, v in raw.items()}
@@ -122,3 +145,13 @@ def class_embeddings(encoder, classes: Sequence[str], *, templates: str | Sequen
     emb = encoder.encode_text(unique)  # (U, D), normalised
     rows = [emb[[index[t] for t in ts]].mean(0) for ts in texts]
     return F.normalize(torch.stack(rows).float(), dim=-1)
+
+
+def cde_embeddings(encoder, classes: Sequence[str], descriptions: Mapping[str, Sequence[str]]
+                   | str | os.PathLike | None, *, templates: str | Sequence[str] = "simple"
+                   ) -> torch.Tensor:
+    """NoLA's CDE classifier (methods.md §3.2): :func:`class_embeddings` with the
+    descriptions (a mapping, a JSON file or a built-in name) and the templates."""
+    if isinstance(descriptions, (str, os.PathLike)):
+        descriptions = read_descriptions(descriptions, classes)
+    return class_embeddings(encoder, classes, templates=templates, descriptions=descriptions)

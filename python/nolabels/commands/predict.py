@@ -1,0 +1,244 @@
+"""``nolabels predict RUN IMAGES --out preds.parquet``: classify images with a tuned run.
+
+RUN is a directory written by ``nolabels tune``. IMAGES is a folder, list file, tar
+shard(s), or an embedding store (zero-shot / CDE runs then use its embeddings
+directly when they were made by the run's model; other runs read its images).
+The output has the schema of ``nolabels label`` (path, item, label, class_name,
+confidence, topk_classes, topk_probs, entropy, true_class), so ``nolabels eval``
+scores it; its metadata records the run and method.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from nolabels.commands._common import Log, add_common, progress
+
+DEFAULT_TOPK = 5
+
+
+@dataclass
+class Predictor:
+    """A loaded run: ``features(x)`` then ``ops.pseudo_label(features, weight, scale, normalize)``.
+
+    Attributes:
+        method: the run's method.
+        classes: class names.
+        encoder: the run's encoder (its image tower tuned for LatteCLIP).
+        features: (B, 3, H, W) preprocessed images -> (B, D) features; with
+            ``cached=True`` it takes frozen-prefix outputs (cacheable students only).
+        weight: (C, D) class matrix; ``scale``, ``normalize``: as in ``ops.pseudo_label``.
+        transform: the preprocessing of ``features``' input.
+        uses_store: whether store embeddings of the same model are the features.
+        config: the run's config.json.
+    """
+
+    method: str
+    classes: list[str]
+    encoder: Any
+    features: Any
+    weight: Any
+    scale: float
+    normalize: bool
+    transform: Any
+    uses_store: bool
+    config: dict
+    student: Any = None
+
+
+def load_predictor(run: str | os.PathLike, *, device: str | None = "cpu",
+                   checkpoint: str | None = None) -> Predictor:
+    """Load a run directory for prediction."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from nolabels.methods.common import load_run
+    from nolabels.methods.students import ConSEStudent, make_student
+    from nolabels.models import load_encoder
+    from nolabels.models.base import parse_device
+
+    config, model = load_run(run)
+    method = config["method"]
+    enc_info = config["encoder"]
+    dev = parse_device(device)
+    encoder = load_encoder(enc_info["spec"], checkpoint=checkpoint or enc_info.get("checkpoint"),
+                           device=dev)
+    if encoder.model_id != enc_info["model_id"]:
+        raise ValueError(f"{run} was tuned with {enc_info['model_id']} but the model loaded is "
+                         f"{encoder.model_id}; pass the same --checkpoint")
+    head = model["head"]
+    weight = head["weight"].float().to(dev)
+    student = None
+    uses_store = method in ("zeroshot", "cde")
+
+    if method in ("zeroshot", "cde"):
+        def features(x, cached=False):
+            return encoder.encode_image(x)
+    elif method in ("lafter", "nola"):
+        student = make_student(encoder, model["student_config"])
+        params = dict(student.named_parameters())
+        with torch.no_grad():
+            for k, v in model["student"].items():
+                params[k].copy_(v.to(params[k].device, params[k].dtype))
+        student.eval()
+
+        @torch.no_grad()
+        def features(x, cached=False):
+            return student.features(x.to(dev), cached=cached).float()
+    elif method == "latteclip":
+        if model.get("towers") == "surrogate":
+            student = ConSEStudent(encoder, model["student_config"]["norms"])
+            params = dict(student.named_parameters())
+            with torch.no_grad():
+                for k, v in model["visual"].items():
+                    params[k].copy_(v.to(params[k].device, params[k].dtype))
+            student.eval()
+
+            @torch.no_grad()
+            def features(x, cached=False):
+                return F.normalize(student.features(x.to(dev), cached=cached).float(), dim=-1)
+        else:
+            visual = copy.deepcopy(encoder.model.visual)
+            visual.load_state_dict(model["visual"])
+            visual.to(dev).eval()
+
+            @torch.no_grad()
+            def features(x, cached=False):
+                out = visual(x.to(dev))
+                out = out[0] if isinstance(out, tuple) else out
+                return F.normalize(out.float(), dim=-1)
+    else:
+        raise ValueError(f"{run}: unknown method {method!r}")
+    return Predictor(method, list(config["classes"]), encoder, features, weight,
+                     float(head["scale"]), bool(head["normalize"]), encoder.transform,
+                     uses_store, config, student)
+
+
+def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, *,
+            topk: int = DEFAULT_TOPK, batch_size: int = 64, workers: int | str = "auto",
+            device: str | None = "auto", checkpoint: str | None = None,
+            backend: str = "auto", quiet: bool = False) -> dict:
+    """Classify ``images`` with run ``run`` and write Parquet ``out`` (``label``'s schema).
+
+    Returns ``{"out", "rows", "failed", "seconds", "method"}``.
+    """
+    import numpy as np
+    import torch
+
+    from nolabels import ops
+    from nolabels.commands.embed import default_workers
+    from nolabels.commands.label import _table
+    from nolabels.data import EmbeddingStore, ImageDataset, collate, open_source
+    from nolabels.data.store import atomic_write_parquet
+    from nolabels.methods.common import reopen_source
+    from nolabels.models.base import parse_device
+
+    t0 = time.perf_counter()
+    log = Log(quiet)
+    dev = parse_device(device)
+    pred = load_predictor(run, device=dev, checkpoint=checkpoint)
+    C = len(pred.classes)
+    k = max(1, min(topk, C))
+    if getattr(pred.encoder, "not_clip", None):
+        log(f"note: {pred.encoder.not_clip}")
+    parts: list = []
+    failed: list = []
+    is_store = os.path.isfile(os.path.join(os.fspath(images), "manifest.json"))
+    if is_store:
+        st = EmbeddingStore(images)
+        emb, meta = st.load()
+        items = list(meta["item"])
+        if pred.uses_store and st.model["model_id"] == pred.encoder.model_id:
+            log(f"{len(items)} store embeddings of {st.root}")
+            x = torch.from_numpy(np.asarray(emb, np.float32)).to(dev)
+            parts.append(ops.pseudo_label(x, pred.weight, logit_scale=pred.scale, topk=k,
+                                          normalize=pred.normalize, backend=backend))
+            paths, labels = meta["path"], meta["label"]
+            source = None
+        else:
+            source = reopen_source(st)
+    else:
+        source = open_source(images)
+        items = list(range(len(source)))
+    if source is not None:
+        n_workers = default_workers(dev.type) if workers == "auto" else int(workers)
+        loader = torch.utils.data.DataLoader(
+            ImageDataset(source, pred.transform), batch_size=batch_size, sampler=items,
+            num_workers=n_workers, collate_fn=collate)
+        bar = progress(len(items), f"predict ({pred.method})", quiet=quiet)
+        done_items = []
+        for b in loader:
+            failed.extend(b.failed)
+            if b.images is not None:
+                f = pred.features(b.images.to(dev))
+                parts.append(ops.pseudo_label(f, pred.weight, logit_scale=pred.scale, topk=k,
+                                              normalize=pred.normalize, backend=backend))
+                done_items.extend(b.index.tolist())
+            bar.update(len(b.index) + len(b.failed))
+        bar.close()
+        items = done_items
+        paths = [source.paths[i] for i in items]
+        labels = [source.labels[i] for i in items]
+    pl = ops.PseudoLabels(*(torch.cat(f).cpu() for f in zip(*parts))) if parts else \
+        ops.PseudoLabels(torch.empty(0, dtype=torch.int64), torch.empty(0, k),
+                         torch.empty(0, k, dtype=torch.int64), torch.empty(0), torch.empty(0))
+    info = {"classes": pred.classes, "model_id": pred.encoder.model_id,
+            "model_spec": pred.encoder.spec, "method": pred.method, "run": os.fspath(run),
+            "topk": k, "logit_scale": pred.scale,
+            "note": getattr(pred.encoder, "not_clip", None)}
+    table = _table({"path": paths, "label": labels}, pred.classes,
+                   torch.tensor(items, dtype=torch.int64), pl.classes, pl.probs, pl.entropy,
+                   None, info)
+    out_p = os.fspath(out)
+    os.makedirs(os.path.dirname(os.path.abspath(out_p)), exist_ok=True)
+    atomic_write_parquet(out_p, table)
+    if failed:
+        print(f"nolabels predict: {len(failed)} image(s) could not be read and were skipped:",
+              file=sys.stderr)
+        for i, reason in failed[:10]:
+            print(f"  {source.paths[i]}: {reason}", file=sys.stderr)
+    log(f"wrote {len(items)} predictions to {out_p}")
+    return {"out": out_p, "rows": len(items), "failed": len(failed), "method": pred.method,
+            "seconds": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------- CLI
+def _run(args: argparse.Namespace) -> int:
+    from nolabels.models import WeightsUnavailableError
+
+    try:
+        rep = predict(args.run, args.images, args.out, topk=args.topk,
+                      batch_size=args.batch_size, workers=args.workers, device=args.device,
+                      checkpoint=args.checkpoint, backend=args.backend, quiet=args.quiet)
+    except (WeightsUnavailableError, FileNotFoundError, ValueError, RuntimeError,
+            ImportError) as e:
+        print(f"nolabels predict: error: {e}", file=sys.stderr)
+        return 2
+    print(f"predictions: {rep['out']}  rows: {rep['rows']}  failed: {rep['failed']}  "
+          f"method: {rep['method']}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``predict`` to the ``nolabels`` CLI."""
+    p = subparsers.add_parser(
+        "predict", help="classify images with a tuned run (output readable by nolabels eval)",
+        description="Classify IMAGES (folder, list file, tar shards, or an embedding store) with "
+                    "the model tuned in RUN; writes label's Parquet schema.")
+    p.add_argument("run", help="run directory from nolabels tune")
+    p.add_argument("images", help="images or an embedding store")
+    p.add_argument("--out", required=True, help="output Parquet file")
+    p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="classes kept per image")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", default="auto", help="DataLoader workers")
+    p.add_argument("--checkpoint", help="the encoder's local weights file, if not the recorded one")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--backend", default="auto", help="pseudo_label backend")
+    add_common(p)
+    p.set_defaults(func=_run)

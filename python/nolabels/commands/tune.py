@@ -1,0 +1,314 @@
+"""``nolabels tune --method M IMAGES_OR_STORE --classes classes.txt --model MODEL --out RUN``.
+
+Methods: ``zeroshot`` (template ensemble), ``cde`` (templates + descriptions, NoLA's
+CDE), ``lafter``, ``nola`` (needs DINO features: ``--dino-model``), ``latteclip``
+(captions from ``--captions FILE.jsonl``, or generated with ``--caption-endpoint``).
+
+IMAGES_OR_STORE is an embedding store (from ``nolabels embed``) or images (then
+they are embedded into ``RUN/store`` first). Labels (class folders) are read only
+to report accuracy; every choice is label-free (see
+:mod:`nolabels.methods.selection`). Re-running the same command resumes: finished
+stages are skipped and training continues from its last checkpoint. Scale out
+with ``torchrun --nproc-per-node N -m nolabels tune ...``. The result is read by
+``nolabels predict RUN IMAGES --out preds.parquet``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nolabels.commands._common import Log, add_common
+
+METHODS = ("zeroshot", "cde", "lafter", "nola", "latteclip")
+PIXEL_METHODS = ("lafter", "nola", "latteclip")
+SURROGATE_DINO = "surrogate:effnet-lite0"
+
+
+def _is_store(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(path), "manifest.json"))
+
+
+def _overrides(cfg, **kw):
+    for k, v in kw.items():
+        if v is not None and hasattr(cfg, k):
+            setattr(cfg, k, v)
+    return cfg
+
+
+def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Sequence[str],
+         out: str | os.PathLike, *, model: str | None = None, checkpoint: str | None = None,
+         dino_model: str | None = None, dino_checkpoint: str | None = None,
+         descriptions: str | os.PathLike | None = None, templates: str | None = None,
+         captions: Sequence[str] = (), caption_endpoint: str | None = None,
+         caption_model: str | None = None, caption_api_key_env: str = "OPENAI_API_KEY",
+         caption_noun: str = "object", groups_per_class: int = 8,
+         hyper: dict[str, Any] | None = None, device: str | None = "auto",
+         embed_workers: int | str = "auto", embed_batch_size: int = 64,
+         quiet: bool = False) -> dict:
+    """Tune ``method`` label-free on ``images`` and write the run directory ``out``.
+
+    Args:
+        method: one of :data:`METHODS`.
+        images: an embedding store, or images (folder, list file, tar shards).
+        classes: classes.txt or a list of names.
+        model: the encoder spec (optional when ``images`` is a store: its model).
+        dino_model: NoLA's DINO model (default for the surrogate: its own image tower,
+            ``surrogate:effnet-lite0``, a supervised stand-in, NOT DINO).
+        descriptions: descriptions JSON (or a built-in name, ``cifar10``).
+        templates: template set name / file (default: the method's).
+        captions: LatteCLIP caption JSONL files.
+        caption_endpoint: OpenAI-compatible base URL to generate LatteCLIP captions.
+        hyper: overrides of the method's config fields (``epochs``, ``lr``, ``seed``, ...).
+    Returns:
+        the run summary.
+    """
+    import torch
+
+    from nolabels import dist
+    from nolabels.commands.embed import embed
+    from nolabels.data import EmbeddingStore
+    from nolabels.methods.common import (
+        aligned_store_features,
+        encoder_info,
+        load_tune_data,
+        save_run,
+    )
+    from nolabels.methods.selection import CRITERIA
+    from nolabels.methods.zeroshot import read_classes, read_descriptions
+    from nolabels.models import load_encoder
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
+    hyper = dict(hyper or {})
+    t0 = time.perf_counter()
+    out = Path(out)
+    with dist.dist_session(device) as ctx:
+        log = Log(quiet, ctx.is_main)
+        names = read_classes(classes) if isinstance(classes, (str, os.PathLike)) else list(classes)
+        desc = read_descriptions(descriptions, names) if descriptions is not None else None
+        if method == "cde" and desc is None:
+            raise ValueError("--method cde needs --descriptions (a JSON file or 'cifar10')")
+
+        # the store
+        if _is_store(images):
+            store_dir = Path(images)
+            st = EmbeddingStore(store_dir)
+            spec = st.model["spec"]
+            if model is not None and model != spec:
+                raise ValueError(f"{store_dir} was embedded with {spec}, not {model}")
+            encoder = load_encoder(spec, checkpoint=checkpoint or st.model.get("checkpoint"),
+                                   device=ctx.device)
+            if encoder.model_id != st.model["model_id"]:
+                raise ValueError(f"{store_dir} was embedded with {st.model['model_id']} but "
+                                 f"the model loaded is {encoder.model_id}")
+        else:
+            if model is None:
+                raise ValueError("--model is required when IMAGES is not an embedding store")
+            encoder = load_encoder(model, checkpoint=checkpoint, device=ctx.device)
+            store_dir = out / "store"
+            embed(images, encoder, store_dir, batch_size=embed_batch_size, workers=embed_workers,
+                  device=ctx.device, quiet=quiet)
+        if not encoder.has_text:
+            raise ValueError(f"{encoder.spec} has no text encoder: these methods need a "
+                             "CLIP-like model")
+        log(f"tune --method {method}: model {encoder.model_id}, {len(names)} classes")
+
+        from nolabels.methods import lafter, latteclip, nola
+
+        cfg_cls = {"lafter": lafter.LaFTerConfig, "nola": nola.NoLAConfig,
+                   "latteclip": latteclip.LatteCLIPConfig}.get(method)
+        cfg = cfg_cls() if cfg_cls else None
+        if cfg is not None:
+            unknown = [k for k in hyper if not hasattr(cfg, k)]
+            if unknown:
+                raise ValueError(f"--method {method} has no setting(s) {unknown}; known: "
+                                 f"{[f.name for f in dataclasses.fields(cfg)]}")
+            _overrides(cfg, **hyper)
+            if templates is not None and hasattr(cfg, "templates"):
+                cfg.templates = templates
+            elif templates is not None and hasattr(cfg, "template"):
+                cfg.template = templates
+        seed = getattr(cfg, "seed", int(hyper.get("seed", 0)))
+        heldout = getattr(cfg, "heldout_fraction", float(hyper.get("heldout_fraction", 0.1)))
+        data = load_tune_data(store_dir, names, heldout_fraction=heldout, seed=seed,
+                              need_pixels=method in PIXEL_METHODS)
+
+        if method in ("zeroshot", "cde"):
+            summary = _zero_shot(method, encoder, data, names, desc, templates or
+                                 ("simple" if method == "zeroshot" else "simple"), out,
+                                 save_run, encoder_info, CRITERIA)
+        elif method == "lafter":
+            summary = lafter.tune(encoder, data, names, out, descriptions=desc, config=cfg,
+                                  log=log, quiet=quiet)
+        elif method == "nola":
+            if dino_model is None:
+                if getattr(encoder, "not_clip", None):
+                    dino_model = SURROGATE_DINO
+                    log("nola: DINO stand-in: the surrogate's own EfficientNet-Lite0 image "
+                        f"features ({SURROGATE_DINO}; supervised ImageNet, NOT DINO)")
+                else:
+                    raise ValueError("--method nola needs --dino-model (e.g. "
+                                     "timm:vit_base_patch16_224.dino, with --dino-checkpoint "
+                                     "FILE offline)")
+            dino_store = out / "dino_store"
+            src = data.source
+            embed(src, dino_model, dino_store, checkpoint=dino_checkpoint,
+                  batch_size=embed_batch_size, workers=embed_workers, device=ctx.device,
+                  quiet=quiet)
+            dino = aligned_store_features(dino_store, data.items)
+            dst = EmbeddingStore(dino_store)
+            summary = nola.tune(encoder, data, names, out, dino=dino, descriptions=desc,
+                                config=cfg, dino_info={"model_id": dst.model["model_id"],
+                                                       "spec": dst.model["spec"]},
+                                log=log, quiet=quiet)
+        else:  # latteclip
+            files = list(captions)
+            if caption_endpoint:
+                cls_emb, zs = latteclip.zero_shot_labels(encoder, data.emb, names, cfg.template)
+                client = latteclip.VisionChatClient(
+                    caption_endpoint, caption_model or "default",
+                    api_key=os.environ.get(caption_api_key_env))
+                gen_out = out / "captions.jsonl"
+                if ctx.is_main:
+                    latteclip.generate_captions(
+                        data.source, data.items, data.paths, zs.tolist(), names, gen_out, client,
+                        noun=caption_noun, group_noun=caption_noun + "s",
+                        groups_per_class=groups_per_class, seed=cfg.seed, log=log)
+                dist.barrier()
+                files.append(str(gen_out))
+            caps = latteclip.read_captions(files) if files else None
+            summary = latteclip.tune(encoder, data, names, out, captions=caps, config=cfg,
+                                     log=log, quiet=quiet)
+        summary["total_seconds"] = time.perf_counter() - t0
+        if ctx.is_main:
+            from nolabels.data.store import atomic_write_json
+            from nolabels.methods.common import _jsonable
+
+            atomic_write_json(out / "summary.json", _jsonable(summary))
+        del torch
+        return summary
+
+
+def _zero_shot(method, encoder, data, names, desc, templates, out, save_run, encoder_info,
+               criteria) -> dict:
+    from nolabels import ops
+    from nolabels.methods.zeroshot import class_embeddings, resolve_templates
+
+    tmpl = resolve_templates(templates)
+    cls = class_embeddings(encoder, names, templates=tmpl, descriptions=desc)
+    pl = ops.pseudo_label(data.emb.to(cls.device), cls, logit_scale=encoder.logit_scale, topk=1)
+    summary = {"method": method, "classes": names, "images": data.n, "templates": len(tmpl),
+               "descriptions": None if desc is None else sum(len(v) for v in desc.values()),
+               "selection": criteria[method], "encoder": encoder_info(encoder)}
+    import torch
+
+    acc = data.oracle.report(torch.arange(data.n), pl.labels.cpu())
+    if acc is not None:
+        summary["oracle_accuracy_on_tuning_images"] = acc
+    model = {"method": method, "head": {"weight": cls.cpu(), "scale": float(encoder.logit_scale),
+                                        "normalize": True}}
+    config = {"method": method, "encoder": encoder_info(encoder), "classes": names,
+              "templates": tmpl, "descriptions": desc, "store": data.store,
+              "selection": criteria[method]}
+    save_run(out, config, model, summary)
+    return summary
+
+
+# --------------------------------------------------------------------------- CLI
+HYPER_ARGS = {
+    "epochs": int, "batch_size": int, "lr": float, "seed": int, "num_prompts": int,
+    "text_steps": int, "grad_accum": int, "workers": int, "checkpoint_every": int,
+    "heldout_fraction": float, "warmup_steps": int, "k_max": int,
+}
+
+
+def _run(args: argparse.Namespace) -> int:
+    from nolabels.models import WeightsUnavailableError
+
+    hyper = {k: getattr(args, k) for k in HYPER_ARGS if getattr(args, k, None) is not None}
+    for k in ("amp", "select", "surrogate_norms"):
+        if getattr(args, k, None) is not None:
+            hyper[k] = getattr(args, k)
+    if args.reproduce_wcls_bug:
+        hyper["reproduce_wcls_bug"] = True
+    if args.method in ("zeroshot", "cde"):
+        hyper = {k: v for k, v in hyper.items() if k in ("seed", "heldout_fraction")}
+    try:
+        s = tune(args.method, args.images, args.classes, args.out, model=args.model,
+                 checkpoint=args.checkpoint, dino_model=args.dino_model,
+                 dino_checkpoint=args.dino_checkpoint, descriptions=args.descriptions,
+                 templates=args.templates, captions=args.captions or (),
+                 caption_endpoint=args.caption_endpoint, caption_model=args.caption_model,
+                 caption_noun=args.caption_noun, hyper=hyper, device=args.device,
+                 embed_workers=args.embed_workers, quiet=args.quiet)
+    except (WeightsUnavailableError, FileNotFoundError, ValueError, RuntimeError,
+            ImportError) as e:
+        print(f"nolabels tune: error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        sel = s.get("selected_epoch")
+        crit = s.get("criterion_value")
+        extra = "" if sel is None else f"  selected epoch: {sel} ({s['selection'].split(':')[0]}"
+        extra += "" if crit is None else f" {crit:.4f})"
+        extra += ")" if sel is not None and crit is None else ""
+        print(f"run: {args.out}  method: {args.method}{extra}  seconds: {s['total_seconds']:.1f}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``tune`` to the ``nolabels`` CLI."""
+    p = subparsers.add_parser(
+        "tune", help="label-free tuning: zeroshot | cde | lafter | nola | latteclip",
+        description="Tune a label-free classifier on unlabeled images (labels in class folders "
+                    "are read only to report accuracy; epochs are selected by an unlabeled "
+                    "criterion). Re-running resumes. Scale out with torchrun.")
+    p.add_argument("images", help="embedding store (from nolabels embed) or images (folder, "
+                                  "list file, tar shards; embedded into RUN/store)")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--classes", required=True, help="text file, one class name per line")
+    p.add_argument("--model", help="encoder spec (default: the store's model)")
+    p.add_argument("--checkpoint", help="the encoder's local weights file")
+    p.add_argument("--dino-model", help="NoLA's DINO model, e.g. timm:vit_base_patch16_224.dino "
+                                        "(surrogate default: surrogate:effnet-lite0, NOT DINO)")
+    p.add_argument("--dino-checkpoint", help="the DINO model's local weights file")
+    p.add_argument("--descriptions", help="JSON {class: [sentences]} or a built-in set (cifar10)")
+    p.add_argument("--templates", help="template set (simple, imagenet7, cifar, none) or file; "
+                                       "latteclip: the single template, e.g. 'a photo of a {}.'")
+    p.add_argument("--captions", nargs="+", help="latteclip caption JSONL file(s)")
+    p.add_argument("--caption-endpoint", help="latteclip: OpenAI-compatible base URL "
+                                              "(e.g. http://127.0.0.1:8000/v1) to write captions")
+    p.add_argument("--caption-model", help="model name sent to the caption endpoint")
+    p.add_argument("--caption-noun", default="object",
+                   help="what the caption prompts ask about (object, texture, food, ...)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-prompts", dest="num_prompts", type=int)
+    p.add_argument("--text-steps", dest="text_steps", type=int, help="lafter: text classifier steps")
+    p.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="latteclip")
+    p.add_argument("--k-max", dest="k_max", type=int, help="nola: cap on images per class")
+    p.add_argument("--heldout-fraction", dest="heldout_fraction", type=float,
+                   help="unlabeled held-out share used for selection (default 0.1)")
+    p.add_argument("--grad-accum", dest="grad_accum", type=int)
+    p.add_argument("--amp", choices=("auto", "bf16", "off"))
+    p.add_argument("--select", choices=("best", "last"),
+                   help="keep the epoch with the best unlabeled criterion (default) or the last")
+    p.add_argument("--surrogate-norms", dest="surrogate_norms", choices=("all", "last"),
+                   help="surrogate: tune all BatchNorm affines (default) or only the last")
+    p.add_argument("--reproduce-wcls-bug", action="store_true",
+                   help="latteclip: the authors' w_cls mixing formula (fixed by default)")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
+                   help="also checkpoint every N optimizer steps")
+    p.add_argument("--workers", type=int, help="training DataLoader workers")
+    p.add_argument("--embed-workers", default="auto", help="DataLoader workers for embedding")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_common(p)
+    p.set_defaults(func=_run)

@@ -1,0 +1,351 @@
+"""LaFTer (Mirza et al., NeurIPS 2023), methods.md §2.
+
+1. **Text-only classifier.** Texts = every description sentence and every filled
+   template, each encoded separately and L2-normalised, labelled with its class.
+   ``W = Linear(D, C, bias=False)`` (PyTorch default init, *not* from text) trains
+   full-batch for ``text_steps`` steps (400 for CIFAR/DTD/EuroSAT/Food/UCF, 500
+   ImageNet/SUN/Caltech/Aircraft, 600 Flowers: :data:`TEXT_STEPS`) on
+   ``W (e + ξ)``, ``ξ ~ N(0, 0.1² I)`` resampled every step, label-smoothed CE
+   (ε = 0.1), AdamW lr 5e-4, wd 0.01. Then ``W_pl = copy(W)`` is frozen.
+2. **Self-training.** For each batch of unlabeled images (batch 50, 50 epochs):
+   teacher ``ŷ = argmax W_pl · normalize(tower(x_weak))`` where ``tower`` is the
+   *un-prompted* vision tower **with the current, trainable LayerNorms** (the
+   teacher drifts as they train, so pseudo-labels are not precomputed);
+   student ``W · g(x_strong)`` with ``g`` the prompted tower (50 shallow prompts,
+   un-normalised feature); label-smoothed CE; prompts + visual LayerNorms + ``W``
+   train with AdamW lr 5e-4, wd 0.01 (0 on biases), constant LR.
+
+Deliberate differences from the authors' code: the epoch is selected by an unlabeled
+criterion (student/teacher agreement on an unlabeled held-out split), not by the
+best *test* accuracy the script prints; texts are encoded in batches (same result).
+On the offline surrogate (no ViT) the BatchNorm affine parameters of its image
+tower are tuned instead of prompts + LayerNorms (:class:`ConSEStudent`); the logs say so.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nolabels.methods.common import TuneData, encoder_info, map_rows, save_run
+from nolabels.methods.selection import CRITERIA, agreement
+from nolabels.methods.students import (
+    CachedViews,
+    ImageViews,
+    Student,
+    make_student,
+    strong_transform,
+)
+from nolabels.methods.trainer import (
+    TrainConfig,
+    TrainTask,
+    adamw_no_bias_decay,
+    fit,
+    label_smoothing_ce,
+    sample_seed,
+    seeded,
+)
+
+#: LaFTer's text-classifier steps per dataset (``utils/utils.py: text_cls_epochs``).
+TEXT_STEPS = {"dtd": 400, "eurosat": 400, "food101": 400, "cifar10": 400, "cifar100": 400,
+              "ucf101": 400, "imagenet": 500, "imagenet-a": 500, "imagenet-r": 500,
+              "imagenet-sketch": 500, "sun397": 500, "caltech101": 500, "fgvc_aircraft": 500,
+              "flowers102": 600}
+
+
+@dataclass
+class LaFTerConfig:
+    """LaFTer's hyper-parameters (defaults: the paper's code)."""
+
+    templates: str | list = "simple"
+    text_steps: int = 400
+    text_lr: float = 5e-4
+    text_weight_decay: float = 0.01
+    text_noise_std: float = 0.1
+    label_smoothing: float = 0.1
+    num_prompts: int = 50
+    prompt_mode: str = "shallow"
+    surrogate_norms: str = "all"
+    epochs: int = 50
+    batch_size: int = 50
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    strong_aug: str = "lafter"
+    heldout_fraction: float = 0.1
+    seed: int = 0
+    grad_accum: int = 1
+    amp: str = "auto"
+    workers: int = 0
+    checkpoint_every: int = 0
+    select: str = "best"
+    eval_batch_size: int = 128
+
+
+# --------------------------------------------------------------------------- stage 1
+class _StepKeys(torch.utils.data.Dataset):
+    """One item per full-batch step (the module reads all texts itself)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key):
+        return torch.tensor(key[1] if isinstance(key, tuple) else key)
+
+
+class TextClassifierModule(nn.Module):
+    """``W (e + ξ)`` on every text embedding, label-smoothed CE (full batch)."""
+
+    def __init__(self, text_emb: torch.Tensor, text_labels: torch.Tensor, num_classes: int,
+                 noise_std: float, eps: float, seed: int) -> None:
+        super().__init__()
+        self.register_buffer("emb", text_emb.float())
+        self.register_buffer("labels", text_labels.long())
+        with seeded(sample_seed(seed, 1)):
+            self.classifier = nn.Linear(text_emb.shape[1], num_classes, bias=False,
+                                        device=text_emb.device)
+        self.noise_std, self.eps = noise_std, eps
+
+    def forward(self, _batch):
+        x = self.emb + self.noise_std * torch.randn_like(self.emb)
+        logits = self.classifier(x)
+        loss = label_smoothing_ce(logits, self.labels, self.eps)
+        return loss, {"text_accuracy": float((logits.argmax(1) == self.labels).float().mean())}
+
+
+class TextClassifierTask(TrainTask):
+    name = "lafter_text"
+
+    def __init__(self, module: TextClassifierModule, steps: int, lr: float, wd: float) -> None:
+        self.module, self.steps, self.lr, self.wd = module, steps, lr, wd
+        self.device = module.emb.device
+
+    def num_samples(self) -> int:
+        return self.steps
+
+    def dataset(self):
+        return _StepKeys(self.steps)
+
+    def make_optimizer(self):
+        return adamw_no_bias_decay(list(self.module.named_parameters()), self.lr, self.wd)
+
+
+def text_dataset(encoder, classes: Sequence[str], templates, descriptions
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """LaFTer's text set: (T, D) normalised embeddings, (T,) labels, the texts."""
+    from nolabels.methods.zeroshot import class_texts, resolve_templates
+
+    per_class = class_texts(classes, resolve_templates(templates), descriptions)
+    texts = [t for ts in per_class for t in ts]
+    labels = torch.tensor([c for c, ts in enumerate(per_class) for _ in ts], dtype=torch.int64)
+    uniq = sorted(set(texts))
+    emb = encoder.encode_text(uniq)
+    pos = {t: i for i, t in enumerate(uniq)}
+    return F.normalize(emb[[pos[t] for t in texts]].float(), dim=-1), labels, texts
+
+
+def train_text_classifier(encoder, classes: Sequence[str], *, templates="simple",
+                          descriptions: Mapping[str, Sequence[str]] | None = None,
+                          steps: int = 400, lr: float = 5e-4, weight_decay: float = 0.01,
+                          noise_std: float = 0.1, eps: float = 0.1, seed: int = 0,
+                          out=None, log: Callable[[str], None] | None = None,
+                          quiet: bool = True) -> tuple[torch.Tensor, dict]:
+    """Stage 1: returns the trained (C, D) weight and a summary."""
+    emb, labels, texts = text_dataset(encoder, classes, templates, descriptions)
+    module = TextClassifierModule(emb, labels, len(classes), noise_std, eps, seed)
+    task = TextClassifierTask(module, steps, lr, weight_decay)
+    cfg = TrainConfig(epochs=1, batch_size=1, seed=seed, ddp=False, select="last",
+                      checkpoint_every=100, quiet=quiet, amp="off")
+    res = fit(task, cfg, out, log=log)
+    with torch.no_grad():
+        acc = float((module.classifier(emb).argmax(1) == labels).float().mean())
+    return module.classifier.weight.detach().clone(), {
+        "texts": len(texts), "steps": steps, "text_accuracy_clean": acc,
+        "seconds": res.seconds}
+
+
+# --------------------------------------------------------------------------- stage 2
+class LaFTerModule(nn.Module):
+    """Teacher ``argmax W_pl · normalize(tower(x_weak))`` (shared trainable norms, no
+    prompts) -> student ``W · g(x_strong)`` with label-smoothed CE."""
+
+    def __init__(self, student: Student, weight: torch.Tensor, teacher_weight: torch.Tensor,
+                 eps: float = 0.1, cached: bool = False) -> None:
+        super().__init__()
+        self.student = student
+        self.classifier = nn.Linear(weight.shape[1], weight.shape[0], bias=False,
+                                    device=weight.device)
+        with torch.no_grad():
+            self.classifier.weight.copy_(weight)
+        self.register_buffer("teacher_weight", teacher_weight.detach().clone().float())
+        self.eps, self.cached = eps, cached
+
+    @torch.no_grad()
+    def teacher(self, weak: torch.Tensor) -> torch.Tensor:
+        t = self.student.teacher_features(weak, cached=self.cached)
+        return (t @ self.teacher_weight.T).argmax(1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.student.features(x, cached=self.cached).float())
+
+    def forward(self, batch):
+        yhat = self.teacher(batch["weak"])
+        logits = self.logits(batch["strong"])
+        loss = label_smoothing_ce(logits, yhat, self.eps)
+        return loss, {"train_agreement": float((logits.argmax(1) == yhat).float().mean())}
+
+
+class LaFTerTask(TrainTask):
+    name = "lafter"
+    criterion = "heldout_agreement"
+
+    def __init__(self, module: LaFTerModule, data: TuneData, train_ds, heldout_ds,
+                 lr: float, wd: float, eval_batch_size: int, workers: int) -> None:
+        self.module, self.data = module, data
+        self.train_ds, self.heldout_ds = train_ds, heldout_ds
+        self.lr, self.wd = lr, wd
+        self.eval_batch_size, self.workers = eval_batch_size, workers
+        self.device = module.teacher_weight.device
+
+    def num_samples(self) -> int:
+        return len(self.train_ds)
+
+    def dataset(self):
+        return self.train_ds
+
+    def make_optimizer(self):
+        return adamw_no_bias_decay(list(self.module.named_parameters()), self.lr, self.wd)
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict:
+        held = self.data.heldout
+        if held.numel() == 0:
+            return {}
+        m = self.module
+        both = map_rows(lambda b: torch.stack([m.logits(b["weak"]).argmax(1), m.teacher(b["weak"])], 1),
+                        self.heldout_ds, range(len(held)), batch_size=self.eval_batch_size,
+                        workers=self.workers, device=self.device)
+        student, teacher = both[:, 0], both[:, 1]
+        out = {"heldout_agreement": agreement(student, teacher)}
+        acc = self.data.oracle.report(held, student)
+        if acc is not None:
+            out["oracle_heldout_accuracy"] = acc
+            out["oracle_heldout_teacher_accuracy"] = self.data.oracle.report(held, teacher)
+        return out
+
+
+def image_datasets(student: Student, encoder, data: TuneData, *, strong_aug: str, seed: int,
+                   prefix: dict | None) -> tuple:
+    """(train dataset with weak+strong views, held-out dataset with the weak view)."""
+    if prefix is not None:
+        strong = [prefix[k] for k in sorted(prefix) if k.startswith("strong")]
+        tr = data.train.numpy()
+        he = data.heldout.numpy()
+        return (CachedViews(_Rows(prefix["weak"], tr), [_Rows(s, tr) for s in strong], seed),
+                CachedViews(_Rows(prefix["weak"], he), [], seed))
+    from nolabels.methods.students import image_stats
+
+    size, mean, std = image_stats(encoder)
+    views = {"weak": encoder.transform, "strong": strong_transform(strong_aug, size, mean, std)}
+    items = [data.items[i] for i in data.train.tolist()]
+    held = [data.items[i] for i in data.heldout.tolist()]
+    return (ImageViews(data.source, items, views, seed),
+            ImageViews(data.source, held, {"weak": encoder.transform}, seed))
+
+
+class _Rows:
+    """Row subset of an array without copying it (for memmaps)."""
+
+    def __init__(self, arr, rows) -> None:
+        self.arr, self.rows = arr, list(map(int, rows))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.arr[self.rows[i]]
+
+
+def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike, *,
+         descriptions: Mapping[str, Sequence[str]] | None = None,
+         config: LaFTerConfig | None = None, epochs: int | None = None,
+         prefix: dict | None = None, log: Callable[[str], None] = print,
+         quiet: bool = False) -> dict:
+    """Run LaFTer on ``data`` and write the run directory ``out``.
+
+    Args:
+        encoder: a CLIP-like :class:`~nolabels.models.Encoder` (open_clip ViT, or the
+            surrogate: then its BatchNorm affines are tuned instead of prompts).
+        data: :func:`nolabels.methods.common.load_tune_data` output.
+        classes: C class names.
+        descriptions: ``{class: [sentences]}`` for the text classifier.
+        config: :class:`LaFTerConfig`.
+        prefix: cached frozen-prefix views (``{"weak", "strong0", ...}``, rows = data
+            rows) for a cacheable student (surrogate with ``surrogate_norms="last"``).
+    Returns:
+        the summary dict (also in ``out/summary.json``).
+    """
+    cfg = config or LaFTerConfig()
+    if epochs is not None:
+        cfg.epochs = epochs
+    t0 = time.perf_counter()
+    say = (lambda m: None) if quiet else log
+    if getattr(encoder, "not_clip", None):
+        say(f"note: {encoder.not_clip}")
+    W, text_summary = train_text_classifier(
+        encoder, classes, templates=cfg.templates, descriptions=descriptions,
+        steps=cfg.text_steps, lr=cfg.text_lr, weight_decay=cfg.text_weight_decay,
+        noise_std=cfg.text_noise_std, eps=cfg.label_smoothing, seed=cfg.seed, out=out, log=say)
+    say(f"lafter: text classifier on {text_summary['texts']} texts, {cfg.text_steps} steps "
+        f"(clean-text accuracy {text_summary['text_accuracy_clean']:.3f})")
+    student = make_student(encoder, num_prompts=cfg.num_prompts, prompt_mode=cfg.prompt_mode,
+                           surrogate_norms=cfg.surrogate_norms, seed=cfg.seed)
+    say(f"lafter: {student.describe()}")
+    cached = prefix is not None
+    if cached:
+        if not student.cacheable:
+            raise ValueError("cached prefix features need a student with a frozen prefix "
+                             "(surrogate with surrogate_norms='last')")
+        say(f"lafter: training on cached frozen-prefix features ({sum(k.startswith('strong') for k in prefix)} "
+            "cached strong views per image instead of a fresh augmentation each epoch)")
+    W = W.to(encoder.device)
+    module = LaFTerModule(student, W, copy.deepcopy(W), cfg.label_smoothing, cached=cached)
+    train_ds, held_ds = image_datasets(student, encoder, data, strong_aug=cfg.strong_aug,
+                                       seed=cfg.seed, prefix=prefix)
+    task = LaFTerTask(module, data, train_ds, held_ds, cfg.lr, cfg.weight_decay,
+                      cfg.eval_batch_size, cfg.workers)
+    tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                       seed=cfg.seed, amp=cfg.amp, workers=cfg.workers,
+                       checkpoint_every=cfg.checkpoint_every, select=cfg.select, quiet=quiet)
+    res = fit(task, tcfg, out, log=say)
+    # zero-shot accuracy of the initial teacher is in epoch logs (oracle_heldout_teacher_accuracy)
+    model = {
+        "method": "lafter",
+        "student": {k: v.cpu() for k, v in module.student.state_dict().items()
+                    if k in dict(module.student.named_trainable_parameters())},
+        "student_config": student.config(),
+        "head": {"weight": module.classifier.weight.detach().cpu(), "scale": 1.0,
+                 "normalize": False},
+    }
+    summary = {
+        "method": "lafter", "classes": list(classes), "train_images": int(data.train.numel()),
+        "heldout_images": int(data.heldout.numel()), "selection": CRITERIA["lafter"],
+        "selected_epoch": res.selected_epoch, "criterion_value": res.best_score,
+        "text_classifier": text_summary, "student": student.describe(),
+        "cached_prefix": cached, "seconds": time.perf_counter() - t0,
+        "history": res.history, "encoder": encoder_info(encoder),
+    }
+    config = {"method": "lafter", "encoder": encoder_info(encoder), "classes": list(classes),
+              "hyper_parameters": asdict(cfg), "student": student.config(),
+              "descriptions": None if descriptions is None else dict(descriptions),
+              "store": data.store, "selection": CRITERIA["lafter"]}
+    save_run(out, config, model, summary)
+    return summary

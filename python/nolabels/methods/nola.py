@@ -1,0 +1,334 @@
+"""NoLA, "No Labels Attached" (Imam et al., arXiv 2411.19346), methods.md §3.
+
+1. **CDE classifier**: ``w_c = normalize(mean_t normalize(text(t)))`` over the class's
+   descriptions and filled templates (:func:`nolabels.methods.zeroshot.cde_embeddings`).
+2. **Confident subset**: zero-shot pseudo-labels of the frozen encoder's store
+   embeddings (``ops.pseudo_label``, scale = the model's, top-3), then
+   ``ops.select_per_class`` with ``k = max(16, floor(0.2 · N / C))`` (NoLA's
+   ``find_k``; optional cap ``k_max``, the paper's 512, off by default as in the code).
+3. **DINO labeller**: ``h = Linear(D_dino, 256) -> ReLU -> Linear(256, C)`` (default
+   init) trained with plain CE, Adam lr 1e-3, 50 epochs, batch 32, on the cached
+   DINO features of the subset. Its targets ``argmax h(DINO(x_weak))`` are
+   **computed once** for every image: DINO, ``h`` and the weak view are all fixed,
+   so they are constant per image (the authors recompute them every step).
+4. **DINO-assisted prompt tuning**: student ``W_cde · g(x_strong)`` (16 shallow
+   prompts + visual LayerNorms; ``W_cde`` a bias-free linear layer initialised with
+   the CDE matrix, trainable), label-smoothed CE (ε = 0.1) against the labeller's
+   targets, AdamW lr 0.004 (wd 0.01, 0 on biases), batch 512, 50 epochs, constant LR.
+
+Deliberate differences from the authors' code: the epoch is selected by an unlabeled
+criterion (student vs labeller agreement on an unlabeled held-out split) instead of
+labeled-validation accuracy (= test accuracy on CIFAR/ImageNet) with early stopping;
+classes are enumerated as ``range(C)``, not ``set(ground_truth_labels)``; the DINO
+features come from an embedding store, so they are L2-normalised (the code uses the
+raw CLS token). On the offline surrogate (no ViT) the BatchNorm affine parameters
+are tuned instead of prompts + LayerNorms; the logs say so.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from nolabels import ops
+from nolabels.methods.common import TuneData, encoder_info, map_rows, save_run
+from nolabels.methods.lafter import image_datasets
+from nolabels.methods.selection import CRITERIA, agreement
+from nolabels.methods.students import Student, make_student
+from nolabels.methods.trainer import (
+    TrainConfig,
+    TrainTask,
+    adamw_no_bias_decay,
+    fit,
+    label_smoothing_ce,
+    sample_seed,
+    seeded,
+)
+
+
+@dataclass
+class NoLAConfig:
+    """NoLA's hyper-parameters (defaults: the paper's code, ``config.yml`` / ``misc.py``)."""
+
+    templates: str | list = "simple"
+    k_min: int = 16
+    k_fraction: float = 0.2
+    k_max: int | None = None
+    labeller_hidden: int = 256
+    labeller_epochs: int = 50
+    labeller_batch_size: int = 32
+    labeller_lr: float = 1e-3
+    num_prompts: int = 16
+    prompt_mode: str = "shallow"
+    surrogate_norms: str = "all"
+    epochs: int = 50
+    batch_size: int = 512
+    lr: float = 0.004
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    strong_aug: str = "nola"
+    heldout_fraction: float = 0.1
+    seed: int = 7777
+    grad_accum: int = 1
+    amp: str = "auto"
+    workers: int = 0
+    checkpoint_every: int = 0
+    select: str = "best"
+    eval_batch_size: int = 128
+
+
+def find_k(n: int, num_classes: int, k_min: int = 16, fraction: float = 0.2,
+           k_max: int | None = None) -> int:
+    """NoLA's per-class subset size: ``max(k_min, floor(fraction * n / C))``, capped."""
+    k = max(k_min, math.floor(fraction * n / num_classes))
+    return min(k, k_max) if k_max is not None else k
+
+
+def confident_subset(emb: torch.Tensor, class_emb: torch.Tensor, k: int, *,
+                     logit_scale: float = 100.0) -> ops.Selection:
+    """Zero-shot pseudo-labels (top-3) and NoLA's per-class selection of the rows."""
+    pl = ops.pseudo_label(emb, class_emb.to(emb.device), logit_scale=logit_scale,
+                          topk=min(3, class_emb.shape[0]))
+    return ops.select_per_class(pl, k, num_classes=class_emb.shape[0])
+
+
+# --------------------------------------------------------------------------- labeller
+class _Positions(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key):
+        return torch.tensor(key[1] if isinstance(key, tuple) else key)
+
+
+class LabellerModule(nn.Module):
+    """NoLA's DINO labeller ``h`` (``AdapterMLP``) with its training data as buffers."""
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 hidden: int = 256, seed: int = 0) -> None:
+        super().__init__()
+        self.register_buffer("feats", feats.float())
+        self.register_buffer("labels", labels.long())
+        with seeded(sample_seed(seed, 3)):
+            self.mlp = nn.Sequential(nn.Linear(feats.shape[1], hidden), nn.ReLU(),
+                                     nn.Linear(hidden, num_classes))
+        self.mlp.to(feats.device)
+
+    def forward(self, idx: torch.Tensor):
+        logits = self.mlp(self.feats[idx])
+        loss = nn.functional.cross_entropy(logits, self.labels[idx])
+        return loss, {}
+
+
+class LabellerTask(TrainTask):
+    name = "nola_labeller"
+
+    def __init__(self, module: LabellerModule, lr: float) -> None:
+        self.module, self.lr = module, lr
+        self.device = module.feats.device
+
+    def num_samples(self) -> int:
+        return int(self.module.labels.numel())
+
+    def dataset(self):
+        return _Positions(self.num_samples())
+
+    def make_optimizer(self):
+        return torch.optim.Adam(self.module.parameters(), lr=self.lr)
+
+
+def train_labeller(dino: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
+                   num_classes: int, *, hidden: int = 256, epochs: int = 50,
+                   batch_size: int = 32, lr: float = 1e-3, seed: int = 0, out=None,
+                   log=None, quiet: bool = True) -> tuple[nn.Module, dict]:
+    """Train ``h`` on ``dino[rows]`` -> ``labels``; returns (h, summary)."""
+    module = LabellerModule(dino[rows], labels, num_classes, hidden, seed)
+    task = LabellerTask(module, lr)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, ddp=False,
+                      select="last", quiet=quiet, amp="off")
+    res = fit(task, cfg, out, log=log)
+    return module.mlp, {"epochs": epochs, "rows": int(rows.numel()),
+                        "final_loss": res.history[-1]["loss"] if res.history else None,
+                        "seconds": res.seconds}
+
+
+@torch.no_grad()
+def labeller_targets(h: nn.Module, dino: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """``argmax h(dino)`` for every row, once (constant for the whole stage)."""
+    return torch.cat([h(dino[i:i + batch_size]).argmax(1) for i in range(0, len(dino), batch_size)])
+
+
+# --------------------------------------------------------------------------- student
+class NoLAModule(nn.Module):
+    """Student ``W_cde · g(x_strong)`` against the constant labeller targets."""
+
+    def __init__(self, student: Student, cde: torch.Tensor, targets: torch.Tensor,
+                 eps: float = 0.1, cached: bool = False) -> None:
+        super().__init__()
+        self.student = student
+        self.classifier = nn.Linear(cde.shape[1], cde.shape[0], bias=False, device=cde.device)
+        with torch.no_grad():
+            self.classifier.weight.copy_(cde)
+        self.register_buffer("targets", targets.long())
+        self.eps, self.cached = eps, cached
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.student.features(x, cached=self.cached).float())
+
+    def forward(self, batch):
+        y = self.targets[batch["index"]]
+        logits = self.logits(batch["strong"])
+        loss = label_smoothing_ce(logits, y, self.eps)
+        return loss, {"train_agreement": float((logits.argmax(1) == y).float().mean())}
+
+
+class NoLATask(TrainTask):
+    name = "nola"
+    criterion = "heldout_agreement"
+
+    def __init__(self, module: NoLAModule, data: TuneData, heldout_targets: torch.Tensor,
+                 train_ds, heldout_ds, lr: float, wd: float, eval_batch_size: int,
+                 workers: int) -> None:
+        self.module, self.data, self.heldout_targets = module, data, heldout_targets
+        self.train_ds, self.heldout_ds = train_ds, heldout_ds
+        self.lr, self.wd = lr, wd
+        self.eval_batch_size, self.workers = eval_batch_size, workers
+        self.device = module.targets.device
+
+    def num_samples(self) -> int:
+        return len(self.train_ds)
+
+    def dataset(self):
+        return self.train_ds
+
+    def make_optimizer(self):
+        return adamw_no_bias_decay(list(self.module.named_parameters()), self.lr, self.wd)
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict:
+        held = self.data.heldout
+        if held.numel() == 0:
+            return {}
+        m = self.module
+        pred = map_rows(lambda b: m.logits(b["weak"]).argmax(1), self.heldout_ds,
+                        range(len(held)), batch_size=self.eval_batch_size, workers=self.workers,
+                        device=self.device)
+        out = {"heldout_agreement": agreement(pred, self.heldout_targets.cpu())}
+        acc = self.data.oracle.report(held, pred)
+        if acc is not None:
+            out["oracle_heldout_accuracy"] = acc
+        return out
+
+
+def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike, *,
+         dino: torch.Tensor, descriptions: Mapping[str, Sequence[str]] | None = None,
+         config: NoLAConfig | None = None, epochs: int | None = None,
+         prefix: dict | None = None, dino_info: dict | None = None,
+         log: Callable[[str], None] = print, quiet: bool = False) -> dict:
+    """Run NoLA on ``data`` and write the run directory ``out``.
+
+    Args:
+        encoder: CLIP-like encoder (open_clip ViT, or the surrogate).
+        data: the tuning data (its ``emb`` are the frozen encoder's weak-view embeddings).
+        classes: C class names.
+        dino: (N, D_dino) DINO features of the same rows (e.g. from a ``timm:...dino``
+            store; :func:`nolabels.methods.common.aligned_store_features`).
+        descriptions: ``{class: [sentences]}`` for CDE (templates only if None).
+        config: :class:`NoLAConfig`.
+        prefix: cached frozen-prefix views for a cacheable student (see LaFTer).
+    Returns:
+        the summary dict (also in ``out/summary.json``).
+    """
+    from nolabels.methods.zeroshot import cde_embeddings
+
+    cfg = config or NoLAConfig()
+    if epochs is not None:
+        cfg.epochs = epochs
+    t0 = time.perf_counter()
+    C = len(classes)
+    say = (lambda m: None) if quiet else log
+    if getattr(encoder, "not_clip", None):
+        say(f"note: {encoder.not_clip}")
+    dev = encoder.device
+    if dino.shape[0] != data.n:
+        raise ValueError(f"dino features have {dino.shape[0]} rows, the data {data.n}")
+
+    # 1-2: CDE and the confident subset (training rows only)
+    cde = cde_embeddings(encoder, classes, descriptions, templates=cfg.templates).to(dev)
+    train_rows = data.train
+    k = find_k(int(train_rows.numel()), C, cfg.k_min, cfg.k_fraction, cfg.k_max)
+    sel = confident_subset(data.emb[train_rows].to(dev), cde, k, logit_scale=encoder.logit_scale)
+    sel_rows = train_rows[sel.indices.cpu()]
+    per_class = torch.bincount(sel.labels.cpu(), minlength=C).tolist()
+    say(f"nola: CDE pseudo-labels, k = {k} per class -> {len(sel_rows)} images "
+        f"(per class {per_class})")
+    subset_acc = data.oracle.report(sel_rows, sel.labels.cpu())
+
+    # 3: the labeller, then its constant targets for every row
+    dino_dev = dino.to(dev).float()
+    h, lab_summary = train_labeller(
+        dino_dev, sel_rows.to(dev), sel.labels.to(dev), C, hidden=cfg.labeller_hidden,
+        epochs=cfg.labeller_epochs, batch_size=cfg.labeller_batch_size, lr=cfg.labeller_lr,
+        seed=cfg.seed, out=out, log=say)
+    targets = labeller_targets(h, dino_dev).cpu()
+    say(f"nola: DINO labeller trained on {len(sel_rows)} images ({cfg.labeller_epochs} epochs); "
+        f"targets computed once for all {data.n} images")
+    lab_acc_train = data.oracle.report(data.train, targets[data.train])
+
+    # 4: DINO-assisted tuning of the student
+    student = make_student(encoder, num_prompts=cfg.num_prompts, prompt_mode=cfg.prompt_mode,
+                           surrogate_norms=cfg.surrogate_norms, seed=cfg.seed)
+    say(f"nola: {student.describe()}")
+    cached = prefix is not None
+    if cached:
+        if not student.cacheable:
+            raise ValueError("cached prefix features need a student with a frozen prefix "
+                             "(surrogate with surrogate_norms='last')")
+        say(f"nola: training on cached frozen-prefix features ({sum(k_.startswith('strong') for k_ in prefix)} "
+            "cached strong views per image instead of a fresh augmentation each epoch)")
+    module = NoLAModule(student, cde, targets[data.train].to(dev), cfg.label_smoothing,
+                        cached=cached)
+    train_ds, held_ds = image_datasets(student, encoder, data, strong_aug=cfg.strong_aug,
+                                       seed=cfg.seed, prefix=prefix)
+    task = NoLATask(module, data, targets[data.heldout], train_ds, held_ds, cfg.lr,
+                    cfg.weight_decay, cfg.eval_batch_size, cfg.workers)
+    tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                       seed=cfg.seed, amp=cfg.amp, workers=cfg.workers,
+                       checkpoint_every=cfg.checkpoint_every, select=cfg.select, quiet=quiet)
+    res = fit(task, tcfg, out, log=say)
+
+    model = {
+        "method": "nola",
+        "student": {k_: v.detach().cpu() for k_, v in module.student.named_trainable_parameters()},
+        "student_config": student.config(),
+        "head": {"weight": module.classifier.weight.detach().cpu(), "scale": 1.0,
+                 "normalize": False},
+        "labeller": {k_: v.cpu() for k_, v in h.state_dict().items()},
+    }
+    oracle = {}
+    if subset_acc is not None:
+        oracle = {"oracle_subset_accuracy": subset_acc,
+                  "oracle_labeller_train_accuracy": lab_acc_train}
+    summary = {
+        "method": "nola", "classes": list(classes), "train_images": int(data.train.numel()),
+        "heldout_images": int(data.heldout.numel()), "k": k, "subset_size": len(sel_rows),
+        "subset_per_class": per_class, "labeller": lab_summary,
+        "selection": CRITERIA["nola"], "selected_epoch": res.selected_epoch,
+        "criterion_value": res.best_score, "student": student.describe(),
+        "cached_prefix": cached, "seconds": time.perf_counter() - t0,
+        "history": res.history, "encoder": encoder_info(encoder), "dino": dino_info, **oracle,
+    }
+    config = {"method": "nola", "encoder": encoder_info(encoder), "classes": list(classes),
+              "hyper_parameters": asdict(cfg), "student": student.config(), "dino": dino_info,
+              "descriptions": None if descriptions is None else dict(descriptions),
+              "store": data.store, "selection": CRITERIA["nola"]}
+    save_run(out, config, model, summary)
+    return summary

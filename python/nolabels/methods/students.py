@@ -1,0 +1,409 @@
+"""What LaFTer and NoLA tune ("students"), their image views, and a frozen-prefix cache.
+
+Students map preprocessed images to **un-normalised** features (methods.md §1.2: the
+un-normalised CLIP feature feeds the linear classifier) and say which of their
+parameters train:
+
+* :class:`PromptedViTStudent` (open_clip ViTs): visual prompts (shallow by default;
+  LaFTer 50, NoLA 16) + every visual LayerNorm, through
+  :class:`nolabels.models.PromptedVisionTransformer`. ``teacher_features`` is the
+  *un-prompted* tower with the same (trainable) LayerNorms, as LaFTer's teacher.
+* :class:`ConSEStudent` (the offline surrogate ``surrogate:effnet-lite0+minilm``,
+  which has no ViT, so no prompts): the affine parameters (weight, bias) of its
+  image tower's BatchNorm layers are tuned instead, with running statistics
+  frozen (the tower stays in eval mode): ``norms="all"`` (all 49 BatchNorms, the
+  analogue of "all visual LayerNorms") or ``norms="last"`` (only the last one,
+  ``bn2``). Its feature is ConSE's un-normalised embedding (probability-weighted
+  sum of the MiniLM embeddings of the top-20 ImageNet classes).
+
+With ``norms="last"`` everything below ``bn2`` is frozen and deterministic, so a
+student can be trained on **cached prefix features**: :func:`build_prefix_cache`
+runs the frozen prefix once over the weak view and ``A`` seeded strong views of
+every image, and training then samples one of the ``A`` cached strong views per
+image and epoch (instead of a fresh augmentation). That is what makes the
+surrogate affordable on a CPU; it changes the augmentation distribution (A views,
+not infinitely many) and the logs say so.
+
+Views (methods.md §1.6): ``weak`` = the encoder's own evaluation transform;
+``strong`` = LaFTer's or NoLA's augmentation with the encoder's size and
+normalisation. Each view of each image is seeded by ``(seed, epoch, image, view)``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nolabels.methods.trainer import sample_seed, seeded
+
+# --------------------------------------------------------------------------- views
+
+
+def _find_normalize(t: Any):
+    from torchvision import transforms as T
+
+    if isinstance(t, T.Normalize):
+        return t
+    for attr in ("transforms", "large", "small"):
+        sub = getattr(t, attr, None)
+        if sub is None:
+            continue
+        for s in (sub if isinstance(sub, (list, tuple)) else [sub]):
+            found = _find_normalize(s)
+            if found is not None:
+                return found
+    return None
+
+
+def image_stats(encoder) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """(input size, mean, std) of an encoder's evaluation transform."""
+    norm = _find_normalize(encoder.transform)
+    mean = tuple(float(x) for x in norm.mean) if norm is not None else (0.5, 0.5, 0.5)
+    std = tuple(float(x) for x in norm.std) if norm is not None else (0.5, 0.5, 0.5)
+    size = 224
+    model = getattr(encoder, "model", None)
+    vis = getattr(model, "visual", None)
+    if vis is not None and getattr(vis, "image_size", None) is not None:
+        s = vis.image_size
+        size = int(s[0] if isinstance(s, (tuple, list)) else s)
+    elif getattr(encoder.transform, "size", None) is not None:
+        size = int(encoder.transform.size)
+    return size, mean, std
+
+
+def strong_transform(style: str, size: int, mean: Sequence[float], std: Sequence[float]):
+    """The strong view (methods.md §1.6).
+
+    ``lafter``: RandomResizedCrop(size, scale (0.2, 1)) -> HFlip -> ColorJitter(0.4,
+    0.4, 0.4, 0.1) with p 0.8 -> RandomGrayscale(0.2) -> GaussianBlur(σ ~ U(0.1, 2))
+    -> ToTensor -> Normalize. ``nola``: the same, with RandomGrayscale replaced by
+    RandomPerspective(0.2, p 0.5, bicubic) followed by an unconditional ColorJitter.
+    ``none``: the resize + normalise of the weak view (for tests).
+    """
+    from torchvision import transforms as T
+
+    bic = T.InterpolationMode.BICUBIC
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+    tail = [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
+    cj = T.ColorJitter(0.4, 0.4, 0.4, 0.1)
+    if style == "lafter":
+        ops = [T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=bic),
+               T.RandomHorizontalFlip(), T.RandomApply([cj], p=0.8), T.RandomGrayscale(0.2),
+               T.GaussianBlur(kernel, sigma=(0.1, 2.0))]
+    elif style == "nola":
+        ops = [T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=bic),
+               T.RandomHorizontalFlip(), T.RandomApply([cj], p=0.8),
+               T.RandomPerspective(0.2, p=0.5, interpolation=bic),
+               T.ColorJitter(0.4, 0.4, 0.4, 0.1), T.GaussianBlur(kernel, sigma=(0.1, 2.0))]
+    elif style == "none":
+        ops = [T.Resize((size, size), interpolation=bic)]
+    else:
+        raise ValueError(f"unknown strong augmentation {style!r} (lafter, nola, none)")
+    return T.Compose(ops + tail)
+
+
+class ImageViews(torch.utils.data.Dataset):
+    """Views of images for training, addressed by ``(epoch, position)`` keys.
+
+    ``ds[(epoch, pos)]`` -> ``{"index": pos, name: view(image) for each view}``;
+    the random transforms of view ``v`` are seeded by ``(seed, epoch, item, v)``.
+
+    Args:
+        source: an :class:`nolabels.data.ImageSource`.
+        items: the source items, by position.
+        views: name -> transform (PIL -> tensor).
+        seed: the augmentation seed.
+    """
+
+    def __init__(self, source, items: Sequence[int], views: dict[str, Callable],
+                 seed: int = 0) -> None:
+        self.source, self.items, self.views, self.seed = source, list(items), views, seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key):
+        from nolabels.data.transforms import decode_image
+
+        epoch, pos = key if isinstance(key, tuple) else (0, key)
+        item = self.items[pos]
+        img = decode_image(self.source.read_bytes(item))
+        out: dict[str, Any] = {"index": pos}
+        for v, (name, t) in enumerate(self.views.items()):
+            with seeded(sample_seed(self.seed, epoch, item, v)):
+                out[name] = t(img)
+        return out
+
+
+# --------------------------------------------------------------------------- students
+class Student(nn.Module):
+    """An image tower with some trainable parameters -> un-normalised (B, D) features.
+
+    Attributes:
+        kind: "prompted-vit" or "conse-norm".
+        dim: D.
+        cacheable: True when a frozen, deterministic prefix exists
+            (:meth:`prefix` / :meth:`head`), so training can use cached features.
+    """
+
+    kind: str = ""
+    dim: int = 0
+    cacheable: bool = False
+
+    def features(self, x: torch.Tensor, *, cached: bool = False) -> torch.Tensor:
+        """Student features of images (or of cached prefix outputs)."""
+        return self.head(x) if cached else self(x)
+
+    def teacher_features(self, x: torch.Tensor, *, cached: bool = False) -> torch.Tensor:
+        """L2-normalised features *without prompts* but with the current trainable norms."""
+        return F.normalize(self.features(x, cached=cached).float(), dim=-1)
+
+    def prefix(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{self.kind}: no frozen prefix to cache")
+
+    def head(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{self.kind}: no frozen prefix to cache")
+
+    def named_trainable_parameters(self):
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """What :func:`make_student` needs to rebuild this student."""
+        raise NotImplementedError
+
+
+class PromptedViTStudent(Student):
+    """An open_clip ViT with visual prompts; prompts + visual LayerNorms train.
+
+    The encoder's vision tower is deep-copied (the encoder itself stays frozen).
+    """
+
+    kind = "prompted-vit"
+
+    def __init__(self, encoder, num_prompts: int, mode: str = "shallow", seed: int = 0) -> None:
+        super().__init__()
+        from nolabels.models import PromptedVisionTransformer
+
+        visual = copy.deepcopy(encoder.model.visual).float()
+        gen = torch.Generator().manual_seed(sample_seed(seed, 2718))
+        self.pvt = PromptedVisionTransformer(visual, num_prompts, mode, generator=gen)
+        self.pvt.to(encoder.device)
+        self.num_prompts, self.mode = num_prompts, mode
+        self.dim = int(encoder.dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pvt(images)
+
+    def teacher_features(self, x: torch.Tensor, *, cached: bool = False) -> torch.Tensor:
+        if cached:
+            raise ValueError("prompted-vit students cannot use cached features")
+        out = self.pvt.visual(x)
+        if isinstance(out, tuple):
+            out = out[0]
+        return F.normalize(out.float(), dim=-1)
+
+    def describe(self) -> str:
+        n = sum(p.numel() for _, p in self.named_trainable_parameters())
+        return (f"prompted ViT: {self.num_prompts} {self.mode} visual prompts + every visual "
+                f"LayerNorm ({n:,} trainable parameters)")
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "num_prompts": self.num_prompts, "mode": self.mode}
+
+
+class ConSEStudent(Student):
+    """The surrogate's image tower with trainable BatchNorm affine parameters (no prompts).
+
+    Args:
+        encoder: a :class:`nolabels.models.surrogate.ConSESurrogate`.
+        norms: "all" (every BatchNorm's weight and bias) or "last" (``bn2`` only;
+            then :meth:`prefix` / :meth:`head` split the tower for caching).
+    """
+
+    kind = "conse-norm"
+
+    def __init__(self, encoder, norms: str = "all") -> None:
+        super().__init__()
+        if norms not in ("all", "last"):
+            raise ValueError(f"norms must be 'all' or 'last', got {norms!r}")
+        self.net = copy.deepcopy(encoder.image_model).float().eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        bns = [m for m in self.net.modules() if isinstance(m, nn.BatchNorm2d)]
+        if norms == "last":
+            bns = [self.net.bn2]
+        for m in bns:
+            m.weight.requires_grad_(True)
+            m.bias.requires_grad_(True)
+        self.num_norms = len(bns)
+        self.register_buffer("class_text", encoder.imagenet_emb.detach().clone().float(),
+                             persistent=False)
+        self.top_k = int(encoder.top_k)
+        self.norms = norms
+        self.cacheable = norms == "last"
+        self.dim = int(encoder.dim)
+        self.to(encoder.device)
+
+    def train(self, mode: bool = True):
+        # BatchNorm running statistics stay frozen: the tower is always in eval mode.
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def _conse(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = logits.float().softmax(-1)
+        v, i = probs.topk(self.top_k, dim=1)
+        return (v[..., None] * self.class_text[i]).sum(1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._conse(self.net(images))
+
+    def prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """Everything below ``bn2`` (frozen when ``norms="last"``): (B, 1280, h, w)."""
+        n = self.net
+        return n.conv_head(n.blocks(n.bn1(n.conv_stem(images))))
+
+    def head(self, pre: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        return self._conse(n.classifier(n.global_pool(n.bn2(pre.float()))))
+
+    def pooled(self, pre: torch.Tensor) -> torch.Tensor:
+        """The pooled 1280-d image feature from a prefix output (with the current bn2)."""
+        n = self.net
+        return n.global_pool(n.bn2(pre.float()))
+
+    def describe(self) -> str:
+        n = sum(p.numel() for _, p in self.named_trainable_parameters())
+        which = "all" if self.norms == "all" else "the last"
+        return (f"surrogate has no ViT, so no prompts: tuning the affine parameters of {which} "
+                f"{self.num_norms} BatchNorm layer(s) of its EfficientNet-Lite0 tower "
+                f"({n:,} parameters, running statistics frozen) and the classifier instead")
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "norms": self.norms}
+
+
+def is_vit_encoder(encoder) -> bool:
+    vis = getattr(getattr(encoder, "model", None), "visual", None)
+    return vis is not None and hasattr(vis, "transformer") and hasattr(vis, "conv1")
+
+
+def make_student(encoder, config: dict | None = None, *, num_prompts: int = 16,
+                 prompt_mode: str = "shallow", surrogate_norms: str = "all",
+                 seed: int = 0) -> Student:
+    """The student for ``encoder``: prompted ViT for open_clip ViTs, norm-tuned ConSE for
+    the surrogate. ``config`` (from :meth:`Student.config`) rebuilds a saved one."""
+    cfg = dict(config or {})
+    if is_vit_encoder(encoder):
+        if cfg and cfg.get("kind") != "prompted-vit":
+            raise ValueError(f"a {cfg.get('kind')} student cannot be built for {encoder.model_id}")
+        return PromptedViTStudent(encoder, int(cfg.get("num_prompts", num_prompts)),
+                                  cfg.get("mode", prompt_mode), seed=seed)
+    if hasattr(encoder, "image_model") and hasattr(encoder, "imagenet_emb"):
+        if cfg and cfg.get("kind") != "conse-norm":
+            raise ValueError(f"a {cfg.get('kind')} student cannot be built for {encoder.model_id}")
+        return ConSEStudent(encoder, cfg.get("norms", surrogate_norms))
+    raise ValueError(
+        f"{encoder.model_id}: LaFTer/NoLA need an open_clip ViT (prompts) or the surrogate "
+        "(normalisation layers); this vision tower is neither")
+
+
+class ImageClassifier(nn.Module):
+    """``logits = W · student(x)``: the tuned LaFTer / NoLA model used for prediction."""
+
+    def __init__(self, student: Student, num_classes: int) -> None:
+        super().__init__()
+        self.student = student
+        self.classifier = nn.Linear(student.dim, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor, *, cached: bool = False) -> torch.Tensor:
+        return self.classifier(self.student.features(x, cached=cached).float())
+
+
+# --------------------------------------------------------------------------- prefix cache
+def prefix_cache_key(student: Student, model_id: str, source_fingerprint: str,
+                     items: Sequence[int], views: Sequence[str], view_seed: int) -> str:
+    h = hashlib.sha256(json.dumps({
+        "model": model_id, "student": student.config(), "source": source_fingerprint,
+        "items": hashlib.sha256(np.asarray(items, np.int64).tobytes()).hexdigest(),
+        "views": list(views), "seed": view_seed, "v": 1,
+    }, sort_keys=True).encode())
+    return h.hexdigest()[:20]
+
+
+@torch.no_grad()
+def build_prefix_cache(student: Student, source, items: Sequence[int], views: dict[str, Callable],
+                       cache_dir: str | os.PathLike, *, key: str, view_seed: int = 0,
+                       batch_size: int = 64, workers: int = 0, device: torch.device | None = None,
+                       log: Callable[[str], None] = lambda _m: None, quiet: bool = True
+                       ) -> dict[str, np.ndarray]:
+    """Frozen-prefix outputs of every view of every item, cached as float16 ``.npy``.
+
+    Returns ``{view name: (N, ...) float16 memmap}``. Views already cached under
+    ``cache_dir/key`` are reused; each view file is written atomically.
+    """
+    from nolabels.commands._common import progress
+
+    root = Path(cache_dir) / f"prefix-{key}"
+    root.mkdir(parents=True, exist_ok=True)
+    dev = device or next(student.parameters()).device
+    out = {}
+    for v, (name, tf) in enumerate(views.items()):
+        path = root / f"{name}.npy"
+        if path.is_file():
+            out[name] = np.load(path, mmap_mode="r")
+            continue
+        ds = ImageViews(source, items, {"x": tf}, seed=view_seed)
+        keys = [(v, p) for p in range(len(items))]
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, sampler=keys, num_workers=workers)
+        tmp = root / f".{name}.tmp-{os.getpid()}.npy"
+        arr = None
+        bar = progress(len(items), f"caching {name} view", quiet=quiet)
+        pos = 0
+        for b in loader:
+            pre = student.prefix(b["x"].to(dev)).float().cpu().numpy().astype(np.float16)
+            if arr is None:
+                arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                                shape=(len(items), *pre.shape[1:]))
+            arr[pos:pos + len(pre)] = pre
+            pos += len(pre)
+            bar.update(len(pre))
+        bar.close()
+        arr.flush()
+        del arr
+        os.replace(tmp, path)
+        log(f"cached the frozen prefix of the {name} view of {len(items)} images in {path}")
+        out[name] = np.load(path, mmap_mode="r")
+    return out
+
+
+class CachedViews(torch.utils.data.Dataset):
+    """Training views from a prefix cache: the weak view, and for epoch ``e`` one of the
+    ``A`` cached strong views per image, chosen by ``(seed, e, position)``."""
+
+    def __init__(self, weak: np.ndarray, strong: Sequence[np.ndarray], seed: int) -> None:
+        self.weak, self.strong, self.seed = weak, list(strong), seed
+
+    def __len__(self) -> int:
+        return len(self.weak)
+
+    def __getitem__(self, key):
+        epoch, pos = key if isinstance(key, tuple) else (0, key)
+        out = {"index": pos, "weak": torch.from_numpy(np.asarray(self.weak[pos], np.float32))}
+        if self.strong:
+            a = sample_seed(self.seed, epoch, pos, 4242) % len(self.strong)
+            out["strong"] = torch.from_numpy(np.asarray(self.strong[a][pos], np.float32))
+        return out
