@@ -51,8 +51,9 @@ class Predictor:
 
 
 def load_predictor(run: str | os.PathLike, *, device: str | None = "cpu",
-                   checkpoint: str | None = None) -> Predictor:
-    """Load a run directory for prediction."""
+                   checkpoint: str | None = None, encoder: Any = None) -> Predictor:
+    """Load a run directory for prediction (``encoder``: an already loaded encoder of the
+    run's model, to skip loading it again)."""
     import copy
 
     import torch
@@ -67,8 +68,11 @@ def load_predictor(run: str | os.PathLike, *, device: str | None = "cpu",
     method = config["method"]
     enc_info = config["encoder"]
     dev = parse_device(device)
-    encoder = load_encoder(enc_info["spec"], checkpoint=checkpoint or enc_info.get("checkpoint"),
-                           device=dev)
+    if encoder is None:
+        encoder = load_encoder(enc_info["spec"],
+                               checkpoint=checkpoint or enc_info.get("checkpoint"), device=dev)
+    else:
+        encoder.to(dev)
     if encoder.model_id != enc_info["model_id"]:
         raise ValueError(f"{run} was tuned with {enc_info['model_id']} but the model loaded is "
                          f"{encoder.model_id}; pass the same --checkpoint")

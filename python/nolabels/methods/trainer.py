@@ -372,6 +372,7 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     selector = Selector(task.criterion or "last")
     step, epoch, step_in_epoch = 0, 0, 0
     history: list[dict] = []
+    acc: dict[str, Any] = {"loss_sum": 0.0, "n": 0, "metrics": {}}  # running epoch sums
 
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -387,6 +388,7 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
         task.load_extra_state(ck.get("extra", {}))
         step, epoch, step_in_epoch = ck["step"], ck["epoch"], ck["step_in_epoch"]
         history = ck["history"]
+        acc = ck["epoch_sums"]
         selector.load_state_dict(ck["selector"])
         result.resumed_from = step
         say(f"{task.name}: resuming at epoch {epoch + 1}, step {step} from {ckpt_path}")
@@ -407,7 +409,7 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
             "state": task.trainable_state(), "optimizer": opt.state_dict(),
             "scheduler": None if sched is None else sched.state_dict(),
             "extra": task.extra_state(), "step": step, "epoch": epoch,
-            "step_in_epoch": step_in_epoch, "history": history,
+            "step_in_epoch": step_in_epoch, "history": history, "epoch_sums": acc,
             "selector": selector.state_dict(), "config": asdict(cfg),
             "config_key": _config_key(cfg, n),
         }, ckpt_path)
@@ -422,6 +424,7 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     while epoch < cfg.epochs:
         if step_in_epoch == 0:
             task.before_epoch(epoch)
+            acc = {"loss_sum": 0.0, "n": 0, "metrics": {}}
         batches = plan_epoch(n, epoch, cfg.seed, cfg.batch_size, drop_last=cfg.drop_last)
         fill = [p for b in batches for p in b]
         todo = batches[step_in_epoch:]
@@ -434,8 +437,8 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
         it = iter(loader)
         module.train()
         te = time.perf_counter()
-        loss_sum, loss_n, samples = 0.0, 0, 0
-        metric_sums: dict[str, float] = {}
+        samples = 0
+        metric_sums = acc["metrics"]
         bar = progress(len(todo), f"{task.name} epoch {epoch + 1}/{cfg.epochs}",
                        quiet=cfg.quiet, main=main, unit="step")
         for micros in micro_all:
@@ -468,8 +471,8 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
             step += 1
             step_in_epoch += 1
             steps_this_call += 1
-            loss_sum += step_loss * mine
-            loss_n += mine
+            acc["loss_sum"] += step_loss * mine
+            acc["n"] += mine
             samples += mine
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
@@ -485,19 +488,18 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
         module.eval()
         with torch.no_grad():
             ev = task.evaluate(epoch + 1) or {}
-        totals = torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64)
+        totals = torch.tensor([acc["loss_sum"], float(acc["n"])], dtype=torch.float64)
         if distributed:
             totals = dist.all_gather_variable(totals[None]).sum(0)
         rec: dict[str, Any] = {
             "epoch": epoch + 1, "step": step,
-            "loss": (float(totals[0] / totals[1]) if totals[1] > 0
-                     else (history[-1]["loss"] if history and len(todo) == 0 else None)),
+            "loss": float(totals[0] / totals[1]) if totals[1] > 0 else None,
             "lr": float(opt.param_groups[0]["lr"]),
             "seconds": round(time.perf_counter() - te, 4),
             "samples_per_s": round(samples * world / max(time.perf_counter() - te, 1e-9), 2),
         }
         for k, v in metric_sums.items():
-            rec[k] = v / max(samples, 1)
+            rec[k] = v / max(acc["n"], 1)
         rec.update(ev)
         if task.criterion is not None:
             rec["criterion"] = task.criterion

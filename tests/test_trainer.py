@@ -1,0 +1,278 @@
+"""The shared trainer: label smoothing by hand, data plan, resume == uninterrupted,
+label-free selection, gradient accumulation, bf16 autocast, DDP under torchrun."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from nolabels.methods.selection import Selector, agreement, holdout_split, mean_confidence
+from nolabels.methods.trainer import (
+    TrainConfig,
+    TrainingInterrupted,
+    TrainTask,
+    fit,
+    label_smoothing_ce,
+    plan_epoch,
+    sample_seed,
+    seeded,
+    split_batch,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- losses
+def test_label_smoothing_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    target = torch.tensor([0, 1])
+    eps = 0.1
+    # row 0: log-softmax by hand
+    z0 = math.log(math.exp(2.0) + math.exp(0.0) + math.exp(-1.0))
+    lp0 = [2.0 - z0, 0.0 - z0, -1.0 - z0]
+    z1 = math.log(2 * math.exp(0.5) + math.exp(3.0))
+    lp1 = [0.5 - z1, 0.5 - z1, 3.0 - z1]
+    row0 = eps * (-sum(lp0) / 3) + (1 - eps) * (-lp0[0])
+    row1 = eps * (-sum(lp1) / 3) + (1 - eps) * (-lp1[1])
+    got = label_smoothing_ce(logits, target, eps)
+    assert got.item() == pytest.approx((row0 + row1) / 2, abs=1e-6)
+    # the same as torch's label_smoothing (methods.md §1.5: eps spread over all C classes)
+    ref = nn.functional.cross_entropy(logits, target, label_smoothing=eps)
+    assert got.item() == pytest.approx(ref.item(), abs=1e-6)
+    assert label_smoothing_ce(logits, target, 0.0).item() == pytest.approx(
+        nn.functional.cross_entropy(logits, target).item(), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- plan
+def test_plan_epoch_and_split():
+    b0 = plan_epoch(20, 0, 5, 8)
+    assert [len(b) for b in b0] == [8, 8, 4]
+    assert sorted(p for b in b0 for p in b) == list(range(20))
+    assert b0 == plan_epoch(20, 0, 5, 8)  # deterministic
+    assert b0 != plan_epoch(20, 1, 5, 8)  # a new order per epoch
+    assert [len(b) for b in plan_epoch(20, 0, 5, 8, drop_last=True)] == [8, 8]
+    fill = [p for b in b0 for p in b]
+    ranks = [split_batch(b0[0], 2, r, 2, fill) for r in range(2)]
+    assert sorted(p for r in ranks for m in r for p in m) == sorted(b0[0])
+    assert all(len(m) == 2 for r in ranks for m in r)
+    # a batch too small for every rank and micro-batch is topped up
+    tiny = split_batch([3], 2, 1, 2, fill)
+    assert len(tiny) == 2 and all(len(m) == 1 for m in tiny)
+
+
+def test_holdout_split_and_selector():
+    tr, he = holdout_split(50, 0.1, seed=3)
+    assert len(he) == 5 and len(tr) == 45
+    assert sorted(torch.cat([tr, he]).tolist()) == list(range(50))
+    assert torch.equal(he, holdout_split(50, 0.1, seed=3)[1])
+    assert not torch.equal(he, holdout_split(50, 0.1, seed=4)[1])
+    assert holdout_split(10, 0.0)[1].numel() == 0
+    s = Selector("c")
+    assert not s.update(0, 0.9)  # the untrained state is never selected
+    assert s.update(1, 0.5) and not s.update(2, 0.5) and s.update(3, 0.7)
+    assert not s.update(4, float("nan"))
+    assert (s.best_epoch, s.best_score) == (3, 0.7)
+    assert agreement(torch.tensor([1, 2, 3]), torch.tensor([1, 0, 3])) == pytest.approx(2 / 3)
+    assert mean_confidence(torch.tensor([[0.7, 0.3], [0.2, 0.8]])) == pytest.approx(0.75)
+
+
+# --------------------------------------------------------------------------- toy task
+class ToyData(torch.utils.data.Dataset):
+    def __init__(self, n=20, d=6, c=3, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, d, generator=g)
+        self.y = torch.randint(0, c, (n,), generator=g)
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, key):
+        epoch, pos = key
+        with seeded(sample_seed(self.seed, epoch, pos)):  # a random "augmentation"
+            x = self.x[pos] + 0.05 * torch.randn(self.x.shape[1])
+        return {"index": pos, "x": x, "y": self.y[pos]}
+
+
+class ToyModule(nn.Module):
+    def __init__(self, d=6, c=3, noise=0.1):
+        super().__init__()
+        with seeded(1):
+            self.lin = nn.Linear(d, c)
+        self.register_buffer("proto", torch.zeros(c, d))
+        self.noise = noise
+        self.last = None
+
+    def forward(self, batch):
+        x = batch["x"] + self.noise * torch.randn_like(batch["x"])  # per-step noise
+        logits = self.lin(x)
+        self.last = (x.detach(), batch["y"])
+        return label_smoothing_ce(logits, batch["y"]), {"acc": float((logits.argmax(1) == batch["y"]).float().mean())}
+
+
+class ToyTask(TrainTask):
+    name = "toy"
+    criterion = "score"
+
+    def __init__(self, scores=None, scheduler=True, noise=0.1, prototypes=True):
+        self.module = ToyModule(noise=noise)
+        self.data = ToyData()
+        self.scores = scores
+        self.scheduler = scheduler
+        self.prototypes = prototypes
+        self.evaluated = []
+
+    def num_samples(self):
+        return len(self.data)
+
+    def dataset(self):
+        return self.data
+
+    def make_optimizer(self):
+        return torch.optim.AdamW(self.module.parameters(), lr=0.05)
+
+    def make_scheduler(self, opt, total):
+        if not self.scheduler:
+            return None
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / (total + 1))
+
+    def after_micro_batch(self, out):
+        if self.prototypes and out is not None:
+            from nolabels.methods.latteclip import update_prototypes
+
+            update_prototypes(self.module.proto, *out)
+
+    def extra_tensors(self):
+        return {"proto": self.module.proto}
+
+    def load_extra_tensors(self, d):
+        self.module.proto.copy_(d["proto"])
+
+    def evaluate(self, epoch):
+        self.evaluated.append(epoch)
+        if self.scores is None:
+            return {"score": float(-self.module.lin.weight.norm())}
+        # the oracle favours the last epoch: it must not influence the selection
+        return {"score": self.scores[epoch - 1], "oracle_accuracy": float(epoch)}
+
+
+def _state(task):
+    return {k: v.clone() for k, v in task.trainable_state().items()}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# killed mid-epoch (checkpoint at step 4), at an epoch's last step before its
+# evaluation (checkpoint 2), and right after a mid-epoch checkpoint that is also the
+# epoch's last step (6: resumes with no step left in epoch 2, only its evaluation)
+@pytest.mark.parametrize("stop,resumed", [(5, 4), (3, 2), (6, 6)])
+def test_resume_equals_uninterrupted(tmp_path, stop, resumed):
+    cfg = dict(epochs=3, batch_size=8, grad_accum=2, seed=11, checkpoint_every=2, quiet=True)
+    a = ToyTask()
+    ra = fit(a, TrainConfig(**cfg), tmp_path / "a")
+    b = ToyTask()
+    with pytest.raises(TrainingInterrupted):
+        fit(b, TrainConfig(**cfg, stop_after_steps=stop), tmp_path / "b")
+    b2 = ToyTask()  # a fresh process: new module, state only from the checkpoint
+    rb = fit(b2, TrainConfig(**cfg), tmp_path / "b")
+    assert rb.resumed_from == resumed
+    _assert_same(_state(a), _state(b2))
+    assert [h["loss"] for h in ra.history] == [h["loss"] for h in rb.history]
+    assert ra.selected_epoch == rb.selected_epoch
+    logs = (tmp_path / "b" / "logs" / "toy.jsonl").read_text().splitlines()
+    assert len(logs) == 3 and '"criterion": "score"' in logs[0]
+    # a finished stage is not trained again
+    c = ToyTask()
+    rc = fit(c, TrainConfig(**cfg), tmp_path / "b")
+    assert c.evaluated == [] and rc.selected_epoch == rb.selected_epoch
+    _assert_same(_state(a), _state(c))
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    cfg = dict(epochs=2, batch_size=8, seed=1, quiet=True)
+    with pytest.raises(TrainingInterrupted):
+        fit(ToyTask(), TrainConfig(**cfg, stop_after_steps=2, checkpoint_every=1), tmp_path)
+    with pytest.raises(ValueError, match="different settings"):
+        fit(ToyTask(), TrainConfig(**{**cfg, "batch_size": 4}), tmp_path)
+
+
+def test_selection_is_label_free(tmp_path):
+    """The unlabeled score peaks at epoch 2; the oracle favours epoch 3. The module ends
+    with the epoch-2 state, which equals a 2-epoch run."""
+    t = ToyTask(scores=[0.2, 0.9, 0.5], scheduler=False)
+    r = fit(t, TrainConfig(epochs=3, batch_size=8, seed=2, quiet=True), tmp_path / "x")
+    assert r.selected_epoch == 2 and r.best_score == 0.9
+    assert [h["selected_so_far"] for h in r.history] == [1, 2, 2]
+    t2 = ToyTask(scores=[0.2, 0.9], scheduler=False)
+    fit(t2, TrainConfig(epochs=2, batch_size=8, seed=2, quiet=True))
+    _assert_same(_state(t), _state(t2))
+    t3 = ToyTask(scores=[0.2, 0.9, 0.5], scheduler=False)
+    r3 = fit(t3, TrainConfig(epochs=3, batch_size=8, seed=2, select="last", quiet=True))
+    assert r3.selected_epoch == 3
+    assert not torch.equal(t3.module.lin.weight, t.module.lin.weight)
+
+
+def test_grad_accumulation_matches_full_batch():
+    outs = []
+    for accum in (1, 2, 4):
+        t = ToyTask(scheduler=False, noise=0.0, prototypes=False)
+        fit(t, TrainConfig(epochs=2, batch_size=8, grad_accum=accum, seed=3, quiet=True))
+        outs.append(t.module.lin.weight.detach().clone())
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(outs[0], outs[2], atol=1e-5, rtol=0)
+
+
+def test_bf16_autocast_cpu():
+    t = ToyTask(scheduler=False)
+    r = fit(t, TrainConfig(epochs=1, batch_size=8, amp="bf16", seed=0, quiet=True))
+    assert math.isfinite(r.history[0]["loss"])
+    with pytest.raises(ValueError, match="amp"):
+        fit(ToyTask(), TrainConfig(amp="fp8"))
+
+
+# --------------------------------------------------------------------------- DDP
+DDP_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from test_trainer import ToyTask
+from nolabels import dist
+from nolabels.methods.trainer import TrainConfig, fit
+with dist.dist_session("cpu") as ctx:
+    t = ToyTask(scheduler=False, noise=0.0)
+    fit(t, TrainConfig(epochs=2, batch_size=8, seed=5, quiet=True))
+    st = {k: v for k, v in t.trainable_state().items()}
+    torch.save(st, f"{sys.argv[1]}/rank{ctx.rank}.pt")
+"""
+
+
+def test_ddp_torchrun_equals_single_process(tmp_path):
+    """2 gloo processes, each half of every global batch: the same parameters (and
+    the same rank-summed prototype updates) as one process."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "python"),
+           "TORCHELASTIC_ERROR_FILE": str(tmp_path / "err.json")}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", str(script), str(tmp_path),
+                          str(REPO / "tests")], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    single = ToyTask(scheduler=False, noise=0.0)
+    fit(single, TrainConfig(epochs=2, batch_size=8, seed=5, quiet=True))
+    ref = single.trainable_state()
+    for k in ref:
+        assert torch.equal(r0[k], r1[k]), k
+        torch.testing.assert_close(r0[k], ref[k], atol=1e-5, rtol=1e-5)
+    assert ref["extra.proto"].abs().sum() > 0
