@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from nolabels.methods.selection import Selector, agreement, holdout_split, mean_confidence
 from nolabels.methods.trainer import (
     TrainConfig,
@@ -24,6 +22,7 @@ from nolabels.methods.trainer import (
     seeded,
     split_batch,
 )
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 

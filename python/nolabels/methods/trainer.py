@@ -357,6 +357,10 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     # A finished stage: load its selected state and return.
     if resume and final_path is not None and final_path.is_file():
         fin = torch.load(final_path, map_location="cpu", weights_only=False)
+        if fin.get("config_key") != _config_key(cfg, task.num_samples()):
+            raise ValueError(
+                f"{final_path} was written by a run with different settings "
+                f"({fin.get('config')}); use another --out or delete the run")
         task.load_trainable_state(fin["state"])
         r = fin["result"]
         say(f"{task.name}: already trained (epoch {r['selected_epoch']} kept); "
@@ -536,7 +540,8 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     result.seconds = time.perf_counter() - t0
     if final_path is not None and main:
         atomic_torch_save({"state": task.trainable_state(),
-                           "result": {k: v for k, v in result.as_dict().items() if k != "seconds"}},
+                           "result": {k: v for k, v in result.as_dict().items() if k != "seconds"},
+                           "config": asdict(cfg), "config_key": _config_key(cfg, n)},
                           final_path)
     if task.criterion is not None and cfg.epochs:
         say(f"{task.name}: kept epoch {selected} ({task.criterion} "

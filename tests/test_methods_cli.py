@@ -1,0 +1,114 @@
+"""``nolabels tune`` / ``nolabels predict`` end to end on a tiny random-init CLIP: every
+method writes a run, predictions are readable by ``nolabels eval``, a re-run resumes,
+and zero-shot predictions from a store equal ``nolabels label``."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("open_clip")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from _methods_helpers import tiny_setup  # noqa: E402
+from nolabels.cli import main  # noqa: E402
+from nolabels.commands.evaluate import evaluate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tunecli")
+    t = tiny_setup(d, per_class=6)
+    (d / "classes.txt").write_text("cat\ndog\nship\n")
+    (d / "desc.json").write_text(json.dumps({"cat": ["a small furry pet"], "dog": ["a loyal pet"],
+                                             "ship": ["a big boat"]}))
+    caps = [json.dumps({"image": str(p), "caption": f"an image {i}"})
+            for i, p in enumerate(sorted(t.images.rglob("*.png"))[:8])]
+    (d / "caps.jsonl").write_text("\n".join(caps + [json.dumps({"class": "dog", "caption": "dogs"})]))
+    return d, t
+
+
+TRAIN = ["--epochs", "2", "--batch-size", "6", "-q"]
+CASES = {
+    "zeroshot": ["-q"],
+    "cde": ["--descriptions", "DESC", "--templates", "cifar", "-q"],
+    "lafter": ["--num-prompts", "2", "--text-steps", "10", *TRAIN],
+    "nola": ["--num-prompts", "2", "--dino-model", "SPEC", "--descriptions", "DESC", *TRAIN],
+    "latteclip": ["--lr", "1e-4", "--captions", "CAPS", *TRAIN],
+}
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_tune_predict_eval(env, method, capsys):
+    d, t = env
+    extra = [a.replace("DESC", str(d / "desc.json")).replace("SPEC", t.spec)
+             .replace("CAPS", str(d / "caps.jsonl")) for a in CASES[method]]
+    run = d / method
+    assert main(["tune", "--method", method, str(t.store), "--classes", str(d / "classes.txt"),
+                 "--out", str(run), *extra]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert cfg["method"] == method and cfg["classes"] == ["cat", "dog", "ship"]
+    assert cfg["encoder"]["model_id"].startswith("openclip:nl-tiny")
+    if method in ("lafter", "nola", "latteclip"):
+        assert summary["selected_epoch"] in (1, 2)
+        log = (run / "logs" / f"{method}.jsonl").read_text().splitlines()
+        assert [json.loads(x)["epoch"] for x in log] == [1, 2]
+        assert "oracle_heldout_accuracy" in json.loads(log[0])
+    preds = d / f"{method}.parquet"
+    assert main(["predict", str(run), str(t.images), "--out", str(preds), "--workers", "0",
+                 "-q"]) == 0
+    res = evaluate(preds)
+    assert res["rows"] == 18 and res["evaluated"] == 18 and 0 <= res["accuracy"] <= 1
+    meta = json.loads(pq.read_table(preds).schema.metadata[b"nolabels"])
+    assert meta["method"] == method
+    capsys.readouterr()
+    assert main(["eval", str(preds)]) == 0
+    assert "accuracy:" in capsys.readouterr().out
+
+
+def test_rerun_resumes_without_training(env):
+    d, t = env
+    run = d / "lafter"
+    if not (run / "model.pt").is_file():
+        pytest.skip("needs test_tune_predict_eval[lafter]")
+    before = torch.load(run / "model.pt", weights_only=False)
+    assert main(["tune", "--method", "lafter", str(t.store), "--classes", str(d / "classes.txt"),
+                 "--out", str(run), "--num-prompts", "2", "--text-steps", "10", *TRAIN]) == 0
+    after = torch.load(run / "model.pt", weights_only=False)
+    torch.testing.assert_close(before["head"]["weight"], after["head"]["weight"], atol=0, rtol=0)
+    # different settings on the same run directory are refused
+    assert main(["tune", "--method", "lafter", str(t.store), "--classes", str(d / "classes.txt"),
+                 "--out", str(run), "--num-prompts", "2", "--text-steps", "10", "--epochs", "3",
+                 "--batch-size", "4", "-q"]) == 2
+
+
+def test_zeroshot_predict_from_store_equals_label(env):
+    d, t = env
+    run = d / "zs_store"
+    assert main(["tune", "--method", "zeroshot", str(t.store), "--classes",
+                 str(d / "classes.txt"), "--out", str(run), "-q"]) == 0
+    assert main(["predict", str(run), str(t.store), "--out", str(d / "p.parquet"), "-q"]) == 0
+    assert main(["label", str(t.store), "--classes", str(d / "classes.txt"), "--out",
+                 str(d / "l.parquet"), "-q"]) == 0
+    p, lab = pq.read_table(d / "p.parquet").to_pydict(), pq.read_table(d / "l.parquet").to_pydict()
+    assert p["label"] == lab["label"] and p["path"] == lab["path"]
+    torch.testing.assert_close(torch.tensor(p["confidence"]), torch.tensor(lab["confidence"]))
+
+
+def test_tune_from_images_and_errors(env, tmp_path, capsys):
+    d, t = env
+    assert main(["tune", "--method", "cde", str(t.images), "--classes", str(d / "classes.txt"),
+                 "--model", t.spec, "--descriptions", str(d / "desc.json"), "--out",
+                 str(tmp_path / "r"), "-q"]) == 0
+    assert (tmp_path / "r" / "store" / "manifest.json").is_file()
+    capsys.readouterr()
+    assert main(["tune", "--method", "cde", str(t.store), "--classes", str(d / "classes.txt"),
+                 "--out", str(tmp_path / "r2"), "-q"]) == 2
+    assert "needs --descriptions" in capsys.readouterr().err
+    assert main(["tune", "--method", "nola", str(t.store), "--classes", str(d / "classes.txt"),
+                 "--out", str(tmp_path / "r3"), "-q"]) == 2
+    assert "--dino-model" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "nothing"), str(t.images), "--out",
+                 str(tmp_path / "x.parquet"), "-q"]) == 2
