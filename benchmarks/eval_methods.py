@@ -106,6 +106,8 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=["zeroshot", "cde", "lafter", "nola"])
     ap.add_argument("--work", default="/tmp/nolabels_eval_methods")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--norms", default="block", choices=("block", "last"),
+                    help="surrogate norms tuned (the frozen prefix below them is cached)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -142,7 +144,7 @@ def main() -> int:
     dino_enc = load_encoder("surrogate:effnet-lite0", device="cpu")
     size, mean, std = image_stats(enc)
     strong = strong_transform("lafter", size, mean, std)
-    cache_student = ConSEStudent(enc, "last").eval()
+    cache_student = ConSEStudent(enc, args.norms).eval()
     views = {"weak": enc.transform, **{f"strong{a}": strong for a in range(args.views)}}
     t = time.perf_counter()
     key_tr = prefix_cache_key(cache_student, enc.model_id, src_train.fingerprint(),
@@ -218,7 +220,7 @@ def main() -> int:
             run = work / "runs" / f"lafter_s{seed}"
             t0 = time.perf_counter()
             s = lafter.tune(enc, data, classes, run, descriptions=desc, prefix=prefix_for_data,
-                            config=lafter.LaFTerConfig(templates="cifar", surrogate_norms="last",
+                            config=lafter.LaFTerConfig(templates="cifar", surrogate_norms=args.norms,
                                                        epochs=args.lafter_epochs, seed=seed),
                             quiet=True)
             tune_s = time.perf_counter() - t0
@@ -242,7 +244,7 @@ def main() -> int:
             t0 = time.perf_counter()
             s = nola.tune(enc, data, classes, run, dino=dino, descriptions=desc,
                           prefix=prefix_for_data,
-                          config=nola.NoLAConfig(templates="cifar", surrogate_norms="last",
+                          config=nola.NoLAConfig(templates="cifar", surrogate_norms=args.norms,
                                                  epochs=args.nola_epochs, seed=seed),
                           dino_info={"spec": "surrogate:effnet-lite0 (DINO stand-in)"},
                           quiet=True)

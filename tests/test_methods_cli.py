@@ -112,3 +112,44 @@ def test_tune_from_images_and_errors(env, tmp_path, capsys):
     assert "--dino-model" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nothing"), str(t.images), "--out",
                  str(tmp_path / "x.parquet"), "-q"]) == 2
+
+
+def test_changed_hyper_parameters_are_refused(env, tmp_path):
+    """A finished stage is reused only with the same settings (here: the learning rate)."""
+    d, t = env
+    base = ["tune", "--method", "nola", str(t.store), "--classes", str(d / "classes.txt"),
+            "--out", str(tmp_path / "r"), "--num-prompts", "2", "--dino-model", t.spec, *TRAIN]
+    assert main(base) == 0
+    assert main(base) == 0  # same settings: resumes (nothing to do)
+    assert main([*base, "--lr", "0.01"]) == 2
+
+
+def test_tune_under_torchrun_equals_single_process(env, tmp_path):
+    """LaFTer under torchrun (2 gloo processes, DDP, sharded held-out evaluation) gives
+    the model of a single process with the same global batch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    d, t = env
+    repo = Path(__file__).resolve().parents[1]
+    args = ["tune", "--method", "lafter", str(t.store), "--classes", str(d / "classes.txt"),
+            "--num-prompts", "2", "--text-steps", "10", "--device", "cpu", *TRAIN]
+    env_ = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo / "python"),
+            "TORCHELASTIC_ERROR_FILE": str(tmp_path / "err.json")}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "nolabels", *args, "--out",
+                          str(tmp_path / "ddp")], env=env_, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    a = torch.load(tmp_path / "ddp" / "model.pt", weights_only=False)
+    b = torch.load(tmp_path / "one" / "model.pt", weights_only=False)
+    torch.testing.assert_close(a["head"]["weight"], b["head"]["weight"], atol=1e-5, rtol=1e-4)
+    for k in b["student"]:
+        torch.testing.assert_close(a["student"][k], b["student"][k], atol=1e-5, rtol=1e-4)
+    sa = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert sa["selected_epoch"] == sb["selected_epoch"]
+    assert [h["heldout_agreement"] for h in sa["history"]] == [h["heldout_agreement"] for h in sb["history"]]

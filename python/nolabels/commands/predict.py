@@ -60,7 +60,7 @@ def load_predictor(run: str | os.PathLike, *, device: str | None = "cpu",
     import torch.nn.functional as F
 
     from nolabels.methods.common import load_run
-    from nolabels.methods.students import ConSEStudent, make_student
+    from nolabels.methods.students import make_student
     from nolabels.models import load_encoder
     from nolabels.models.base import parse_device
 
@@ -97,7 +97,7 @@ def load_predictor(run: str | os.PathLike, *, device: str | None = "cpu",
             return student.features(x.to(dev), cached=cached).float()
     elif method == "latteclip":
         if model.get("towers") == "surrogate":
-            student = ConSEStudent(encoder, model["student_config"]["norms"])
+            student = make_student(encoder, model["student_config"])
             params = dict(student.named_parameters())
             with torch.no_grad():
                 for k, v in model["visual"].items():

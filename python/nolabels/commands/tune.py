@@ -68,8 +68,6 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
     Returns:
         the run summary.
     """
-    import torch
-
     from nolabels import dist
     from nolabels.commands.embed import embed
     from nolabels.data import EmbeddingStore
@@ -140,8 +138,7 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
                               need_pixels=method in PIXEL_METHODS)
 
         if method in ("zeroshot", "cde"):
-            summary = _zero_shot(method, encoder, data, names, desc, templates or
-                                 ("simple" if method == "zeroshot" else "simple"), out,
+            summary = _zero_shot(method, encoder, data, names, desc, templates or "simple", out,
                                  save_run, encoder_info, CRITERIA)
         elif method == "lafter":
             summary = lafter.tune(encoder, data, names, out, descriptions=desc, config=cfg,
@@ -191,7 +188,6 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
             from nolabels.methods.common import _jsonable
 
             atomic_write_json(out / "summary.json", _jsonable(summary))
-        del torch
         return summary
 
 
@@ -301,8 +297,9 @@ def register(subparsers) -> None:
     p.add_argument("--amp", choices=("auto", "bf16", "off"))
     p.add_argument("--select", choices=("best", "last"),
                    help="keep the epoch with the best unlabeled criterion (default) or the last")
-    p.add_argument("--surrogate-norms", dest="surrogate_norms", choices=("all", "last"),
-                   help="surrogate: tune all BatchNorm affines (default) or only the last")
+    p.add_argument("--surrogate-norms", dest="surrogate_norms", choices=("all", "block", "last"),
+                   help="surrogate (no ViT): tune all BatchNorm affines (default), the last "
+                        "block's and the head's, or only the last one")
     p.add_argument("--reproduce-wcls-bug", action="store_true",
                    help="latteclip: the authors' w_cls mixing formula (fixed by default)")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,

@@ -50,6 +50,7 @@ from nolabels.methods.trainer import (
     label_smoothing_ce,
     sample_seed,
     seeded,
+    tensor_digest,
 )
 
 #: LaFTer's text-classifier steps per dataset (``utils/utils.py: text_cls_epochs``).
@@ -164,7 +165,9 @@ def train_text_classifier(encoder, classes: Sequence[str], *, templates="simple"
     task = TextClassifierTask(module, steps, lr, weight_decay)
     cfg = TrainConfig(epochs=1, batch_size=1, seed=seed, ddp=False, select="last",
                       checkpoint_every=100, quiet=quiet, amp="off")
-    res = fit(task, cfg, out, log=log)
+    settings = {"lr": lr, "wd": weight_decay, "noise": noise_std, "eps": eps,
+                "texts": tensor_digest(emb, labels)}
+    res = fit(task, cfg, out, log=log, settings=settings)
     with torch.no_grad():
         acc = float((module.classifier(emb).argmax(1) == labels).float().mean())
     return module.classifier.weight.detach().clone(), {
@@ -243,18 +246,22 @@ class LaFTerTask(TrainTask):
 
 
 def image_datasets(student: Student, encoder, data: TuneData, *, strong_aug: str, seed: int,
-                   prefix: dict | None) -> tuple:
-    """(train dataset with weak+strong views, held-out dataset with the weak view)."""
+                   prefix: dict | None, need_weak: bool = True) -> tuple:
+    """(train dataset with the strong view (and the weak one if ``need_weak``), held-out
+    dataset with the weak view)."""
     if prefix is not None:
         strong = [prefix[k] for k in sorted(prefix) if k.startswith("strong")]
         tr = data.train.numpy()
         he = data.heldout.numpy()
-        return (CachedViews(_Rows(prefix["weak"], tr), [_Rows(s, tr) for s in strong], seed),
+        return (CachedViews(_Rows(prefix["weak"], tr), [_Rows(s, tr) for s in strong], seed,
+                            need_weak=need_weak),
                 CachedViews(_Rows(prefix["weak"], he), [], seed))
     from nolabels.methods.students import image_stats
 
     size, mean, std = image_stats(encoder)
-    views = {"weak": encoder.transform, "strong": strong_transform(strong_aug, size, mean, std)}
+    views = {"strong": strong_transform(strong_aug, size, mean, std)}
+    if need_weak:
+        views = {"weak": encoder.transform, **views}
     items = [data.items[i] for i in data.train.tolist()]
     held = [data.items[i] for i in data.heldout.tolist()]
     return (ImageViews(data.source, items, views, seed),
@@ -325,8 +332,9 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                        seed=cfg.seed, amp=cfg.amp, workers=cfg.workers,
                        checkpoint_every=cfg.checkpoint_every, select=cfg.select, quiet=quiet)
-    res = fit(task, tcfg, out, log=say)
-    # zero-shot accuracy of the initial teacher is in epoch logs (oracle_heldout_teacher_accuracy)
+    settings = {"lafter": asdict(cfg), "student": student.config(), "cached": cached,
+                "rows": tensor_digest(data.train, data.heldout), "text_classifier": tensor_digest(W)}
+    res = fit(task, tcfg, out, log=say, settings=settings)
     model = {
         "method": "lafter",
         "student": {k: v.cpu() for k, v in module.student.state_dict().items()

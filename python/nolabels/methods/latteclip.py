@@ -74,7 +74,7 @@ from nolabels import dist, ops
 from nolabels.methods.common import TuneData, encoder_info, map_rows, save_run
 from nolabels.methods.selection import CRITERIA, mean_confidence
 from nolabels.methods.students import ConSEStudent, ImageViews, image_stats, is_vit_encoder
-from nolabels.methods.trainer import TrainConfig, TrainTask, fit, sample_seed
+from nolabels.methods.trainer import TrainConfig, TrainTask, fit, sample_seed, tensor_digest
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 IMAGE_PROMPT = "Describe the {noun} in the photo concisely, less than 20 words."
@@ -678,7 +678,11 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                        seed=cfg.seed, amp=cfg.amp, workers=cfg.workers,
                        checkpoint_every=cfg.checkpoint_every, select=cfg.select, quiet=quiet)
-    res = fit(task, tcfg, out, log=say)
+    settings = {"latteclip": asdict(cfg), "rows": tensor_digest(data.train, data.heldout),
+                "zs": tensor_digest(zs), "texts": len(table), "captions": n_cap,
+                "text_ids": tensor_digest(torch.tensor(cap_id)),
+                "pools": json.dumps(sorted((k, len(v)) for k, v in pools.items()))}
+    res = fit(task, tcfg, out, log=say, settings=settings)
     P = F.normalize(module.prototypes.detach(), dim=-1).cpu()
     model = {"method": "latteclip", "towers": towers.kind,
              "visual": towers.visual_state(),

@@ -48,6 +48,7 @@ from nolabels.methods.trainer import (
     label_smoothing_ce,
     sample_seed,
     seeded,
+    tensor_digest,
 )
 
 
@@ -154,7 +155,8 @@ def train_labeller(dino: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
     task = LabellerTask(module, lr)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, ddp=False,
                       select="last", quiet=quiet, amp="off")
-    res = fit(task, cfg, out, log=log)
+    res = fit(task, cfg, out, log=log,
+              settings={"lr": lr, "hidden": hidden, "data": tensor_digest(dino[rows], labels)})
     return module.mlp, {"epochs": epochs, "rows": int(rows.numel()),
                         "final_loss": res.history[-1]["loss"] if res.history else None,
                         "seconds": res.seconds}
@@ -297,13 +299,16 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     module = NoLAModule(student, cde, targets[data.train].to(dev), cfg.label_smoothing,
                         cached=cached)
     train_ds, held_ds = image_datasets(student, encoder, data, strong_aug=cfg.strong_aug,
-                                       seed=cfg.seed, prefix=prefix)
+                                       seed=cfg.seed, prefix=prefix, need_weak=False)
     task = NoLATask(module, data, targets[data.heldout], train_ds, held_ds, cfg.lr,
                     cfg.weight_decay, cfg.eval_batch_size, cfg.workers)
     tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                        seed=cfg.seed, amp=cfg.amp, workers=cfg.workers,
                        checkpoint_every=cfg.checkpoint_every, select=cfg.select, quiet=quiet)
-    res = fit(task, tcfg, out, log=say)
+    settings = {"nola": asdict(cfg), "student": student.config(), "cached": cached,
+                "rows": tensor_digest(data.train, data.heldout), "targets": tensor_digest(targets),
+                "cde": tensor_digest(cde)}
+    res = fit(task, tcfg, out, log=say, settings=settings)
 
     model = {
         "method": "nola",

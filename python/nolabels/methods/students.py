@@ -12,12 +12,15 @@ parameters train:
   which has no ViT, so no prompts): the affine parameters (weight, bias) of its
   image tower's BatchNorm layers are tuned instead, with running statistics
   frozen (the tower stays in eval mode): ``norms="all"`` (all 49 BatchNorms, the
-  analogue of "all visual LayerNorms") or ``norms="last"`` (only the last one,
-  ``bn2``). Its feature is ConSE's un-normalised embedding (probability-weighted
-  sum of the MiniLM embeddings of the top-20 ImageNet classes).
+  analogue of "all visual LayerNorms"), ``norms="block"`` (the last inverted-residual
+  block's 3 BatchNorms and the head's ``bn2``) or ``norms="last"`` (``bn2`` only). Its feature is ConSE's un-normalised embedding (probability-weighted
+  sum of the MiniLM embeddings of the top-20 ImageNet classes, norm <= 1) times
+  ``feature_scale`` = 10, about the norm of CLIP ViT-B/32's un-normalised image
+  feature: the classifier ``W · g(x)`` then starts at CLIP-like logit magnitudes
+  (with norm <= 1 the softmax starts almost uniform and W must first grow ~10x).
 
-With ``norms="last"`` everything below ``bn2`` is frozen and deterministic, so a
-student can be trained on **cached prefix features**: :func:`build_prefix_cache`
+With ``norms="block"`` or ``"last"`` everything below the first trainable norm is
+frozen and deterministic, so a student can be trained on **cached prefix features**: :func:`build_prefix_cache`
 runs the frozen prefix once over the weak view and ``A`` seeded strong views of
 every image, and training then samples one of the ``A`` cached strong views per
 image and epoch (instead of a fresh augmentation). That is what makes the
@@ -228,22 +231,26 @@ class ConSEStudent(Student):
 
     Args:
         encoder: a :class:`nolabels.models.surrogate.ConSESurrogate`.
-        norms: "all" (every BatchNorm's weight and bias) or "last" (``bn2`` only;
-            then :meth:`prefix` / :meth:`head` split the tower for caching).
+        norms: "all" (every BatchNorm's weight and bias), "block" (the last block's
+            BatchNorms and ``bn2``) or "last" (``bn2`` only); with "block" and "last"
+            :meth:`prefix` / :meth:`head` split the tower for caching.
     """
 
     kind = "conse-norm"
 
-    def __init__(self, encoder, norms: str = "all") -> None:
+    def __init__(self, encoder, norms: str = "all", feature_scale: float = 10.0) -> None:
         super().__init__()
-        if norms not in ("all", "last"):
-            raise ValueError(f"norms must be 'all' or 'last', got {norms!r}")
+        if norms not in ("all", "block", "last"):
+            raise ValueError(f"norms must be 'all', 'block' or 'last', got {norms!r}")
         self.net = copy.deepcopy(encoder.image_model).float().eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
         bns = [m for m in self.net.modules() if isinstance(m, nn.BatchNorm2d)]
         if norms == "last":
             bns = [self.net.bn2]
+        elif norms == "block":
+            bns = [m for m in self.net.blocks[-1].modules() if isinstance(m, nn.BatchNorm2d)]
+            bns.append(self.net.bn2)
         for m in bns:
             m.weight.requires_grad_(True)
             m.bias.requires_grad_(True)
@@ -252,7 +259,8 @@ class ConSEStudent(Student):
                              persistent=False)
         self.top_k = int(encoder.top_k)
         self.norms = norms
-        self.cacheable = norms == "last"
+        self.feature_scale = float(feature_scale)
+        self.cacheable = norms in ("block", "last")
         self.dim = int(encoder.dim)
         self.to(encoder.device)
 
@@ -265,34 +273,44 @@ class ConSEStudent(Student):
     def _conse(self, logits: torch.Tensor) -> torch.Tensor:
         probs = logits.float().softmax(-1)
         v, i = probs.topk(self.top_k, dim=1)
-        return (v[..., None] * self.class_text[i]).sum(1)
+        return self.feature_scale * (v[..., None] * self.class_text[i]).sum(1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self._conse(self.net(images))
 
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
-        """Everything below ``bn2`` (frozen when ``norms="last"``): (B, 1280, h, w)."""
+        """The frozen part below the first trainable norm: ``norms="last"``: up to
+        ``conv_head`` (B, 1280, h, w); ``"block"``: up to the last block (B, 192, h, w)."""
         n = self.net
-        return n.conv_head(n.blocks(n.bn1(n.conv_stem(images))))
+        x = n.bn1(n.conv_stem(images))
+        if self.norms == "block":
+            return n.blocks[:-1](x)
+        return n.conv_head(n.blocks(x))
+
+    def _top(self, pre: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = pre.float()
+        if self.norms == "block":
+            x = n.conv_head(n.blocks[-1](x))
+        return n.bn2(x)
 
     def head(self, pre: torch.Tensor) -> torch.Tensor:
         n = self.net
-        return self._conse(n.classifier(n.global_pool(n.bn2(pre.float()))))
+        return self._conse(n.classifier(n.global_pool(self._top(pre))))
 
     def pooled(self, pre: torch.Tensor) -> torch.Tensor:
-        """The pooled 1280-d image feature from a prefix output (with the current bn2)."""
-        n = self.net
-        return n.global_pool(n.bn2(pre.float()))
+        """The pooled 1280-d image feature from a prefix output (current norms)."""
+        return self.net.global_pool(self._top(pre))
 
     def describe(self) -> str:
         n = sum(p.numel() for _, p in self.named_trainable_parameters())
-        which = "all" if self.norms == "all" else "the last"
+        which = {"all": "all", "block": "the last", "last": "the last"}[self.norms]
         return (f"surrogate has no ViT, so no prompts: tuning the affine parameters of {which} "
                 f"{self.num_norms} BatchNorm layer(s) of its EfficientNet-Lite0 tower "
                 f"({n:,} parameters, running statistics frozen) and the classifier instead")
 
     def config(self) -> dict:
-        return {"kind": self.kind, "norms": self.norms}
+        return {"kind": self.kind, "norms": self.norms, "feature_scale": self.feature_scale}
 
 
 def is_vit_encoder(encoder) -> bool:
@@ -314,7 +332,8 @@ def make_student(encoder, config: dict | None = None, *, num_prompts: int = 16,
     if hasattr(encoder, "image_model") and hasattr(encoder, "imagenet_emb"):
         if cfg and cfg.get("kind") != "conse-norm":
             raise ValueError(f"a {cfg.get('kind')} student cannot be built for {encoder.model_id}")
-        return ConSEStudent(encoder, cfg.get("norms", surrogate_norms))
+        return ConSEStudent(encoder, cfg.get("norms", surrogate_norms),
+                            float(cfg.get("feature_scale", 10.0)))
     raise ValueError(
         f"{encoder.model_id}: LaFTer/NoLA need an open_clip ViT (prompts) or the surrogate "
         "(normalisation layers); this vision tower is neither")
@@ -336,7 +355,9 @@ class ImageClassifier(nn.Module):
 def prefix_cache_key(student: Student, model_id: str, source_fingerprint: str,
                      items: Sequence[int], views: Sequence[str], view_seed: int) -> str:
     h = hashlib.sha256(json.dumps({
-        "model": model_id, "student": student.config(), "source": source_fingerprint,
+        "model": model_id, "source": source_fingerprint,
+        # only what fixes the frozen prefix (not e.g. the feature scale of the head)
+        "student": {k: v for k, v in student.config().items() if k in ("kind", "norms")},
         "items": hashlib.sha256(np.asarray(items, np.int64).tobytes()).hexdigest(),
         "views": list(views), "seed": view_seed, "v": 1,
     }, sort_keys=True).encode())
@@ -365,6 +386,8 @@ def build_prefix_cache(student: Student, source, items: Sequence[int], views: di
         if path.is_file():
             out[name] = np.load(path, mmap_mode="r")
             continue
+        for stale in root.glob(f".{name}.tmp-*.npy"):  # left by a killed run
+            stale.unlink(missing_ok=True)
         ds = ImageViews(source, items, {"x": tf}, seed=view_seed)
         keys = [(v, p) for p in range(len(items))]
         loader = torch.utils.data.DataLoader(
@@ -394,15 +417,19 @@ class CachedViews(torch.utils.data.Dataset):
     """Training views from a prefix cache: the weak view, and for epoch ``e`` one of the
     ``A`` cached strong views per image, chosen by ``(seed, e, position)``."""
 
-    def __init__(self, weak: np.ndarray, strong: Sequence[np.ndarray], seed: int) -> None:
+    def __init__(self, weak: np.ndarray, strong: Sequence[np.ndarray], seed: int,
+                 need_weak: bool = True) -> None:
         self.weak, self.strong, self.seed = weak, list(strong), seed
+        self.need_weak = need_weak
 
     def __len__(self) -> int:
         return len(self.weak)
 
     def __getitem__(self, key):
         epoch, pos = key if isinstance(key, tuple) else (0, key)
-        out = {"index": pos, "weak": torch.from_numpy(np.asarray(self.weak[pos], np.float32))}
+        out: dict[str, Any] = {"index": pos}
+        if self.need_weak:
+            out["weak"] = torch.from_numpy(np.asarray(self.weak[pos], np.float32))
         if self.strong:
             a = sample_seed(self.seed, epoch, pos, 4242) % len(self.strong)
             out["strong"] = torch.from_numpy(np.asarray(self.strong[a][pos], np.float32))

@@ -326,7 +326,8 @@ def _optimizer_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
 
 # --------------------------------------------------------------------------- fit
 def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None, *,
-        log: Callable[[str], None] | None = None, resume: bool = True) -> TrainResult:
+        log: Callable[[str], None] | None = None, resume: bool = True,
+        settings: dict | None = None) -> TrainResult:
     """Train ``task`` as configured; the module ends holding the selected epoch's state.
 
     Args:
@@ -335,6 +336,9 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
         out: run directory for checkpoints and logs (None: in memory only).
         log: a ``print``-like function for progress lines (rank 0).
         resume: continue from ``out``'s checkpoint of this stage if there is one.
+        settings: what else defines the run (method hyper-parameters, a digest of the
+            data, see :func:`tensor_digest`); a checkpoint or finished stage written
+            with other settings is refused instead of silently reused.
     Returns:
         a :class:`TrainResult`.
     """
@@ -357,7 +361,7 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     # A finished stage: load its selected state and return.
     if resume and final_path is not None and final_path.is_file():
         fin = torch.load(final_path, map_location="cpu", weights_only=False)
-        if fin.get("config_key") != _config_key(cfg, task.num_samples()):
+        if fin.get("config_key") != _config_key(cfg, task.num_samples(), settings):
             raise ValueError(
                 f"{final_path} was written by a run with different settings "
                 f"({fin.get('config')}); use another --out or delete the run")
@@ -380,7 +384,7 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
 
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck.get("config_key") != _config_key(cfg, n):
+        if ck.get("config_key") != _config_key(cfg, n, settings):
             raise ValueError(
                 f"{ckpt_path} was written by a run with different settings "
                 f"({ck.get('config')}); use another --out or delete the checkpoint")
@@ -415,7 +419,7 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
             "extra": task.extra_state(), "step": step, "epoch": epoch,
             "step_in_epoch": step_in_epoch, "history": history, "epoch_sums": acc,
             "selector": selector.state_dict(), "config": asdict(cfg),
-            "config_key": _config_key(cfg, n),
+            "config_key": _config_key(cfg, n, settings),
         }, ckpt_path)
 
     best_path = out_p / "checkpoints" / f"{task.name}.best.pt" if out_p else None
@@ -541,7 +545,7 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     if final_path is not None and main:
         atomic_torch_save({"state": task.trainable_state(),
                            "result": {k: v for k, v in result.as_dict().items() if k != "seconds"},
-                           "config": asdict(cfg), "config_key": _config_key(cfg, n)},
+                           "config": asdict(cfg), "config_key": _config_key(cfg, n, settings)},
                           final_path)
     if task.criterion is not None and cfg.epochs:
         say(f"{task.name}: kept epoch {selected} ({task.criterion} "
@@ -551,13 +555,24 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     return result
 
 
-def _config_key(cfg: TrainConfig, n: int) -> str:
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """A short hash of tensors' shapes and bytes (identifies a stage's data in resume keys)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _config_key(cfg: TrainConfig, n: int, settings: dict | None = None) -> str:
     """What must not change between a checkpoint and its resume."""
     d = {k: v for k, v in asdict(cfg).items()
          if k not in ("quiet", "workers", "stop_after_steps", "checkpoint_every")}
     d["num_samples"] = n
+    d["settings"] = settings or {}
     d["world"] = dist.get_world_size() if (dist.is_distributed() and cfg.ddp) else 1
-    return json.dumps(d, sort_keys=True)
+    return json.dumps(d, sort_keys=True, default=str)
 
 
 # --------------------------------------------------------------------------- losses / optim
