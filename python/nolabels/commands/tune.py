@@ -48,7 +48,8 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
          captions: Sequence[str] = (), caption_endpoint: str | None = None,
          caption_model: str | None = None, caption_api_key_env: str = "OPENAI_API_KEY",
          caption_noun: str = "object", groups_per_class: int = 8,
-         hyper: dict[str, Any] | None = None, device: str | None = "auto",
+         hyper: dict[str, Any] | None = None, cache_views: int = 0,
+         device: str | None = "auto",
          embed_workers: int | str = "auto", embed_batch_size: int = 64,
          quiet: bool = False) -> dict:
     """Tune ``method`` label-free on ``images`` and write the run directory ``out``.
@@ -65,6 +66,9 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
         captions: LatteCLIP caption JSONL files.
         caption_endpoint: OpenAI-compatible base URL to generate LatteCLIP captions.
         hyper: overrides of the method's config fields (``epochs``, ``lr``, ``seed``, ...).
+        cache_views: lafter / nola with the surrogate and ``surrogate_norms`` "block" or
+            "last": cache the frozen prefix of the weak view and this many seeded strong
+            views per image (``RUN/prefix_cache``) and train on them (CPU-friendly).
     Returns:
         the run summary.
     """
@@ -137,12 +141,19 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
         data = load_tune_data(store_dir, names, heldout_fraction=heldout, seed=seed,
                               need_pixels=method in PIXEL_METHODS)
 
+        prefix = None
+        if cache_views:
+            if method not in ("lafter", "nola"):
+                raise ValueError("--cache-views applies to lafter and nola")
+            prefix = _prefix_cache(encoder, data, cfg, cache_views, out, embed_batch_size,
+                                   log, quiet)
+
         if method in ("zeroshot", "cde"):
             summary = _zero_shot(method, encoder, data, names, desc, templates or "simple", out,
                                  save_run, encoder_info, CRITERIA)
         elif method == "lafter":
             summary = lafter.tune(encoder, data, names, out, descriptions=desc, config=cfg,
-                                  log=log, quiet=quiet)
+                                  prefix=prefix, log=log, quiet=quiet)
         elif method == "nola":
             if dino_model is None:
                 if getattr(encoder, "not_clip", None):
@@ -163,7 +174,7 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
             summary = nola.tune(encoder, data, names, out, dino=dino, descriptions=desc,
                                 config=cfg, dino_info={"model_id": dst.model["model_id"],
                                                        "spec": dst.model["spec"]},
-                                log=log, quiet=quiet)
+                                prefix=prefix, log=log, quiet=quiet)
         else:  # latteclip
             files = list(captions)
             if caption_endpoint:
@@ -189,6 +200,33 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
 
             atomic_write_json(out / "summary.json", _jsonable(summary))
         return summary
+
+
+def _prefix_cache(encoder, data, cfg, views: int, out: Path, batch_size: int, log, quiet):
+    from nolabels import dist
+    from nolabels.methods.students import (
+        build_prefix_cache,
+        image_stats,
+        make_student,
+        prefix_cache_key,
+        strong_transform,
+    )
+
+    student = make_student(encoder, surrogate_norms=cfg.surrogate_norms)
+    if not student.cacheable:
+        raise ValueError("--cache-views needs the surrogate with --surrogate-norms block or "
+                         f"last (a {student.kind} student has no frozen prefix)")
+    size, mean, std = image_stats(encoder)
+    strong = strong_transform(cfg.strong_aug, size, mean, std)
+    tfs = {"weak": encoder.transform, **{f"strong{a}": strong for a in range(views)}}
+    key = prefix_cache_key(student, encoder.model_id, data.source.fingerprint(), data.items,
+                           list(tfs), 0)
+    if dist.get_rank() == 0:
+        build_prefix_cache(student, data.source, data.items, tfs, out / "prefix_cache", key=key,
+                           batch_size=batch_size, log=log, quiet=quiet)
+    dist.barrier()
+    return build_prefix_cache(student, data.source, data.items, tfs, out / "prefix_cache",
+                              key=key, quiet=True)
 
 
 def _zero_shot(method, encoder, data, names, desc, templates, out, save_run, encoder_info,
@@ -235,13 +273,16 @@ def _run(args: argparse.Namespace) -> int:
         hyper["reproduce_wcls_bug"] = True
     if args.method in ("zeroshot", "cde"):
         hyper = {k: v for k, v in hyper.items() if k in ("seed", "heldout_fraction")}
+    if args.cache_views and "surrogate_norms" not in hyper:
+        hyper["surrogate_norms"] = "block"
     try:
         s = tune(args.method, args.images, args.classes, args.out, model=args.model,
                  checkpoint=args.checkpoint, dino_model=args.dino_model,
                  dino_checkpoint=args.dino_checkpoint, descriptions=args.descriptions,
                  templates=args.templates, captions=args.captions or (),
                  caption_endpoint=args.caption_endpoint, caption_model=args.caption_model,
-                 caption_noun=args.caption_noun, hyper=hyper, device=args.device,
+                 caption_noun=args.caption_noun, hyper=hyper, cache_views=args.cache_views,
+                 device=args.device,
                  embed_workers=args.embed_workers, quiet=args.quiet)
     except (WeightsUnavailableError, FileNotFoundError, ValueError, RuntimeError,
             ImportError) as e:
@@ -300,6 +341,10 @@ def register(subparsers) -> None:
     p.add_argument("--surrogate-norms", dest="surrogate_norms", choices=("all", "block", "last"),
                    help="surrogate (no ViT): tune all BatchNorm affines (default), the last "
                         "block's and the head's, or only the last one")
+    p.add_argument("--cache-views", dest="cache_views", type=int, default=0, metavar="A",
+                   help="lafter/nola on the surrogate: train on cached frozen-prefix features "
+                        "(weak view + A seeded strong views per image; implies "
+                        "--surrogate-norms block unless given)")
     p.add_argument("--reproduce-wcls-bug", action="store_true",
                    help="latteclip: the authors' w_cls mixing formula (fixed by default)")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,

@@ -269,10 +269,27 @@ def image_datasets(student: Student, encoder, data: TuneData, *, strong_aug: str
 
 
 class _Rows:
-    """Row subset of an array without copying it (for memmaps)."""
+    """Row subset of an array without copying it. A memory-mapped ``.npy`` travels to
+    DataLoader workers by file name (pickling a memmap would copy all of it)."""
 
     def __init__(self, arr, rows) -> None:
         self.arr, self.rows = arr, list(map(int, rows))
+
+    def __getstate__(self):
+        import numpy as np
+
+        arr = self.arr
+        if isinstance(arr, np.memmap) and arr.filename is not None:
+            arr = ("npy", str(arr.filename))
+        return {"arr": arr, "rows": self.rows}
+
+    def __setstate__(self, d):
+        import numpy as np
+
+        arr = d["arr"]
+        if isinstance(arr, tuple) and arr[0] == "npy":
+            arr = np.load(arr[1], mmap_mode="r")
+        self.arr, self.rows = arr, d["rows"]
 
     def __len__(self) -> int:
         return len(self.rows)
