@@ -592,12 +592,24 @@ def latte_transform(size: int, mean, std):
         T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
 
 
+def single_template(template: str) -> str:
+    """A template with ``{}``, or a named set holding exactly one (``simple``)."""
+    if "{}" in template:
+        return template
+    from nolabels.methods.zeroshot import resolve_templates
+
+    named = resolve_templates(template)
+    if len(named) != 1:
+        raise ValueError(f"latteclip uses one template; {template!r} has {len(named)}")
+    return named[0]
+
+
 def zero_shot_labels(encoder, emb: torch.Tensor, classes: Sequence[str], template: str
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(class embeddings of the single template, top-1 zero-shot labels of ``emb``)."""
     from nolabels.methods.zeroshot import class_embeddings
 
-    cls = class_embeddings(encoder, classes, templates=[template])
+    cls = class_embeddings(encoder, classes, templates=[single_template(template)])
     pl = ops.pseudo_label(emb.to(cls.device), cls, logit_scale=encoder.logit_scale, topk=1)
     return cls, pl.labels.cpu()
 
@@ -612,6 +624,7 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     cfg = config or LatteCLIPConfig()
     if epochs is not None:
         cfg.epochs = epochs
+    cfg.template = single_template(cfg.template)
     if len(classes) < 2:
         raise ValueError("latteclip needs at least 2 classes (text weights are top-1 − top-2 margins)")
     t0 = time.perf_counter()
@@ -646,10 +659,11 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
             raise ValueError(f"group captions for {name!r}, which is not a class")
         pools.setdefault(c, []).extend(tid(first_line(t)) for t in texts if first_line(t))
     if captions.group_by_image:
+        train_set = set(data.train.tolist())
         for j, p in enumerate(data.paths):
             t = next((captions.group_by_image[k] for k in _path_keys(p, root)
                       if k in captions.group_by_image), None)
-            if t is not None and first_line(t) and j in set(data.train.tolist()):
+            if t is not None and first_line(t) and j in train_set:
                 pools.setdefault(int(zs[j]), []).append(tid(first_line(t)))
     n_cap = sum(i >= 0 for i in cap_id)
     say(f"latteclip: {n_cap} of {data.n} images have a caption; group captions for "
