@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nolabels.methods.trainer import sample_seed, seeded
+from nolabels.methods.trainer import progress_bar, sample_seed, seeded
 
 # --------------------------------------------------------------------------- views
 
@@ -375,8 +375,6 @@ def build_prefix_cache(student: Student, source, items: Sequence[int], views: di
     Returns ``{view name: (N, ...) float16 memmap}``. Views already cached under
     ``cache_dir/key`` are reused; each view file is written atomically.
     """
-    from nolabels.commands._common import progress
-
     root = Path(cache_dir) / f"prefix-{key}"
     root.mkdir(parents=True, exist_ok=True)
     dev = device or next(student.parameters()).device
@@ -394,7 +392,7 @@ def build_prefix_cache(student: Student, source, items: Sequence[int], views: di
             ds, batch_size=batch_size, sampler=keys, num_workers=workers)
         tmp = root / f".{name}.tmp-{os.getpid()}.npy"
         arr = None
-        bar = progress(len(items), f"caching {name} view", quiet=quiet)
+        bar = progress_bar(len(items), f"caching {name} view", quiet=quiet, unit="img")
         pos = 0
         for b in loader:
             pre = student.prefix(b["x"].to(dev)).float().cpu().numpy().astype(np.float16)
