@@ -206,17 +206,20 @@ class LaFTerModule(nn.Module):
         return loss, {"train_agreement": float((logits.argmax(1) == yhat).float().mean())}
 
 
-class LaFTerTask(TrainTask):
-    name = "lafter"
+class ViewTuningTask(TrainTask):
+    """Shared plumbing of the prompt/norm tuning stages (LaFTer stage 2, NoLA step 3):
+    a train dataset of views, a held-out dataset for the label-free criterion, and
+    AdamW without decay on biases and norms. Subclasses implement ``evaluate``."""
+
     criterion = "heldout_agreement"
 
-    def __init__(self, module: LaFTerModule, data: TuneData, train_ds, heldout_ds,
-                 lr: float, wd: float, eval_batch_size: int, workers: int) -> None:
+    def __init__(self, module: nn.Module, data: TuneData, train_ds, heldout_ds, lr: float,
+                 wd: float, eval_batch_size: int, workers: int, device: torch.device) -> None:
         self.module, self.data = module, data
         self.train_ds, self.heldout_ds = train_ds, heldout_ds
         self.lr, self.wd = lr, wd
         self.eval_batch_size, self.workers = eval_batch_size, workers
-        self.device = module.teacher_weight.device
+        self.device = device
 
     def num_samples(self) -> int:
         return len(self.train_ds)
@@ -226,6 +229,15 @@ class LaFTerTask(TrainTask):
 
     def make_optimizer(self):
         return adamw_no_bias_decay(list(self.module.named_parameters()), self.lr, self.wd)
+
+
+class LaFTerTask(ViewTuningTask):
+    name = "lafter"
+
+    def __init__(self, module: LaFTerModule, data: TuneData, train_ds, heldout_ds,
+                 lr: float, wd: float, eval_batch_size: int, workers: int) -> None:
+        super().__init__(module, data, train_ds, heldout_ds, lr, wd, eval_batch_size, workers,
+                         module.teacher_weight.device)
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:

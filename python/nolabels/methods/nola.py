@@ -37,13 +37,12 @@ from torch import nn
 
 from nolabels import ops
 from nolabels.methods.common import TuneData, encoder_info, map_rows, save_run
-from nolabels.methods.lafter import image_datasets
+from nolabels.methods.lafter import ViewTuningTask, image_datasets
 from nolabels.methods.selection import CRITERIA, agreement
 from nolabels.methods.students import Student, make_student
 from nolabels.methods.trainer import (
     TrainConfig,
     TrainTask,
-    adamw_no_bias_decay,
     fit,
     label_smoothing_ce,
     sample_seed,
@@ -192,27 +191,15 @@ class NoLAModule(nn.Module):
         return loss, {"train_agreement": float((logits.argmax(1) == y).float().mean())}
 
 
-class NoLATask(TrainTask):
+class NoLATask(ViewTuningTask):
     name = "nola"
-    criterion = "heldout_agreement"
 
     def __init__(self, module: NoLAModule, data: TuneData, heldout_targets: torch.Tensor,
                  train_ds, heldout_ds, lr: float, wd: float, eval_batch_size: int,
                  workers: int) -> None:
-        self.module, self.data, self.heldout_targets = module, data, heldout_targets
-        self.train_ds, self.heldout_ds = train_ds, heldout_ds
-        self.lr, self.wd = lr, wd
-        self.eval_batch_size, self.workers = eval_batch_size, workers
-        self.device = module.targets.device
-
-    def num_samples(self) -> int:
-        return len(self.train_ds)
-
-    def dataset(self):
-        return self.train_ds
-
-    def make_optimizer(self):
-        return adamw_no_bias_decay(list(self.module.named_parameters()), self.lr, self.wd)
+        super().__init__(module, data, train_ds, heldout_ds, lr, wd, eval_batch_size, workers,
+                         module.targets.device)
+        self.heldout_targets = heldout_targets
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
