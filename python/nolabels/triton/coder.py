@@ -190,6 +190,16 @@ def _unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _TOPK_INTERPRET_META = {"BLOCK_N": 16, "BLOCK_D": 32, "num_warps": 4}
 
 
+def topk_meta(kp: int) -> dict:
+    """GPU launch parameters of ``_topk_kernel`` for a padded list width ``kp``.
+
+    BLOCK_M >= KP because each key tile contributes a top-KP candidate list.
+    Checked by ahead-of-time compilation for sm_80/sm_90 (tests/triton_aot.py).
+    """
+    return {"BLOCK_N": 32 if kp <= 64 else 16, "BLOCK_M": max(64, kp), "BLOCK_D": 32,
+            "num_warps": 4 if kp <= 64 else 8, "num_stages": 2}
+
+
 def topk_similarity_triton(
     queries: torch.Tensor, keys: torch.Tensor, k: int, normalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,9 +225,8 @@ def topk_similarity_triton(
         block_n = meta["BLOCK_N"]
         splits = max(1, min(4, triton.cdiv(m, 4 * meta["BLOCK_M"])))
     else:
-        block_n = 32 if kp <= 64 else 16
-        meta = {"BLOCK_N": block_n, "BLOCK_M": max(64, kp), "BLOCK_D": 32,
-                "num_warps": 4 if kp <= 64 else 8, "num_stages": 2}
+        meta = topk_meta(kp)
+        block_n = meta["BLOCK_N"]
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         want = max(1, (4 * sms) // triton.cdiv(n, block_n))
         splits = max(1, min(want, triton.cdiv(m, 4 * meta["BLOCK_M"])))
@@ -290,6 +299,11 @@ def _scores_kernel(
              mask=row_ok[:, None] & c_ok[None, :])
 
 
+# GPU launch parameters (fixed: float32 "ieee" dots, the kernel is memory/latency bound).
+SCORES_META = {"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 3}
+_SCORES_INTERPRET_META = {"BLOCK_N": 16, "BLOCK_C": 16, "BLOCK_D": 32, "num_warps": 4}
+
+
 def coder_class_scores_triton(
     image: torch.Tensor, sums: torch.Tensor, seg: torch.Tensor, pad: torch.Tensor
 ) -> torch.Tensor:
@@ -313,10 +327,7 @@ def coder_class_scores_triton(
     p = int(n1.max()) if c else 0
     sums = sums.contiguous()
     pad = pad.contiguous()
-    if _INTERPRET:
-        meta = {"BLOCK_N": 16, "BLOCK_C": 16, "BLOCK_D": 32, "num_warps": 4}
-    else:
-        meta = {"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 3}
+    meta = _SCORES_INTERPRET_META if _INTERPRET else SCORES_META
     grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"]))
     args = (image, sums, pad, n1, out, n, c, d, p, image.stride(0), image.stride(1))
     if _INTERPRET:
@@ -365,14 +376,15 @@ def _mm_nt_kernel(
     tl.store(OUT + rr.to(tl.int64)[:, None] * Cn + cc[None, :], acc, mask=r_ok[:, None] & c_ok[None, :])
 
 
+MM_META = {"BLOCK_R": 64, "BLOCK_C": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+_MM_INTERPRET_META = {"BLOCK_R": 16, "BLOCK_C": 16, "BLOCK_K": 32, "num_warps": 4}
+
+
 def _mm_nt(a, a_strides, b, b_strides, r, cn, kd, rs=None, cs=None, ks=None):
     out = torch.empty((r, cn), dtype=torch.float32, device=a.device)
     if r == 0 or cn == 0:
         return out
-    if _INTERPRET:
-        meta = {"BLOCK_R": 16, "BLOCK_C": 16, "BLOCK_K": 32, "num_warps": 4}
-    else:
-        meta = {"BLOCK_R": 64, "BLOCK_C": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+    meta = _MM_INTERPRET_META if _INTERPRET else MM_META
     dummy = out
     grid = (triton.cdiv(r, meta["BLOCK_R"]), triton.cdiv(cn, meta["BLOCK_C"]))
     _mm_nt_kernel[grid](
