@@ -13,9 +13,12 @@
 //   buffer [CAP, 2 CAP). The row is read in rounds of 128 elements; an element
 //   is a candidate only if it beats the current k-th (value, then lower
 //   index), which after the first tile is rare, so most rounds cost one
-//   coalesced load and a compare. When the buffer could overflow in the next
-//   round (and at the end) the block bitonic-sorts the 2 CAP entries
-//   (descending value, ascending index) and keeps the first CAP. CAP =
+//   coalesced load and a compare. Candidates take buffer slots by atomicAdd on
+//   a shared counter; the block-uniform count that decides when to flush comes
+//   from __syncthreads_count (reading the shared counter instead would race
+//   with other warps' atomicAdds of the next round). When the buffer could
+//   overflow in the next round (and at the end) the block bitonic-sorts the
+//   2 CAP entries (descending value, ascending index) and keeps the first CAP. CAP =
 //   max(128, next_pow2(k)) <= 1024: shared memory <= 24 KB. Order among equal
 //   values: lower index first, as on the CPU.
 //
@@ -117,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) topk_merge_kernel(const float* __res
                                                                int64_t base, bool first) {
   __shared__ float sv[2 * CAP];
   __shared__ int64_t si[2 * CAP];
-  __shared__ int cnt;
+  __shared__ int slot;  // next free buffer slot (atomicAdd); reset by each flush
   const int64_t row = blockIdx.x;
   const float* srow = S + row * ld;
   float* vrow = vals + row * k;
@@ -127,39 +130,43 @@ __global__ void __launch_bounds__(kThreads) topk_merge_kernel(const float* __res
     sv[i] = keep ? vrow[i] : __int_as_float(0xff800000);  // -inf
     si[i] = keep ? irow[i] : INT64_MAX;
   }
-  if (threadIdx.x == 0) cnt = 0;
+  if (threadIdx.x == 0) slot = 0;
   __syncthreads();
   float thv = sv[k - 1];
   int64_t thi = si[k - 1];
+  int buffered = 0;  // candidates in the buffer: block-uniform (a register in every thread)
 
   auto flush = [&]() {
-    for (int i = CAP + cnt + threadIdx.x; i < 2 * CAP; i += blockDim.x) {
+    for (int i = CAP + buffered + threadIdx.x; i < 2 * CAP; i += blockDim.x) {
       sv[i] = __int_as_float(0xff800000);
       si[i] = INT64_MAX;
     }
     __syncthreads();
     block_sort<2 * CAP>(sv, si);
-    if (threadIdx.x == 0) cnt = 0;
-    __syncthreads();
+    if (threadIdx.x == 0) slot = 0;
+    __syncthreads();  // the reset is seen before the next round's atomicAdds
     thv = sv[k - 1];
     thi = si[k - 1];
+    buffered = 0;
   };
 
   for (int64_t r0 = 0; r0 < cols; r0 += blockDim.x) {
-    if (cnt + static_cast<int>(blockDim.x) > CAP) flush();  // cnt is block-uniform here
+    if (buffered + static_cast<int>(blockDim.x) > CAP) flush();
     const int64_t j = r0 + threadIdx.x;
+    bool cand = false;
     if (j < cols) {
       const float v = srow[j];
       const int64_t id = base + j;
-      if (before(v, id, thv, thi)) {
-        const int p = atomicAdd(&cnt, 1);
+      cand = before(v, id, thv, thi);
+      if (cand) {
+        const int p = atomicAdd(&slot, 1);
         sv[CAP + p] = v;
         si[CAP + p] = id;
       }
     }
-    __syncthreads();
+    buffered += __syncthreads_count(cand);  // barrier: the round's writes are visible
   }
-  if (cnt > 0) flush();
+  if (buffered > 0) flush();
   for (int i = threadIdx.x; i < k; i += blockDim.x) {
     vrow[i] = sv[i];
     irow[i] = si[i];

@@ -1,0 +1,65 @@
+"""Compile a .cu file's unchanged source for the CPU against the sim.h headers (tests only).
+
+``load(cu, api)`` rewrites each launch ``kernel<<<grid, block, smem, stream>>>(args)`` into
+``sim::launch(kernel, grid, block, smem, stream, args)`` (the only CUDA syntax g++ cannot
+read), appends ``api`` (extern "C" wrappers for ctypes), builds a shared library with g++
+-std=c++20 (cached by content hash) and returns it as a ``ctypes.CDLL``.
+``executable(cu, main)`` builds a program instead, with ThreadSanitizer by default.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).parent
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\(", re.S)
+
+
+def rewrite_launches(src: str) -> str:
+    out, n = _LAUNCH.subn(lambda m: f"sim::launch({m.group(1)}, {m.group(2)}, ", src)
+    if "<<<" in out:
+        raise ValueError("a kernel launch was not rewritten")
+    return out
+
+
+def _compile(cu: Path, extra: str, *, shared: bool, tsan: bool) -> Path:
+    if shutil.which("g++") is None:
+        raise RuntimeError("g++ not found")
+    src = rewrite_launches(cu.read_text()) + "\n" + extra
+    headers = "".join(p.read_text() for p in sorted(HERE.glob("*.h")))
+    key = hashlib.sha256((src + headers + str((shared, tsan))).encode()).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / "nolabels_cuda_sim"
+    cache.mkdir(exist_ok=True)
+    out = cache / f"{cu.stem}_{key}{'.so' if shared else '.bin'}"
+    if not out.exists():
+        cpp = cache / f"{cu.stem}_{key}.cpp"
+        cpp.write_text(src)
+        flags = ["-fsanitize=thread", "-O1", "-g"] if tsan else ["-O2"]
+        if shared:
+            flags += ["-fPIC", "-shared"]
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        cmd = ["g++", "-std=c++20", *flags, "-pthread", "-w", f"-I{HERE}", f"-I{cu.parent}", str(cpp),
+               "-o", str(tmp)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"g++ failed:\n{proc.stderr[-6000:]}")
+        tmp.replace(out)
+    return out
+
+
+def load(cu: Path, api: str) -> ctypes.CDLL:
+    """The kernels of ``cu`` plus ``api`` (extern "C" wrappers) as a library for ctypes."""
+    return ctypes.CDLL(str(_compile(cu, api, shared=True, tsan=False)))
+
+
+def executable(cu: Path, main: str, *, tsan: bool = True) -> Path:
+    """The kernels of ``cu`` plus ``main`` (a C++ main) as a program, by default built with
+    ThreadSanitizer: running it is a data-race check of the kernels' shared-memory use
+    (like compute-sanitizer's racecheck), since each CUDA thread is a real thread here."""
+    return _compile(cu, main, shared=False, tsan=tsan)
