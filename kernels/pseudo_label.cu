@@ -55,7 +55,10 @@
 // CPU kernel, which normalises first, would not. Tuning knobs not explored
 // without a GPU: stages (4 fits H100 at 2 CTAs/SM, not A100), BN = 256 with
 // 8 warps, a wgmma (sm_90a) main loop.
-// kernels/pseudo_label_emulator.py replays the index math on the host.
+// The inline PTX (cp.async, ldmatrix, mma.sync, ex2) is in kernels/ptx.cuh. Tests run
+// this file's unchanged source on the CPU (tests/emulators/cuda_sim: one thread per CUDA
+// thread, ptx.cuh's instructions modelled from the PTX ISA); tests/emulators/
+// pseudo_label_cuda.py replays its index math independently.
 #include "pseudo_label.cuh"
 
 #include <cuda_bf16.h>
@@ -66,9 +69,13 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "ptx.cuh"
+
 namespace nolabels {
 namespace cuda {
 namespace {
+
+using namespace ptx;  // NOLINT: cp_async_16, ldmatrix_x4, mma_16816_*, fast_exp2, ...
 
 constexpr float kNormEps = 1e-12f;  // torch.nn.functional.normalize's eps
 constexpr float kLog2e = 1.4426950408889634f;
@@ -98,22 +105,6 @@ __device__ __forceinline__ float load_elem(const void* base, int64_t off, T tag)
 // Finite test on the bits: immune to any fast-math assumption.
 __device__ __forceinline__ bool finite_f(float x) {
   return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
-}
-
-// 0.0f that the compiler cannot see through. Zeroing the 128 mma
-// accumulators with a visible constant after each epilogue makes the
-// compiler specialise the next tile's first mma on "C == 0" and keep a second
-// register copy of the accumulators, which spills; an opaque zero does not.
-__device__ __forceinline__ float opaque_zero() {
-  float z;
-  asm volatile("mov.b32 %0, 0;" : "=f"(z));
-  return z;
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {  // 2^x, 2^-inf = 0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // Sum of squares of the two halves packed in a 32-bit word.
@@ -372,56 +363,14 @@ __device__ __forceinline__ uint32_t swz(int row, int chunk) {
   return static_cast<uint32_t>(row * TC_ROW_BYTES + ((chunk ^ ((row >> 1) & 3)) << 4));
 }
 
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void st_shared_v4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c,
-                                             uint32_t d) {
-  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c),
-               "r"(d)
-               : "memory");
-}
-__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr)
-               : "memory");
-  return v;
-}
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1,
-                                            uint32_t& r2, uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr)
-               : "memory");
-}
-
-// D += A(16x16, row) * B(16x8, col), fp32 accumulate.
+// D += A(16x16, row) * B(16x8, col), fp32 accumulate (ptx.cuh), by element type.
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                           uint32_t b1, BF16) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  mma_16816_bf16(d, a, b0, b1);
 }
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                           uint32_t b1, F16) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  mma_16816_f16(d, a, b0, b1);
 }
 
 // Stage a 128-row x 32-column (k) tile of a 16-bit (rows x D) matrix into
@@ -496,7 +445,7 @@ __global__ void __launch_bounds__(TC_THREADS, 2) pseudo_label_tc_kernel(const Pa
   const int kTiles = (p.D + TC_BK - 1) / TC_BK;
   const int nTiles = (p.C + TC_BN - 1) / TC_BN;
   const int total = kTiles * nTiles;  // host checks it fits in int
-  const uint32_t sbase = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t sbase = smem_u32(smem);
   float* ebuf = reinterpret_cast<float*>(smem + TC_STAGES * TC_STAGE_BYTES);
 
   const int64_t row = m0 + tid;  // the image row this thread reduces

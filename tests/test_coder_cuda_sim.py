@@ -19,7 +19,7 @@ import torch
 
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(Path(__file__).parent / "emulators" / "cuda_sim"))
-import build  # noqa: E402
+import sim_build  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
@@ -56,7 +56,7 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 @pytest.fixture(scope="module")
 def lib():
-    return build.load(ROOT / "kernels" / "coder.cu", _API)
+    return sim_build.load(ROOT / "kernels" / "coder.cu", _API)
 
 
 def _p(t: torch.Tensor | None):
@@ -270,7 +270,7 @@ def test_kernels_are_race_free_under_thread_sanitizer():
     import subprocess
 
     try:
-        exe = build.executable(ROOT / "kernels" / "coder.cu", _RACE_MAIN)
+        exe = sim_build.executable(ROOT / "kernels" / "coder.cu", _RACE_MAIN)
     except RuntimeError as e:  # no TSan runtime for this compiler
         if "tsan" in str(e).lower() or "sanitize" in str(e).lower():
             pytest.skip(f"ThreadSanitizer unavailable: {str(e)[-300:]}")

@@ -3,6 +3,7 @@
 #include "sim.h"
 
 struct __half { uint16_t x; };
+inline __half __ushort_as_half(unsigned short v) { return __half{v}; }
 inline float __half2float(__half h) {
   const uint32_t s = (h.x & 0x8000u) << 16, e = (h.x >> 10) & 0x1f, m = h.x & 0x3ff;
   uint32_t bits;

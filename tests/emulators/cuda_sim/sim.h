@@ -6,12 +6,16 @@
 //   * a launch runs its blocks one after another; a block runs blockDim threads
 //     concurrently, with threadIdx/blockIdx thread_local and blockDim/gridDim global;
 //   * __shared__ is `static` (one block at a time, so a static is the block's shared
-//     memory; it is NOT zeroed between blocks, like real shared memory);
+//     memory; it is NOT zeroed between blocks, like real shared memory); the dynamic
+//     `extern __shared__` array is a per-block buffer of the launch's size, filled
+//     with 0xff bytes (NaN as float) so reads of unwritten shared memory show;
+//   * kernels/ptx.cuh's inline PTX is replaced by ptx.cuh in this folder;
 //   * __syncthreads() is a barrier over the block's live threads (__syncthreads_count
 //     and _or too, counting the predicate over them), __syncwarp() and
 //     the *_sync shuffles a barrier over the warp's live lanes; a thread that returns
 //     leaves both (as exited threads do on the hardware);
-//   * __shfl_xor_sync / __shfl_sync / __shfl_down_sync / __shfl_up_sync exchange
+//   * __shfl_xor_sync / __shfl_sync / __shfl_down_sync / __shfl_up_sync and the votes
+//     __ballot_sync / __any_sync / __all_sync exchange
 //     through a per-warp slot array between two warp barriers, so every lane named in
 //     the mask must reach the call, as the hardware requires;
 //   * atomics are real atomics (GCC __atomic builtins).
@@ -55,11 +59,12 @@ struct PhaseDone {
 };
 
 struct Block {
+  std::vector<unsigned char, std::allocator<unsigned char>> dyn_smem;  // extern __shared__
   std::unique_ptr<std::barrier<PhaseDone>> block_bar;
   std::atomic<int> count_acc{0};
   int count_result = 0;
   std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
-  std::vector<std::array<unsigned char, 16>> slots;  // one per thread
+  std::vector<std::array<unsigned char, 64>> slots;  // one per thread, for warp exchanges
 };
 
 inline void PhaseDone::operator()() noexcept { b->count_result = b->count_acc.exchange(0); }
@@ -86,7 +91,7 @@ inline void __syncwarp(unsigned = 0xffffffffu) { sim::g_block->warp_bar[sim::t_l
 namespace sim {
 template <class T>
 T shfl_from(T v, unsigned src_lane_fn(unsigned, int), int arg) {
-  static_assert(sizeof(T) <= 16, "shuffle of a type over 16 bytes");
+  static_assert(sizeof(T) <= 64, "shuffle of a type over 64 bytes");
   const unsigned lane = t_linear % 32, warp = t_linear / 32;
   std::memcpy(g_block->slots[t_linear].data(), &v, sizeof(T));
   g_block->warp_bar[warp]->arrive_and_wait();
@@ -102,10 +107,38 @@ inline unsigned lane_down(unsigned l, int d) { return l + d < 32 ? l + d : l; }
 inline unsigned lane_up(unsigned l, int d) { return static_cast<int>(l) - d >= 0 ? l - d : l; }
 }  // namespace sim
 
+namespace sim {
+// Every lane's v, in lane order (a warp-collective: all 32 lanes must call it).
+template <class T>
+std::array<T, 32> warp_allgather(const T& v) {
+  static_assert(sizeof(T) <= 64, "allgather of a type over 64 bytes");
+  const unsigned warp = t_linear / 32;
+  std::memcpy(g_block->slots[t_linear].data(), &v, sizeof(T));
+  g_block->warp_bar[warp]->arrive_and_wait();
+  std::array<T, 32> out;
+  for (unsigned l = 0; l < 32; ++l) std::memcpy(&out[l], g_block->slots[warp * 32 + l].data(), sizeof(T));
+  g_block->warp_bar[warp]->arrive_and_wait();
+  return out;
+}
+// Base of the block's dynamic shared memory (``extern __shared__`` arrays).
+inline unsigned char* dynamic_smem() { return g_block->dyn_smem.data(); }
+}  // namespace sim
+
 template <class T> T __shfl_xor_sync(unsigned, T v, int m, int = 32) { return sim::shfl_from(v, sim::lane_xor, m); }
 template <class T> T __shfl_sync(unsigned, T v, int s, int = 32) { return sim::shfl_from(v, sim::lane_idx, s); }
 template <class T> T __shfl_down_sync(unsigned, T v, unsigned d, int = 32) { return sim::shfl_from(v, sim::lane_down, static_cast<int>(d)); }
 template <class T> T __shfl_up_sync(unsigned, T v, unsigned d, int = 32) { return sim::shfl_from(v, sim::lane_up, static_cast<int>(d)); }
+
+// Warp votes over the lanes named in the mask (all of them must call).
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  const auto all = sim::warp_allgather(static_cast<int>(pred != 0));
+  unsigned out = 0;
+  for (unsigned l = 0; l < 32; ++l)
+    if (((mask >> l) & 1u) && all[l]) out |= 1u << l;
+  return out;
+}
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
 
 template <class T> T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 template <class T> T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
@@ -119,12 +152,25 @@ inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; 
 inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
 inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
 inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
-using std::isfinite;  // fmaxf, fminf, sqrtf: the C library's, from <cmath>
+using std::isfinite;  // fmaxf, fminf, sqrtf, fmaf, exp2f, ...: the C library's, from <cmath>
+inline float __log2f(float x) { return std::log2(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+template <class T> T __ldg(const T* p) { return *p; }
+template <class A, class B> auto min(A a, B b) { return a < b ? a : b; }
+template <class A, class B> auto max(A a, B b) { return a < b ? b : a; }
+#define __noinline__ __attribute__((noinline))
+#define __align__(n) alignas(n)
+
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 namespace sim {
 // Run kernel(args...) over grid x block threads; blocks in order, threads concurrently.
 template <class... P, class... A>
-void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t /*smem*/, void* /*stream*/, A&&... args) {
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, void* /*stream*/, A&&... args) {
   gridDim = grid;
   blockDim = block;
   const unsigned nthreads = block.x * block.y * block.z;
@@ -134,6 +180,9 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t /*smem*/, void* 
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         Block b;
+        // Fresh shared memory holds garbage on a GPU: all-ones bytes read as NaN floats
+        // here, so a read of never-written shared memory shows up in the results.
+        b.dyn_smem.assign(smem + 128, 0xff);
         b.block_bar = std::make_unique<std::barrier<PhaseDone>>(nthreads, PhaseDone{&b});
         for (unsigned w = 0; w < nwarps; ++w)
           b.warp_bar.push_back(std::make_unique<std::barrier<>>(std::min(32u, nthreads - 32 * w)));

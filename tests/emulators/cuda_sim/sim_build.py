@@ -21,19 +21,25 @@ HERE = Path(__file__).parent
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?)>>>\(", re.S)
 
 
+_DYN_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]+?)\s+(\w+)\[\];")
+
+
 def rewrite_launches(src: str) -> str:
-    out, n = _LAUNCH.subn(lambda m: f"sim::launch({m.group(1)}, {m.group(2)}, ", src)
-    if "<<<" in out:
-        raise ValueError("a kernel launch was not rewritten")
+    """The two CUDA constructs g++ cannot read: launches and dynamic shared memory."""
+    out = _LAUNCH.sub(lambda m: f"sim::launch({m.group(1)}, {m.group(2)}, ", src)
+    out = _DYN_SMEM.sub(lambda m: f"{m.group(1)}* {m.group(2)} = "
+                        f"reinterpret_cast<{m.group(1)}*>(sim::dynamic_smem());", out)
+    if "<<<" in out or "extern __shared__" in out:
+        raise ValueError("a kernel launch or dynamic shared array was not rewritten")
     return out
 
 
-def _compile(cu: Path, extra: str, *, shared: bool, tsan: bool) -> Path:
+def _compile(cu: Path, extra: str, *, shared: bool, tsan: bool, defines: tuple[str, ...] = ()) -> Path:
     if shutil.which("g++") is None:
         raise RuntimeError("g++ not found")
     src = rewrite_launches(cu.read_text()) + "\n" + extra
     headers = "".join(p.read_text() for p in sorted(HERE.glob("*.h")))
-    key = hashlib.sha256((src + headers + str((shared, tsan))).encode()).hexdigest()[:16]
+    key = hashlib.sha256((src + headers + str((shared, tsan, defines))).encode()).hexdigest()[:16]
     cache = Path(tempfile.gettempdir()) / "nolabels_cuda_sim"
     cache.mkdir(exist_ok=True)
     out = cache / f"{cu.stem}_{key}{'.so' if shared else '.bin'}"
@@ -44,7 +50,9 @@ def _compile(cu: Path, extra: str, *, shared: bool, tsan: bool) -> Path:
         if shared:
             flags += ["-fPIC", "-shared"]
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        cmd = ["g++", "-std=c++20", *flags, "-pthread", "-w", f"-I{HERE}", f"-I{cu.parent}", str(cpp),
+        # -I order: this folder's ptx.cuh and CUDA headers shadow the real ones.
+        cmd = ["g++", "-std=c++20", *flags, *(f"-D{d}" for d in defines), "-pthread", "-w",
+               f"-I{HERE}", f"-I{cu.parent}", str(cpp),
                "-o", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -53,13 +61,14 @@ def _compile(cu: Path, extra: str, *, shared: bool, tsan: bool) -> Path:
     return out
 
 
-def load(cu: Path, api: str) -> ctypes.CDLL:
-    """The kernels of ``cu`` plus ``api`` (extern "C" wrappers) as a library for ctypes."""
-    return ctypes.CDLL(str(_compile(cu, api, shared=True, tsan=False)))
+def load(cu: Path, api: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The kernels of ``cu`` plus ``api`` (extern "C" wrappers) as a library for ctypes;
+    ``defines``: preprocessor macros (e.g. ptx.cuh's SIM_CP_ASYNC_AT_ISSUE)."""
+    return ctypes.CDLL(str(_compile(cu, api, shared=True, tsan=False, defines=defines)))
 
 
-def executable(cu: Path, main: str, *, tsan: bool = True) -> Path:
+def executable(cu: Path, main: str, *, tsan: bool = True, defines: tuple[str, ...] = ()) -> Path:
     """The kernels of ``cu`` plus ``main`` (a C++ main) as a program, by default built with
     ThreadSanitizer: running it is a data-race check of the kernels' shared-memory use
     (like compute-sanitizer's racecheck), since each CUDA thread is a real thread here."""
-    return _compile(cu, main, shared=False, tsan=tsan)
+    return _compile(cu, main, shared=False, tsan=tsan, defines=defines)
