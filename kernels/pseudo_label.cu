@@ -57,8 +57,7 @@
 // 8 warps, a wgmma (sm_90a) main loop.
 // The inline PTX (cp.async, ldmatrix, mma.sync, ex2) is in kernels/ptx.cuh. Tests run
 // this file's unchanged source on the CPU (tests/emulators/cuda_sim: one thread per CUDA
-// thread, ptx.cuh's instructions modelled from the PTX ISA); tests/emulators/
-// pseudo_label_cuda.py replays its index math independently.
+// thread, ptx.cuh's instructions modelled from the PTX ISA; tests/test_pseudo_label_cuda_sim.py).
 #include "pseudo_label.cuh"
 
 #include <cuda_bf16.h>
