@@ -5,10 +5,12 @@
 //
 // topk_similarity (FAISS GPU IndexFlat's design: tiled GEMM + k-selection)
 //   For each (query block, key tile), the host normalises the key tile into a
-//   float32 buffer, multiplies (cuBLAS), and topk_merge_kernel merges each row
+//   float32 buffer, multiplies (cuBLAS), and a selection kernel merges each row
 //   of the similarity tile into the row's running top-k, which lives in the
 //   output tensors between tiles (O(N k) state, O(tile) buffers).
-//   topk_merge_kernel is a block select: one 128-thread block per row keeps
+//   k <= 256: warp_select_kernel, FAISS WarpSelect's design, all in registers
+//   (see the kernel's comment). k > 256: topk_merge_kernel, a block select in
+//   shared memory: one 128-thread block per row keeps
 //   the row's list sorted in shared memory, [0, CAP), next to a candidate
 //   buffer [CAP, 2 CAP). The row is read in rounds of 128 elements; an element
 //   is a candidate only if it beats the current k-th (value, then lower
@@ -173,6 +175,188 @@ __global__ void __launch_bounds__(kThreads) topk_merge_kernel(const float* __res
   }
 }
 
+// ---------------------------------------------------------------- warp select (k <= 256)
+// FAISS WarpSelect's design, in registers: one warp per row. The warp queue
+// is a sorted "warp array" of L = 32 Q (value, index) pairs, element
+// e = 32 r + lane in register r of that lane (Q = next_pow2(k) / 32 per lane,
+// so L >= k). Each lane also keeps a sorted thread queue of Q candidates. The
+// row is read 32 columns at a time (one coalesced 128-byte load); a value is a
+// candidate only if it beats the warp queue's k-th element (value, then lower
+// index), so after the first tile nearly every round is a load and a compare.
+// When any lane's thread queue is full (__any_sync: warp-uniform) the warp
+// merges: bitonic-sorts the 32 thread queues as one warp array, takes the
+// element-wise better of queue[e] and candidates[L-1-e] (a bitonic sequence
+// holding the best L of both) and bitonic-merges it. Exchanges between lanes
+// are shuffles; between registers of a lane, plain moves (all register
+// indices are compile-time after unrolling: no local memory).
+template <int Q>
+struct WarpArray {
+  float v[Q];
+  int64_t i[Q];
+};
+
+template <int Q>
+__device__ __forceinline__ void warp_fill(WarpArray<Q>& a) {
+#pragma unroll
+  for (int r = 0; r < Q; ++r) {
+    a.v[r] = __int_as_float(0xff800000);  // -inf
+    a.i[r] = INT64_MAX;
+  }
+}
+
+// One bitonic step on a warp array: elements e and e ^ stride are compared;
+// blocks of `size` elements with (e & size) == 0 end best-first (size == L:
+// the whole array best-first).
+template <int Q>
+__device__ __forceinline__ void warp_step(WarpArray<Q>& a, int size, int stride, int lane) {
+  if (stride >= 32) {
+    const int rs = stride >> 5;
+#pragma unroll
+    for (int r = 0; r < Q; ++r) {
+      const int p = r ^ rs;
+      if (p > r) {  // each register pair once, r the lower element
+        const bool up = (((r << 5) | lane) & size) == 0;
+        const bool swap = up ? before(a.v[p], a.i[p], a.v[r], a.i[r])
+                             : before(a.v[r], a.i[r], a.v[p], a.i[p]);
+        if (swap) {
+          const float tv = a.v[r];
+          a.v[r] = a.v[p];
+          a.v[p] = tv;
+          const int64_t ti = a.i[r];
+          a.i[r] = a.i[p];
+          a.i[p] = ti;
+        }
+      }
+    }
+  } else {
+    const bool lower = (lane & stride) == 0;
+#pragma unroll
+    for (int r = 0; r < Q; ++r) {
+      const float ov = __shfl_xor_sync(0xffffffffu, a.v[r], stride);
+      const int64_t oi = __shfl_xor_sync(0xffffffffu, a.i[r], stride);
+      const bool up = (((r << 5) | lane) & size) == 0;
+      // lower element of an "up" pair keeps the better one, upper the worse; reversed if down
+      const bool mine_better = before(a.v[r], a.i[r], ov, oi);
+      const bool keep_better = lower == up;
+      if (mine_better != keep_better) {
+        a.v[r] = ov;
+        a.i[r] = oi;
+      }
+    }
+  }
+}
+
+template <int Q>
+__device__ __forceinline__ void warp_sort(WarpArray<Q>& a, int lane) {
+#pragma unroll
+  for (int size = 2; size <= 32 * Q; size <<= 1)
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) warp_step(a, size, stride, lane);
+}
+
+// queue <- best L of (queue, cand); both sorted best-first on entry.
+template <int Q>
+__device__ __forceinline__ void warp_merge(WarpArray<Q>& queue, const WarpArray<Q>& cand, int lane) {
+#pragma unroll
+  for (int r = 0; r < Q; ++r) {  // element L-1-e of cand: register Q-1-r of lane 31-lane
+    const float cv = __shfl_xor_sync(0xffffffffu, cand.v[Q - 1 - r], 31);
+    const int64_t ci = __shfl_xor_sync(0xffffffffu, cand.i[Q - 1 - r], 31);
+    if (before(cv, ci, queue.v[r], queue.i[r])) {
+      queue.v[r] = cv;
+      queue.i[r] = ci;
+    }
+  }
+#pragma unroll
+  for (int stride = 16 * Q; stride > 0; stride >>= 1) warp_step(queue, 32 * Q, stride, lane);
+}
+
+template <int Q>
+__global__ void __launch_bounds__(kThreads) warp_select_kernel(const float* __restrict__ S,
+                                                               int64_t rows, int64_t cols,
+                                                               int64_t ld, float* __restrict__ vals,
+                                                               int64_t* __restrict__ idx, int k,
+                                                               int64_t base, bool first) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
+  if (row >= rows) return;  // whole warps
+  const float* srow = S + row * ld;
+  float* vrow = vals + row * k;
+  int64_t* irow = idx + row * k;
+
+  WarpArray<Q> queue, cand;
+  warp_fill(queue);
+  warp_fill(cand);
+  if (!first) {
+#pragma unroll
+    for (int r = 0; r < Q; ++r) {
+      const int e = (r << 5) | lane;
+      if (e < k) {
+        queue.v[r] = vrow[e];
+        queue.i[r] = irow[e];
+      }
+    }
+  }
+  const int kr = (k - 1) >> 5, kl = (k - 1) & 31;  // where the k-th element lives
+  float thv;
+  int64_t thi;
+  auto threshold = [&]() {
+    float tv = queue.v[0];
+    int64_t ti = queue.i[0];
+#pragma unroll
+    for (int r = 1; r < Q; ++r)
+      if (r == kr) {
+        tv = queue.v[r];
+        ti = queue.i[r];
+      }
+    thv = __shfl_sync(0xffffffffu, tv, kl);
+    thi = __shfl_sync(0xffffffffu, ti, kl);
+  };
+  threshold();
+  int n = 0;  // this lane's thread-queue fill
+  auto merge = [&]() {
+    warp_sort(cand, lane);
+    warp_merge(queue, cand, lane);
+    warp_fill(cand);
+    n = 0;
+    threshold();
+  };
+
+  for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+    const int64_t j = c0 + lane;
+    if (j < cols) {
+      const float v = srow[j];
+      const int64_t id = base + j;
+      if (before(v, id, thv, thi)) {
+        // sorted insert into the thread queue (its last slot is free: n < Q here)
+#pragma unroll
+        for (int r = Q - 1; r > 0; --r) {
+          const bool up = before(v, id, cand.v[r - 1], cand.i[r - 1]);
+          const bool here = before(v, id, cand.v[r], cand.i[r]);
+          if (here) {
+            cand.v[r] = up ? cand.v[r - 1] : v;
+            cand.i[r] = up ? cand.i[r - 1] : id;
+          }
+        }
+        if (before(v, id, cand.v[0], cand.i[0])) {
+          cand.v[0] = v;
+          cand.i[0] = id;
+        }
+        ++n;
+      }
+    }
+    if (__any_sync(0xffffffffu, n == Q)) merge();
+  }
+  if (__any_sync(0xffffffffu, n > 0)) merge();
+#pragma unroll
+  for (int r = 0; r < Q; ++r) {
+    const int e = (r << 5) | lane;
+    if (e < k) {
+      vrow[e] = queue.v[r];
+      irow[e] = queue.i[r];
+    }
+  }
+}
+
 __global__ void topk_poison_kernel(float* vals, int64_t rows, int64_t k, const int* row_bad,
                                    const int* any_bad) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -242,8 +426,21 @@ int topk_merge(const float* S, int64_t rows, int64_t cols, int64_t ld, float* va
   if (rows == 0 || cols == 0) return 0;
   if (k < 1 || k > kMaxK) return static_cast<int>(cudaErrorInvalidValue);
   auto s = static_cast<cudaStream_t>(stream);
-  const dim3 grid(static_cast<unsigned>(rows));
   const int ki = static_cast<int>(k);
+  if (k <= 256) {  // warp select in registers, 4 rows per block
+    const dim3 wgrid(blocks_for(rows, kThreads / 32));
+    if (k <= 32) {
+      warp_select_kernel<1><<<wgrid, kThreads, 0, s>>>(S, rows, cols, ld, vals, idx, ki, base, first);
+    } else if (k <= 64) {
+      warp_select_kernel<2><<<wgrid, kThreads, 0, s>>>(S, rows, cols, ld, vals, idx, ki, base, first);
+    } else if (k <= 128) {
+      warp_select_kernel<4><<<wgrid, kThreads, 0, s>>>(S, rows, cols, ld, vals, idx, ki, base, first);
+    } else {
+      warp_select_kernel<8><<<wgrid, kThreads, 0, s>>>(S, rows, cols, ld, vals, idx, ki, base, first);
+    }
+    return static_cast<int>(cudaGetLastError());
+  }
+  const dim3 grid(static_cast<unsigned>(rows));  // block select in shared memory, a block per row
   if (k <= 128) {
     topk_merge_kernel<128><<<grid, kThreads, 0, s>>>(S, cols, ld, vals, idx, ki, base, first);
   } else if (k <= 256) {

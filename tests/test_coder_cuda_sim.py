@@ -125,13 +125,18 @@ def _check_topk(q, keys, k, normalize, values, indices):
 @pytest.mark.parametrize(
     "n,m,d,k,tm",
     [
-        (5, 37, 19, 1, None),  # one tile, k = 1
+        # warp select (k <= 256; Q = next_pow2(k) / 32 registers per lane), 4 rows a block
+        (5, 37, 19, 1, None),  # one tile, k = 1, rows not a multiple of 4
         (7, 1000, 33, 5, 129),  # many tiles of odd width
-        (3, 700, 17, 128, 301),  # k = CAP, several flushes per tile
-        (4, 900, 9, 129, 257),  # CAP 256
+        (6, 333, 8, 32, 100),  # Q = 1 full
+        (3, 700, 17, 33, 301),  # Q = 2
+        (3, 700, 17, 128, 301),  # Q = 4 full, several merges per tile
+        (4, 900, 9, 129, 257),  # Q = 8
+        (2, 800, 11, 256, 300),  # Q = 8 full
+        (33, 61, 5, 61, None),  # k = M: every key returned
+        # block select (k > 256), a block per row
         (2, 1500, 13, 300, 450),  # CAP 512
         (2, 1100, 7, 1024, 1050),  # k = kMaxK, second tile narrower than k
-        (33, 61, 5, 61, None),  # k = M: every key returned
     ],
 )
 def test_topk_merge_matches_reference(lib, gen, n, m, d, k, tm):

@@ -7,7 +7,8 @@
 // stream; temporaries come from torch's caching allocator.
 //
 //   topk_similarity     query blocks x key tiles: normalise (kernel), GEMM,
-//                       block-select merge into the (N, k) outputs; poison NaN.
+//                       warp-select (k <= 256) or block-select merge into the
+//                       (N, k) outputs; poison NaN.
 //   coder_class_scores_bank   row blocks: normalise, GEMM against the folded
 //                       bank, per-class segment max (kernel).
 //   coder_affinity      G = T̂ᵀT̂, U = X̂G, V = ŶG, inverse CODER norms (kernel),
