@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -154,13 +153,4 @@ def test_kernels_are_race_free_under_thread_sanitizer(mode):
     """Shared-memory synchronisation of the pipelined tensor-core and fp32 kernels and of
     the colscale pre-pass, with each CUDA thread a real thread under ThreadSanitizer."""
     defines = ("SIM_CP_ASYNC_AT_ISSUE",) if mode == "issue" else ()
-    try:
-        exe = sim_build.executable(CU, _RACE_MAIN, defines=defines)
-    except RuntimeError as e:
-        if "sanitize" in str(e).lower() or "tsan" in str(e).lower():
-            pytest.skip(f"ThreadSanitizer unavailable: {str(e)[-300:]}")
-        raise
-    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=900,
-                          env={"TSAN_OPTIONS": "halt_on_error=1 exitcode=66"})
-    assert "ThreadSanitizer" not in proc.stderr, proc.stderr[-6000:]
-    assert proc.returncode == 0 and proc.stdout.strip() == "done", (proc.returncode, proc.stdout, proc.stderr[-3000:])
+    sim_build.assert_race_free(CU, _RACE_MAIN, defines)

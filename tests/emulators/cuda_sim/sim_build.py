@@ -72,3 +72,21 @@ def executable(cu: Path, main: str, *, tsan: bool = True, defines: tuple[str, ..
     ThreadSanitizer: running it is a data-race check of the kernels' shared-memory use
     (like compute-sanitizer's racecheck), since each CUDA thread is a real thread here."""
     return _compile(cu, main, shared=False, tsan=tsan, defines=defines)
+
+
+def assert_race_free(cu: Path, main: str, defines: tuple[str, ...] = (), timeout: int = 900) -> None:
+    """Build ``main`` with the kernels of ``cu`` under ThreadSanitizer, run it, and fail on any
+    race report or on a run that does not end by printing ``done`` (pytest-skips when the
+    compiler has no TSan runtime)."""
+    import pytest
+
+    try:
+        exe = executable(cu, main, defines=defines)
+    except RuntimeError as e:
+        if "sanitize" in str(e).lower() or "tsan" in str(e).lower():
+            pytest.skip(f"ThreadSanitizer unavailable: {str(e)[-300:]}")
+        raise
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=timeout,
+                          env={"TSAN_OPTIONS": "halt_on_error=1 exitcode=66"})
+    assert "ThreadSanitizer" not in proc.stderr, proc.stderr[-6000:]
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", (proc.returncode, proc.stdout, proc.stderr[-3000:])
