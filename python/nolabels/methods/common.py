@@ -33,6 +33,44 @@ import torch
 
 from nolabels import dist
 from nolabels.methods.selection import DEFAULT_HELDOUT_FRACTION, holdout_split, oracle_accuracy
+from nolabels.methods.trainer import TrainConfig
+
+
+@dataclass
+class RunSettings:
+    """The training-run settings every tuning method's config shares (LaFTer, NoLA and
+    LatteCLIP configs derive from it and override the defaults that differ)."""
+
+    epochs: int = 50
+    batch_size: int = 512
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION
+    seed: int = 0
+    grad_accum: int = 1
+    amp: str = "auto"
+    workers: int = 0
+    checkpoint_every: int = 0
+    select: str = "best"
+    eval_batch_size: int = 128
+
+    def train_config(self, quiet: bool = False) -> TrainConfig:
+        """The :class:`TrainConfig` of the method's main training stage."""
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                           seed=self.seed, amp=self.amp, workers=self.workers,
+                           checkpoint_every=self.checkpoint_every, select=self.select, quiet=quiet)
+
+
+class IndexDataset(torch.utils.data.Dataset):
+    """Items ``0..n-1`` as 0-d int64 tensors (also for the trainer's ``(epoch, i)`` keys):
+    for stages whose module holds all its data and only needs step or row indices."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key):
+        return torch.tensor(key[1] if isinstance(key, tuple) else key)
 
 
 class Oracle:

@@ -33,7 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nolabels.methods.common import TuneData, encoder_info, map_rows, save_run
+from nolabels.methods.common import (
+    IndexDataset,
+    RunSettings,
+    TuneData,
+    encoder_info,
+    map_rows,
+    save_run,
+)
 from nolabels.methods.selection import CRITERIA, agreement
 from nolabels.methods.students import (
     CachedViews,
@@ -61,8 +68,9 @@ TEXT_STEPS = {"dtd": 400, "eurosat": 400, "food101": 400, "cifar10": 400, "cifar
 
 
 @dataclass
-class LaFTerConfig:
-    """LaFTer's hyper-parameters (defaults: the paper's code)."""
+class LaFTerConfig(RunSettings):
+    """LaFTer's hyper-parameters (defaults: the paper's code); run settings in
+    :class:`RunSettings`."""
 
     templates: str | list = "simple"
     text_steps: int = 400
@@ -73,34 +81,13 @@ class LaFTerConfig:
     num_prompts: int = 50
     prompt_mode: str = "shallow"
     surrogate_norms: str = "all"
-    epochs: int = 50
     batch_size: int = 50
     lr: float = 5e-4
     weight_decay: float = 0.01
     strong_aug: str = "lafter"
-    heldout_fraction: float = 0.1
-    seed: int = 0
-    grad_accum: int = 1
-    amp: str = "auto"
-    workers: int = 0
-    checkpoint_every: int = 0
-    select: str = "best"
-    eval_batch_size: int = 128
 
 
 # --------------------------------------------------------------------------- stage 1
-class _StepKeys(torch.utils.data.Dataset):
-    """One item per full-batch step (the module reads all texts itself)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, key):
-        return torch.tensor(key[1] if isinstance(key, tuple) else key)
-
 
 class TextClassifierModule(nn.Module):
     """``W (e + ξ)`` on every text embedding, label-smoothed CE (full batch)."""
@@ -133,7 +120,7 @@ class TextClassifierTask(TrainTask):
         return self.steps
 
     def dataset(self):
-        return _StepKeys(self.steps)
+        return IndexDataset(self.steps)  # one item per full-batch step
 
     def make_optimizer(self):
         return adamw_no_bias_decay(list(self.module.named_parameters()), self.lr, self.wd)
@@ -358,9 +345,7 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
                                        seed=cfg.seed, prefix=prefix)
     task = LaFTerTask(module, data, train_ds, held_ds, cfg.lr, cfg.weight_decay,
                       cfg.eval_batch_size, cfg.workers)
-    tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                       seed=cfg.seed, amp=cfg.amp, workers=cfg.workers,
-                       checkpoint_every=cfg.checkpoint_every, select=cfg.select, quiet=quiet)
+    tcfg = cfg.train_config(quiet)
     settings = {"lafter": asdict(cfg), "student": student.config(), "cached": cached,
                 "rows": tensor_digest(data.train, data.heldout), "text_classifier": tensor_digest(W)}
     res = fit(task, tcfg, out, log=say, settings=settings)

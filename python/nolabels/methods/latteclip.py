@@ -71,10 +71,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from nolabels import dist, ops
-from nolabels.methods.common import TuneData, encoder_info, map_rows, save_run
+from nolabels.methods.common import RunSettings, TuneData, encoder_info, map_rows, save_run
 from nolabels.methods.selection import CRITERIA, mean_confidence
 from nolabels.methods.students import ConSEStudent, ImageViews, image_stats, is_vit_encoder
-from nolabels.methods.trainer import TrainConfig, TrainTask, fit, sample_seed, tensor_digest
+from nolabels.methods.trainer import TrainTask, fit, sample_seed, tensor_digest
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 IMAGE_PROMPT = "Describe the {noun} in the photo concisely, less than 20 words."
@@ -82,15 +82,14 @@ GROUP_PROMPT = "Describe the common visual attributes of the {noun} in all the p
 
 
 @dataclass
-class LatteCLIPConfig:
+class LatteCLIPConfig(RunSettings):
     """LatteCLIP's hyper-parameters. ``lr`` 1e-7 is the README example (the paper's
-    value was not found); epochs and warmup vary per dataset (methods.md §4.4)."""
+    value was not found); epochs and warmup vary per dataset (methods.md §4.4); run
+    settings in :class:`RunSettings`."""
 
     template: str = DEFAULT_TEMPLATE
     alpha: float = 0.01
-    epochs: int = 50
     warmup_steps: int = 10
-    batch_size: int = 512
     lr: float = 1e-7
     weight_decay: float = 0.2
     betas: tuple = (0.9, 0.98)
@@ -102,14 +101,6 @@ class LatteCLIPConfig:
     use_zeroshot_pseudolabel: float = 1.0
     reproduce_wcls_bug: bool = False
     surrogate_norms: str = "all"
-    heldout_fraction: float = 0.1
-    seed: int = 0
-    grad_accum: int = 1
-    amp: str = "auto"
-    workers: int = 0
-    checkpoint_every: int = 0
-    select: str = "best"
-    eval_batch_size: int = 128
 
 
 # --------------------------------------------------------------------------- pieces
@@ -689,9 +680,7 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     held_ds = ImageViews(data.source, [data.items[i] for i in data.heldout.tolist()],
                          {"weak": encoder.transform}, cfg.seed)
     task = LatteCLIPTask(module, data, train_ds, held_ds, cfg, dev)
-    tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                       seed=cfg.seed, amp=cfg.amp, workers=cfg.workers,
-                       checkpoint_every=cfg.checkpoint_every, select=cfg.select, quiet=quiet)
+    tcfg = cfg.train_config(quiet)
     settings = {"latteclip": asdict(cfg), "rows": tensor_digest(data.train, data.heldout),
                 "zs": tensor_digest(zs), "texts": len(table), "captions": n_cap,
                 "text_ids": tensor_digest(torch.tensor(cap_id)),

@@ -36,7 +36,14 @@ import torch
 from torch import nn
 
 from nolabels import ops
-from nolabels.methods.common import TuneData, encoder_info, map_rows, save_run
+from nolabels.methods.common import (
+    IndexDataset,
+    RunSettings,
+    TuneData,
+    encoder_info,
+    map_rows,
+    save_run,
+)
 from nolabels.methods.lafter import ViewTuningTask, image_datasets
 from nolabels.methods.selection import CRITERIA, agreement
 from nolabels.methods.students import Student, make_student
@@ -52,8 +59,9 @@ from nolabels.methods.trainer import (
 
 
 @dataclass
-class NoLAConfig:
-    """NoLA's hyper-parameters (defaults: the paper's code, ``config.yml`` / ``misc.py``)."""
+class NoLAConfig(RunSettings):
+    """NoLA's hyper-parameters (defaults: the paper's code, ``config.yml`` / ``misc.py``);
+    run settings in :class:`RunSettings`."""
 
     templates: str | list = "simple"
     k_min: int = 16
@@ -66,20 +74,11 @@ class NoLAConfig:
     num_prompts: int = 16
     prompt_mode: str = "shallow"
     surrogate_norms: str = "all"
-    epochs: int = 50
-    batch_size: int = 512
     lr: float = 0.004
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     strong_aug: str = "nola"
-    heldout_fraction: float = 0.1
     seed: int = 7777
-    grad_accum: int = 1
-    amp: str = "auto"
-    workers: int = 0
-    checkpoint_every: int = 0
-    select: str = "best"
-    eval_batch_size: int = 128
 
 
 def find_k(n: int, num_classes: int, k_min: int = 16, fraction: float = 0.2,
@@ -98,17 +97,6 @@ def confident_subset(emb: torch.Tensor, class_emb: torch.Tensor, k: int, *,
 
 
 # --------------------------------------------------------------------------- labeller
-class _Positions(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, key):
-        return torch.tensor(key[1] if isinstance(key, tuple) else key)
-
-
 class LabellerModule(nn.Module):
     """NoLA's DINO labeller ``h`` (``AdapterMLP``) with its training data as buffers."""
 
@@ -139,7 +127,7 @@ class LabellerTask(TrainTask):
         return int(self.module.labels.numel())
 
     def dataset(self):
-        return _Positions(self.num_samples())
+        return IndexDataset(self.num_samples())
 
     def make_optimizer(self):
         return torch.optim.Adam(self.module.parameters(), lr=self.lr)
@@ -289,9 +277,7 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
                                        seed=cfg.seed, prefix=prefix, need_weak=False)
     task = NoLATask(module, data, targets[data.heldout], train_ds, held_ds, cfg.lr,
                     cfg.weight_decay, cfg.eval_batch_size, cfg.workers)
-    tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                       seed=cfg.seed, amp=cfg.amp, workers=cfg.workers,
-                       checkpoint_every=cfg.checkpoint_every, select=cfg.select, quiet=quiet)
+    tcfg = cfg.train_config(quiet)
     settings = {"nola": asdict(cfg), "student": student.config(), "cached": cached,
                 "rows": tensor_digest(data.train, data.heldout), "targets": tensor_digest(targets),
                 "cde": tensor_digest(cde)}
