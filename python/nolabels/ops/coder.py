@@ -41,7 +41,7 @@ from nolabels.reference.coder import (
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_K = 256  # the Triton kernel keeps its running top-k in registers
-CUDA_MAX_K = 1024  # the CUDA block-select keeps it in shared memory
+CUDA_MAX_K = 1024  # CUDA: warp select in registers up to k = 256, block select in shared memory beyond
 
 
 # --------------------------------------------------------------------------- helpers
