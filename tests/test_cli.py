@@ -13,10 +13,10 @@ from _pipeline_helpers import make_folder, tiny_config, tiny_spec
 pytest.importorskip("open_clip")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from nolabels import ops
-from nolabels.cli import main
-from nolabels.data import EmbeddingStore
-from nolabels.methods.zeroshot import (
+from nolabels import ops  # noqa: E402
+from nolabels.cli import main  # noqa: E402
+from nolabels.data import EmbeddingStore  # noqa: E402
+from nolabels.methods.zeroshot import (  # noqa: E402
     TEMPLATES,
     class_embeddings,
     class_texts,
@@ -24,7 +24,7 @@ from nolabels.methods.zeroshot import (
     read_descriptions,
     resolve_templates,
 )
-from nolabels.models import load_encoder
+from nolabels.models import load_encoder  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip")
 
-from nolabels.backends import triton_status
-from nolabels.models import PromptedVisionTransformer
-from nolabels.models.prompted_vit import PROMPT_INIT_BOUND
+from nolabels.backends import triton_status  # noqa: E402
+from nolabels.models import PromptedVisionTransformer  # noqa: E402
+from nolabels.models.prompted_vit import PROMPT_INIT_BOUND  # noqa: E402
 
 WIDTH, LAYERS, HEADS, PATCH, IMAGE, OUT_DIM = 64, 2, 2, 8, 32, 24
 

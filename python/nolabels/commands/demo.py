@@ -95,7 +95,7 @@ def unpack(dest: str | os.PathLike) -> Path:
         except TypeError:  # Python < 3.11.4: no extraction filters
             for m in members:
                 if m.name.startswith(("/", "..")) or ".." in Path(m.name).parts:
-                    raise ValueError(f"unsafe member {m.name!r} in {arc}")
+                    raise ValueError(f"unsafe member {m.name!r} in {arc}") from None
             tf.extractall(dest, members=members)
     return root
 
