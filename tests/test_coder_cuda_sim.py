@@ -10,7 +10,6 @@ tests in test_coder_ops.py / test_topk_similarity.py check the op itself on a GP
 from __future__ import annotations
 
 import ctypes
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +20,8 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(Path(__file__).parent / "emulators" / "cuda_sim"))
 import sim_build  # noqa: E402
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+_WHY_NOT = sim_build.unavailable_reason()
+pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=f"CUDA simulator: {_WHY_NOT}")
 
 _API = r"""
 extern "C" {

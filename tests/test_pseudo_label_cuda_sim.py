@@ -13,7 +13,6 @@ the shared-memory synchronisation. Not checked: timing, the real ex2.approx/mma 
 from __future__ import annotations
 
 import ctypes
-import shutil
 import sys
 from pathlib import Path
 
@@ -27,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import sim_build  # noqa: E402
 from test_pseudo_label import check_against_reference, make_inputs  # noqa: E402
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+_WHY_NOT = sim_build.unavailable_reason()
+pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=f"CUDA simulator: {_WHY_NOT}")
 
 _API = r"""
 extern "C" int sim_pseudo_label(const void* image, int64_t N, int64_t D, int64_t s0, int64_t s1,

@@ -34,6 +34,22 @@ def rewrite_launches(src: str) -> str:
     return out
 
 
+def unavailable_reason() -> str | None:
+    """Why the simulator cannot be built here (None when it can): it needs g++ with C++20
+    ``<barrier>`` (GCC 11 or newer)."""
+    if shutil.which("g++") is None:
+        return "g++ not found"
+    probe = "#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n"
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "probe.cpp"
+        src.write_text(probe)
+        proc = subprocess.run(["g++", "-std=c++20", "-pthread", str(src), "-o", str(Path(d) / "probe")],
+                              capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"g++ cannot build C++20 <barrier> (GCC >= 11 needed): {proc.stderr.strip()[-200:]}"
+    return None
+
+
 def _compile(cu: Path, extra: str, *, shared: bool, tsan: bool, defines: tuple[str, ...] = ()) -> Path:
     if shutil.which("g++") is None:
         raise RuntimeError("g++ not found")
