@@ -59,6 +59,10 @@ def lib():
     return sim_build.load(ROOT / "kernels" / "coder.cu", _API)
 
 
+def _err(lib) -> str:
+    return lib.nolabels_sim_error_message().decode()
+
+
 def _p(t: torch.Tensor | None):
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
@@ -73,7 +77,7 @@ def _normalize_into(lib, src, r0, rows, dst, normalize, row_bad=None, any_bad=No
     base = src[r0:]  # keeps src's strides; data_ptr is the row's address
     assert lib.sim_normalize_rows(_p(base), _DTYPE_CODE[src.dtype], _i(rows), _i(src.shape[1]),
                                   _i(src.stride(0)), _i(src.stride(1)), _p(dst), int(normalize),
-                                  _p(row_bad), _p(any_bad)) == 0
+                                  _p(row_bad), _p(any_bad)) == 0, _err(lib)
 
 
 def topk_similarity_sim(lib, queries, keys, k, normalize, qb=8192, tm=None):
@@ -98,8 +102,8 @@ def topk_similarity_sim(lib, queries, keys, k, normalize, qb=8192, tm=None):
             tv = tile[:nq, :nm]
             torch.mm(qf[:nq], kf[:nm].t(), out=tv)
             assert lib.sim_topk_merge(_p(tile), _i(nq), _i(nm), _i(tv.stride(0)), _p(values[q0:]),
-                                      _p(indices[q0:]), _i(k), _i(m0), int(m0 == 0)) == 0
-    assert lib.sim_topk_poison(_p(values), _i(n), _i(k), _p(row_bad), _p(any_bad)) == 0
+                                      _p(indices[q0:]), _i(k), _i(m0), int(m0 == 0)) == 0, _err(lib)
+    assert lib.sim_topk_poison(_p(values), _i(n), _i(k), _p(row_bad), _p(any_bad)) == 0, _err(lib)
     return values, indices
 
 
@@ -204,7 +208,7 @@ def test_seg_reduce_matches_python(lib, gen):
     tile = torch.randn(r_rows, r, generator=gen)
     bad = torch.tensor([0, 0, 1, 0, 0], dtype=torch.int32)
     out = torch.empty(r_rows, c)
-    assert lib.sim_seg_reduce(_p(tile), _i(r_rows), _i(r), _i(c), _p(seg), _p(bad), _p(out)) == 0
+    assert lib.sim_seg_reduce(_p(tile), _i(r_rows), _i(r), _i(c), _p(seg), _p(bad), _p(out)) == 0, _err(lib)
     for row in range(r_rows):
         for cls in range(c):
             a, b = int(seg[cls]), int(seg[cls + 1])
@@ -225,10 +229,10 @@ def test_affinity_kernels_match_reference(lib, gen):
     g = tf.t() @ tf
     u, v = xf @ g, yf @ g
     ix, iy = torch.empty(n), torch.empty(kk)
-    assert lib.sim_rowdot_inv(_p(u), _p(xf), _i(n), _i(d), _p(ix)) == 0
-    assert lib.sim_rowdot_inv(_p(v), _p(yf), _i(kk), _i(d), _p(iy)) == 0
+    assert lib.sim_rowdot_inv(_p(u), _p(xf), _i(n), _i(d), _p(ix)) == 0, _err(lib)
+    assert lib.sim_rowdot_inv(_p(v), _p(yf), _i(kk), _i(d), _p(iy)) == 0, _err(lib)
     out = u @ yf.t()
-    assert lib.sim_scale_clamp(_p(out), _i(n), _i(kk), _p(ix), _p(iy)) == 0
+    assert lib.sim_scale_clamp(_p(out), _i(n), _i(kk), _p(ix), _p(iy)) == 0, _err(lib)
     t64 = torch.nn.functional.normalize(t.double(), dim=1)
     cx = torch.nn.functional.normalize(torch.nn.functional.normalize(x.double(), dim=1) @ t64.t(), dim=1)
     cy = torch.nn.functional.normalize(torch.nn.functional.normalize(y.double(), dim=1) @ t64.t(), dim=1)

@@ -66,7 +66,7 @@ def pseudo_label_sim(lib, x, w, *, scale=100.0, topk=1, normalize=True) -> Pseud
     err = lib.sim_pseudo_label(p(x), i(n), i(d), i(x.stride(0)), i(x.stride(1)), p(w), i(c),
                                i(w.stride(0)), i(w.stride(1)), _CODE[x.dtype], ctypes.c_float(scale),
                                topk, int(normalize), p(colscale), p(probs), p(classes), p(entropy), p(lse))
-    assert err == 0, f"launch_pseudo_label returned {err}"
+    assert err == 0, f"launch_pseudo_label returned {err}: {lib.nolabels_sim_error_message().decode()}"
     return PseudoLabels(classes[:, 0].clone(), probs, classes, entropy, lse)
 
 

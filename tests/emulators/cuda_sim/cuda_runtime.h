@@ -5,6 +5,14 @@
 typedef void* cudaStream_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 4, cudaErrorInvalidConfiguration = 9 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "error"; }
+// The simulator's launch errors (synccheck); like CUDA, reading the error resets it.
+inline cudaError_t cudaGetLastError() {
+  std::lock_guard<std::mutex> lock(sim::g_error_mu);
+  const int e = sim::g_error_code;
+  sim::g_error_code = 0;
+  return static_cast<cudaError_t>(e);
+}
+inline const char* cudaGetErrorString(cudaError_t e) {
+  return e == cudaSuccess ? "no error" : sim::g_error_message.c_str();
+}
 template <class F> cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }

@@ -18,7 +18,11 @@
 //     __ballot_sync / __any_sync / __all_sync exchange
 //     through a per-warp slot array between two warp barriers, so every lane named in
 //     the mask must reach the call, as the hardware requires;
-//   * atomics are real atomics (GCC __atomic builtins).
+//   * atomics are real atomics (GCC __atomic builtins);
+//   * synccheck: every barrier phase checks that all live threads (lanes) called the same
+//     __syncthreads (warp collective) -- same source line and column; otherwise the
+//     launch fails: cudaGetLastError() returns an error and nolabels_sim_error_message()
+//     names the two call sites.
 // Not modelled: timing, memory-ordering subtleties beyond barriers, the 48 KB shared
 // memory limit, warp-synchronous code without __syncwarp (undefined since Volta), and
 // inline PTX (kernels using it cannot be compiled here).
@@ -33,6 +37,9 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <source_location>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -50,55 +57,114 @@ struct dim3 {
 
 namespace sim {
 
+using Site = std::source_location;
 struct Block;
-// Runs once per block-barrier phase, after every live thread arrived and before any
-// leaves: publishes the __syncthreads_count accumulator of that phase.
-struct PhaseDone {
+// Run once per barrier phase, after every live thread (lane) arrived and before any
+// leaves: check that all of them called the same barrier (synccheck) and publish
+// the __syncthreads_count accumulator of the phase.
+struct BlockPhase {
   Block* b;
+  void operator()() noexcept;
+};
+struct WarpPhase {
+  Block* b;
+  unsigned warp;
   void operator()() noexcept;
 };
 
 struct Block {
   std::vector<unsigned char, std::allocator<unsigned char>> dyn_smem;  // extern __shared__
-  std::unique_ptr<std::barrier<PhaseDone>> block_bar;
+  std::unique_ptr<std::barrier<BlockPhase>> block_bar;
+  std::vector<std::unique_ptr<std::barrier<WarpPhase>>> warp_bar;
   std::atomic<int> count_acc{0};
   int count_result = 0;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
   std::vector<std::array<unsigned char, 64>> slots;  // one per thread, for warp exchanges
+  std::vector<Site> block_site, warp_site;           // per thread: the barrier it waits at
+  std::vector<char> exited;                          // per thread: returned from the kernel
 };
 
-inline void PhaseDone::operator()() noexcept { b->count_result = b->count_acc.exchange(0); }
+// First error of the running launch (synccheck); returned by cudaGetLastError().
+inline std::mutex g_error_mu;
+inline std::string g_error_message;
+inline int g_error_code = 0;
+inline void report(const std::string& msg) {
+  std::lock_guard<std::mutex> lock(g_error_mu);
+  if (g_error_code == 0) {
+    g_error_code = 4;  // cudaErrorLaunchFailure
+    g_error_message = msg;
+  }
+}
+inline std::string where(const Site& s) { return std::string(s.file_name()) + ":" + std::to_string(s.line()); }
+inline bool same(const Site& a, const Site& b) {
+  return a.line() == b.line() && a.column() == b.column() && std::strcmp(a.file_name(), b.file_name()) == 0;
+}
+inline void check_sites(const Block& b, const std::vector<Site>& sites, unsigned lo, unsigned hi,
+                        const char* what) {
+  int first = -1;
+  for (unsigned t = lo; t < hi; ++t) {
+    if (b.exited[t]) continue;
+    if (first < 0) {
+      first = static_cast<int>(t);
+    } else if (!same(sites[t], sites[first])) {
+      report(std::string("divergent ") + what + ": thread " + std::to_string(first) + " at " +
+             where(sites[first]) + ", thread " + std::to_string(t) + " at " + where(sites[t]));
+      return;
+    }
+  }
+}
+inline void BlockPhase::operator()() noexcept {
+  b->count_result = b->count_acc.exchange(0);
+  check_sites(*b, b->block_site, 0, static_cast<unsigned>(b->exited.size()), "__syncthreads");
+}
+inline void WarpPhase::operator()() noexcept {
+  const unsigned lo = 32 * warp, hi = std::min<unsigned>(lo + 32, static_cast<unsigned>(b->exited.size()));
+  check_sites(*b, b->warp_site, lo, hi, "warp-collective (shuffle, vote, ldmatrix, mma)");
+}
 
 inline Block* g_block = nullptr;
 inline thread_local unsigned t_linear = 0;  // linear thread index in the block
 
+inline void block_wait(const Site& at) {
+  g_block->block_site[t_linear] = at;
+  g_block->block_bar->arrive_and_wait();
+}
+inline void warp_wait(const Site& at) {
+  g_block->warp_site[t_linear] = at;
+  g_block->warp_bar[t_linear / 32]->arrive_and_wait();
+}
+
 }  // namespace sim
+
+// One translation unit per build (the .cu plus its test API), so a plain definition is fine.
+extern "C" __attribute__((used)) const char* nolabels_sim_error_message() { return sim::g_error_message.c_str(); }
 
 inline dim3 blockDim, gridDim;
 inline thread_local dim3 threadIdx, blockIdx;
 constexpr int warpSize = 32;
 
-inline void __syncthreads() { sim::g_block->block_bar->arrive_and_wait(); }
+using SiteHere = std::source_location;  // default arguments below record the call site
+
+inline void __syncthreads(SiteHere at = SiteHere::current()) { sim::block_wait(at); }
 // Barrier that also returns how many live threads passed a non-zero predicate.
-inline int __syncthreads_count(int pred) {
+inline int __syncthreads_count(int pred, SiteHere at = SiteHere::current()) {
   if (pred) sim::g_block->count_acc.fetch_add(1);
-  sim::g_block->block_bar->arrive_and_wait();
+  sim::block_wait(at);
   return sim::g_block->count_result;  // stable until every thread reaches the next barrier
 }
-inline int __syncthreads_or(int pred) { return __syncthreads_count(pred) != 0; }
-inline void __syncwarp(unsigned = 0xffffffffu) { sim::g_block->warp_bar[sim::t_linear / 32]->arrive_and_wait(); }
+inline int __syncthreads_or(int pred, SiteHere at = SiteHere::current()) { return __syncthreads_count(pred, at) != 0; }
+inline void __syncwarp(unsigned = 0xffffffffu, SiteHere at = SiteHere::current()) { sim::warp_wait(at); }
 
 namespace sim {
 template <class T>
-T shfl_from(T v, unsigned src_lane_fn(unsigned, int), int arg) {
+T shfl_from(T v, unsigned src_lane_fn(unsigned, int), int arg, const Site& at) {
   static_assert(sizeof(T) <= 64, "shuffle of a type over 64 bytes");
   const unsigned lane = t_linear % 32, warp = t_linear / 32;
   std::memcpy(g_block->slots[t_linear].data(), &v, sizeof(T));
-  g_block->warp_bar[warp]->arrive_and_wait();
+  warp_wait(at);
   unsigned src = src_lane_fn(lane, arg);
   T out = v;
   if (src < 32 && warp * 32 + src < g_block->slots.size()) std::memcpy(&out, g_block->slots[warp * 32 + src].data(), sizeof(T));
-  g_block->warp_bar[warp]->arrive_and_wait();
+  warp_wait(at);
   return out;
 }
 inline unsigned lane_xor(unsigned l, int m) { return l ^ static_cast<unsigned>(m); }
@@ -110,35 +176,47 @@ inline unsigned lane_up(unsigned l, int d) { return static_cast<int>(l) - d >= 0
 namespace sim {
 // Every lane's v, in lane order (a warp-collective: all 32 lanes must call it).
 template <class T>
-std::array<T, 32> warp_allgather(const T& v) {
+std::array<T, 32> warp_allgather(const T& v, const Site& at = Site::current()) {
   static_assert(sizeof(T) <= 64, "allgather of a type over 64 bytes");
   const unsigned warp = t_linear / 32;
   std::memcpy(g_block->slots[t_linear].data(), &v, sizeof(T));
-  g_block->warp_bar[warp]->arrive_and_wait();
+  warp_wait(at);
   std::array<T, 32> out;
   for (unsigned l = 0; l < 32; ++l) std::memcpy(&out[l], g_block->slots[warp * 32 + l].data(), sizeof(T));
-  g_block->warp_bar[warp]->arrive_and_wait();
+  warp_wait(at);
   return out;
 }
 // Base of the block's dynamic shared memory (``extern __shared__`` arrays).
 inline unsigned char* dynamic_smem() { return g_block->dyn_smem.data(); }
 }  // namespace sim
 
-template <class T> T __shfl_xor_sync(unsigned, T v, int m, int = 32) { return sim::shfl_from(v, sim::lane_xor, m); }
-template <class T> T __shfl_sync(unsigned, T v, int s, int = 32) { return sim::shfl_from(v, sim::lane_idx, s); }
-template <class T> T __shfl_down_sync(unsigned, T v, unsigned d, int = 32) { return sim::shfl_from(v, sim::lane_down, static_cast<int>(d)); }
-template <class T> T __shfl_up_sync(unsigned, T v, unsigned d, int = 32) { return sim::shfl_from(v, sim::lane_up, static_cast<int>(d)); }
+template <class T> T __shfl_xor_sync(unsigned, T v, int m, int = 32, SiteHere at = SiteHere::current()) {
+  return sim::shfl_from(v, sim::lane_xor, m, at);
+}
+template <class T> T __shfl_sync(unsigned, T v, int s, int = 32, SiteHere at = SiteHere::current()) {
+  return sim::shfl_from(v, sim::lane_idx, s, at);
+}
+template <class T> T __shfl_down_sync(unsigned, T v, unsigned d, int = 32, SiteHere at = SiteHere::current()) {
+  return sim::shfl_from(v, sim::lane_down, static_cast<int>(d), at);
+}
+template <class T> T __shfl_up_sync(unsigned, T v, unsigned d, int = 32, SiteHere at = SiteHere::current()) {
+  return sim::shfl_from(v, sim::lane_up, static_cast<int>(d), at);
+}
 
 // Warp votes over the lanes named in the mask (all of them must call).
-inline unsigned __ballot_sync(unsigned mask, int pred) {
-  const auto all = sim::warp_allgather(static_cast<int>(pred != 0));
+inline unsigned __ballot_sync(unsigned mask, int pred, SiteHere at = SiteHere::current()) {
+  const auto all = sim::warp_allgather(static_cast<int>(pred != 0), at);
   unsigned out = 0;
   for (unsigned l = 0; l < 32; ++l)
     if (((mask >> l) & 1u) && all[l]) out |= 1u << l;
   return out;
 }
-inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
-inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
+inline int __any_sync(unsigned mask, int pred, SiteHere at = SiteHere::current()) {
+  return __ballot_sync(mask, pred, at) != 0;
+}
+inline int __all_sync(unsigned mask, int pred, SiteHere at = SiteHere::current()) {
+  return __ballot_sync(mask, pred, at) == mask;
+}
 
 template <class T> T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 template <class T> T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
@@ -169,8 +247,17 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 
 namespace sim {
 // Run kernel(args...) over grid x block threads; blocks in order, threads concurrently.
+// The <<<grid, block[, smem[, stream]]>>> of a launch.
+struct LaunchCfg {
+  dim3 grid, block;
+  size_t smem;
+  LaunchCfg(dim3 g, dim3 b, size_t sm = 0, void* /*stream*/ = nullptr) : grid(g), block(b), smem(sm) {}
+};
+
 template <class... P, class... A>
-void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, void* /*stream*/, A&&... args) {
+void launch(void (*kernel)(P...), const LaunchCfg& cfg, A&&... args) {
+  const dim3 grid = cfg.grid, block = cfg.block;
+  const size_t smem = cfg.smem;
   gridDim = grid;
   blockDim = block;
   const unsigned nthreads = block.x * block.y * block.z;
@@ -183,10 +270,14 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, void* /*st
         // Fresh shared memory holds garbage on a GPU: all-ones bytes read as NaN floats
         // here, so a read of never-written shared memory shows up in the results.
         b.dyn_smem.assign(smem + 128, 0xff);
-        b.block_bar = std::make_unique<std::barrier<PhaseDone>>(nthreads, PhaseDone{&b});
+        b.block_bar = std::make_unique<std::barrier<BlockPhase>>(nthreads, BlockPhase{&b});
         for (unsigned w = 0; w < nwarps; ++w)
-          b.warp_bar.push_back(std::make_unique<std::barrier<>>(std::min(32u, nthreads - 32 * w)));
+          b.warp_bar.push_back(
+              std::make_unique<std::barrier<WarpPhase>>(std::min(32u, nthreads - 32 * w), WarpPhase{&b, w}));
         b.slots.resize(nthreads);
+        b.block_site.resize(nthreads, Site::current());
+        b.warp_site.resize(nthreads, Site::current());
+        b.exited.assign(nthreads, 0);
         g_block = &b;
         std::vector<std::thread> threads;
         threads.reserve(nthreads);
@@ -196,7 +287,8 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, void* /*st
             threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
             blockIdx = dim3(bx, by, bz);
             body();
-            // an exited thread no longer takes part in barriers
+            // an exited thread no longer takes part in barriers (nor in their site checks)
+            b.exited[t] = 1;
             b.block_bar->arrive_and_drop();
             b.warp_bar[t / 32]->arrive_and_drop();
           });

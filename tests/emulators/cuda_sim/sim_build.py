@@ -1,7 +1,7 @@
 """Compile a .cu file's unchanged source for the CPU against the sim.h headers (tests only).
 
 ``load(cu, api)`` rewrites each launch ``kernel<<<grid, block, smem, stream>>>(args)`` into
-``sim::launch(kernel, grid, block, smem, stream, args)`` (the only CUDA syntax g++ cannot
+``sim::launch(kernel, sim::LaunchCfg(grid, block, smem, stream), args)`` (the only CUDA syntax g++ cannot
 read), appends ``api`` (extern "C" wrappers for ctypes), builds a shared library with g++
 -std=c++20 (cached by content hash) and returns it as a ``ctypes.CDLL``.
 ``executable(cu, main)`` builds a program instead, with ThreadSanitizer by default.
@@ -26,7 +26,7 @@ _DYN_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]+?)
 
 def rewrite_launches(src: str) -> str:
     """The two CUDA constructs g++ cannot read: launches and dynamic shared memory."""
-    out = _LAUNCH.sub(lambda m: f"sim::launch({m.group(1)}, {m.group(2)}, ", src)
+    out = _LAUNCH.sub(lambda m: f"sim::launch({m.group(1)}, sim::LaunchCfg({m.group(2)}), ", src)
     out = _DYN_SMEM.sub(lambda m: f"{m.group(1)}* {m.group(2)} = "
                         f"reinterpret_cast<{m.group(1)}*>(sim::dynamic_smem());", out)
     if "<<<" in out or "extern __shared__" in out:
@@ -53,7 +53,8 @@ def unavailable_reason() -> str | None:
 def _compile(cu: Path, extra: str, *, shared: bool, tsan: bool, defines: tuple[str, ...] = ()) -> Path:
     if shutil.which("g++") is None:
         raise RuntimeError("g++ not found")
-    src = rewrite_launches(cu.read_text()) + "\n" + extra
+    # #line: compiler messages and synccheck reports name the .cu file and its own lines
+    src = f'#line 1 "{cu}"\n' + rewrite_launches(cu.read_text()) + '\n#line 1 "test-api"\n' + extra
     headers = "".join(p.read_text() for p in sorted(HERE.glob("*.h")))
     key = hashlib.sha256((src + headers + str((shared, tsan, defines))).encode()).hexdigest()[:16]
     cache = Path(tempfile.gettempdir()) / "nolabels_cuda_sim"
@@ -80,7 +81,9 @@ def _compile(cu: Path, extra: str, *, shared: bool, tsan: bool, defines: tuple[s
 def load(cu: Path, api: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
     """The kernels of ``cu`` plus ``api`` (extern "C" wrappers) as a library for ctypes;
     ``defines``: preprocessor macros (e.g. ptx.cuh's SIM_CP_ASYNC_AT_ISSUE)."""
-    return ctypes.CDLL(str(_compile(cu, api, shared=True, tsan=False, defines=defines)))
+    lib = ctypes.CDLL(str(_compile(cu, api, shared=True, tsan=False, defines=defines)))
+    lib.nolabels_sim_error_message.restype = ctypes.c_char_p  # what failed the last launch
+    return lib
 
 
 def executable(cu: Path, main: str, *, tsan: bool = True, defines: tuple[str, ...] = ()) -> Path:
