@@ -255,6 +255,7 @@ class ConSEStudent(Student):
             m.weight.requires_grad_(True)
             m.bias.requires_grad_(True)
         self.num_norms = len(bns)
+        self.class_text: torch.Tensor  # (ImageNet classes, D) text embeddings, a buffer
         self.register_buffer("class_text", encoder.imagenet_emb.detach().clone().float(),
                              persistent=False)
         self.top_k = int(encoder.top_k)
@@ -403,6 +404,8 @@ def build_prefix_cache(student: Student, source, items: Sequence[int], views: di
             pos += len(pre)
             bar.update(len(pre))
         bar.close()
+        if arr is None:
+            raise ValueError(f"caching the {name} view: no images (items is empty)")
         arr.flush()
         del arr
         os.replace(tmp, path)

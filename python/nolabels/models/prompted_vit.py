@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nolabels.backends import BackendName
 from nolabels.ops.attention import prompt_attention
 
 # LaFTer/NoLA: Uniform(-v, v), v = sqrt(6 / (3 * 16 * 16 + 768)) = 0.0625 (patch
@@ -38,7 +39,7 @@ from nolabels.ops.attention import prompt_attention
 PROMPT_INIT_BOUND = math.sqrt(6.0 / (3 * 16 * 16 + 768))
 
 
-def _check_visual(visual: nn.Module) -> None:
+def _check_visual(visual: Any) -> None:  # open_clip modules: duck-typed attributes
     need = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post")
     missing = [a for a in need if not hasattr(visual, a)]
     if missing or not hasattr(visual.transformer, "resblocks"):
@@ -48,7 +49,7 @@ def _check_visual(visual: nn.Module) -> None:
         )
 
 
-def _check_deep_block(i: int, blk: nn.Module) -> None:
+def _check_deep_block(i: int, blk: Any) -> None:
     attn = getattr(blk, "attn", None)
     ok = (
         isinstance(attn, nn.MultiheadAttention)
@@ -62,7 +63,7 @@ def _check_deep_block(i: int, blk: nn.Module) -> None:
             f"PromptedVisionTransformer: mode='deep' needs open_clip ResidualAttentionBlocks "
             f"(nn.MultiheadAttention self-attention); block {i} is {type(blk).__name__}"
         )
-    if attn.dropout != 0.0:
+    if getattr(attn, "dropout", 0.0) != 0.0:
         raise ValueError(f"PromptedVisionTransformer: mode='deep' needs attention dropout 0 (block {i})")
 
 
@@ -91,34 +92,35 @@ class PromptedVisionTransformer(nn.Module):
         self,
         visual: nn.Module,
         num_prompts: int,
-        mode: Literal["shallow", "deep"] = "shallow",
+        mode: str = "shallow",  # "shallow" | "deep" (validated)
         *,
         init_bound: float | None = None,
         deep_impl: Literal["fused", "naive"] = "fused",
-        attention_backend: str = "auto",
+        attention_backend: BackendName = "auto",
         freeze: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        _check_visual(visual)
+        vis: Any = visual  # open_clip's attributes (transformer, conv1, ...) are duck-typed
+        _check_visual(vis)
         if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 0:
             raise ValueError(f"PromptedVisionTransformer: num_prompts must be an int >= 0, got {num_prompts!r}")
         if mode not in ("shallow", "deep"):
             raise ValueError(f"PromptedVisionTransformer: mode must be 'shallow' or 'deep', got {mode!r}")
         if deep_impl not in ("fused", "naive"):
             raise ValueError(f"PromptedVisionTransformer: deep_impl must be 'fused' or 'naive', got {deep_impl!r}")
-        blocks = visual.transformer.resblocks
+        blocks = vis.transformer.resblocks
         if mode == "deep":
             for i, blk in enumerate(blocks):
                 _check_deep_block(i, blk)
-        self.visual = visual
+        self.visual: Any = vis
         self.num_prompts = num_prompts
         self.mode = mode
         self.deep_impl = deep_impl
         self.attention_backend = attention_backend
-        self.width = visual.class_embedding.shape[-1]
+        self.width = vis.class_embedding.shape[-1]
         self.layers = len(blocks)
-        ref = visual.class_embedding
+        ref = vis.class_embedding
         n_sets = 1 if mode == "shallow" else self.layers
         self.prompts = nn.Parameter(
             torch.empty(n_sets, num_prompts, self.width, device=ref.device, dtype=ref.dtype)
@@ -179,13 +181,13 @@ class PromptedVisionTransformer(nn.Module):
     def _remove(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x[:, :1], x[:, 1 + self.num_prompts:]], dim=1)
 
-    def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _run_block(self, blk: Any, x: torch.Tensor) -> torch.Tensor:
         # the wrapped block, in the layout its transformer uses
         if getattr(self.visual.transformer, "batch_first", True):
             return blk(x)
         return blk(x.transpose(0, 1)).transpose(0, 1)
 
-    def _deep_block_fused(self, blk: nn.Module, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    def _deep_block_fused(self, blk: Any, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         attn = blk.attn
         b, n, w = x.shape
         heads = attn.num_heads
@@ -202,7 +204,7 @@ class PromptedVisionTransformer(nn.Module):
         x = x + blk.ls_1(attn.out_proj(o.reshape(b, n, w)))
         return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
-    def _deep_block_naive(self, blk: nn.Module, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    def _deep_block_naive(self, blk: Any, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         if not self.num_prompts:
             return self._run_block(blk, x)
         return self._remove(self._run_block(blk, self._insert(x, prompts)))
