@@ -21,8 +21,10 @@ class Log:
                   flush=True)
 
 
-def progress(total: int, desc: str, *, quiet: bool, main: bool = True, unit: str = "img") -> Any:
-    """A tqdm bar on stderr showing items/s (a no-op object when quiet or tqdm is missing)."""
+def progress(total: int, desc: str, *, quiet: bool, main: bool = True, unit: str = "img",
+             leave: bool = True) -> Any:
+    """A tqdm bar on stderr showing items/s (a no-op object when quiet, not the main rank,
+    or tqdm is missing); ``leave=False`` clears it when done (per-epoch bars)."""
     if quiet or not main:
         return _NoBar()
     try:
@@ -30,7 +32,7 @@ def progress(total: int, desc: str, *, quiet: bool, main: bool = True, unit: str
     except ImportError:
         return _NoBar()
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=False, dynamic_ncols=True,
-                mininterval=0.5, file=sys.stderr, smoothing=0.1)
+                mininterval=0.5, file=sys.stderr, smoothing=0.1, leave=leave)
 
 
 class _NoBar:

@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nolabels.methods.trainer import progress_bar, sample_seed, seeded
+from nolabels.commands._common import progress
+from nolabels.methods.trainer import sample_seed, seeded
 
 # --------------------------------------------------------------------------- views
 
@@ -393,7 +394,7 @@ def build_prefix_cache(student: Student, source, items: Sequence[int], views: di
             ds, batch_size=batch_size, sampler=keys, num_workers=workers)
         tmp = root / f".{name}.tmp-{os.getpid()}.npy"
         arr = None
-        bar = progress_bar(len(items), f"caching {name} view", quiet=quiet, unit="img")
+        bar = progress(len(items), f"caching {name} view", quiet=quiet, unit="img")
         pos = 0
         for b in loader:
             pre = student.prefix(b["x"].to(dev)).float().cpu().numpy().astype(np.float16)

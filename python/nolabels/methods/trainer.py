@@ -37,7 +37,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ import torch
 from torch import nn
 
 from nolabels import dist
+from nolabels.commands._common import progress
 from nolabels.methods.selection import Selector
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -66,31 +66,6 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-# --------------------------------------------------------------------------- progress
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, *a, **k) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def progress_bar(total: int, desc: str, *, quiet: bool = False, main: bool = True,
-                 unit: str = "step"):
-    """A tqdm bar on stderr (a no-op when quiet, not the main rank, or without tqdm)."""
-    if quiet or not main:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5,
-                file=sys.stderr, leave=False)
 
 
 # --------------------------------------------------------------------------- config
@@ -471,8 +446,8 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
         te = time.perf_counter()
         samples = 0
         metric_sums = acc["metrics"]
-        bar = progress_bar(len(todo), f"{task.name} epoch {epoch + 1}/{cfg.epochs}",
-                           quiet=cfg.quiet, main=main)
+        bar = progress(len(todo), f"{task.name} epoch {epoch + 1}/{cfg.epochs}",
+                       quiet=cfg.quiet, main=main, unit="step", leave=False)
         for micros in micro_all:
             torch.manual_seed(sample_seed(cfg.seed, step, rank, 31337))
             opt.zero_grad(set_to_none=True)
