@@ -244,6 +244,34 @@ class LaFTerTask(ViewTuningTask):
         return out
 
 
+def tuning_student(encoder, cfg, prefix: Mapping | None, say: Callable[[str], None],
+                   method: str) -> tuple[Student, bool]:
+    """The student LaFTer/NoLA tune (from ``cfg``'s prompt/norm settings) and whether it
+    trains on cached frozen-prefix features (``prefix`` given; needs a cacheable student)."""
+    student = make_student(encoder, num_prompts=cfg.num_prompts, prompt_mode=cfg.prompt_mode,
+                           surrogate_norms=cfg.surrogate_norms, seed=cfg.seed)
+    say(f"{method}: {student.describe()}")
+    cached = prefix is not None
+    if cached:
+        if not student.cacheable:
+            raise ValueError("cached prefix features need a student with a frozen prefix "
+                             "(surrogate with surrogate_norms='last')")
+        say(f"{method}: training on cached frozen-prefix features "
+            f"({sum(k.startswith('strong') for k in prefix)} cached strong views per image "
+            "instead of a fresh augmentation each epoch)")
+    return student, cached
+
+
+def tuned_model(method: str, student: Student, classifier: nn.Linear) -> dict:
+    """``model.pt`` content of a tuned student with a linear head (see methods.common)."""
+    return {
+        "method": method,
+        "student": {k: v.detach().cpu() for k, v in student.named_trainable_parameters()},
+        "student_config": student.config(),
+        "head": {"weight": classifier.weight.detach().cpu(), "scale": 1.0, "normalize": False},
+    }
+
+
 def image_datasets(student: Student, encoder, data: TuneData, *, strong_aug: str, seed: int,
                    prefix: dict | None, need_weak: bool = True) -> tuple:
     """(train dataset with the strong view (and the weak one if ``need_weak``), held-out
@@ -329,16 +357,7 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
         noise_std=cfg.text_noise_std, eps=cfg.label_smoothing, seed=cfg.seed, out=out, log=say)
     say(f"lafter: text classifier on {text_summary['texts']} texts, {cfg.text_steps} steps "
         f"(clean-text accuracy {text_summary['text_accuracy_clean']:.3f})")
-    student = make_student(encoder, num_prompts=cfg.num_prompts, prompt_mode=cfg.prompt_mode,
-                           surrogate_norms=cfg.surrogate_norms, seed=cfg.seed)
-    say(f"lafter: {student.describe()}")
-    cached = prefix is not None
-    if cached:
-        if not student.cacheable:
-            raise ValueError("cached prefix features need a student with a frozen prefix "
-                             "(surrogate with surrogate_norms='last')")
-        say(f"lafter: training on cached frozen-prefix features ({sum(k.startswith('strong') for k in prefix)} "
-            "cached strong views per image instead of a fresh augmentation each epoch)")
+    student, cached = tuning_student(encoder, cfg, prefix, say, "lafter")
     W = W.to(encoder.device)
     module = LaFTerModule(student, W, copy.deepcopy(W), cfg.label_smoothing, cached=cached)
     train_ds, held_ds = image_datasets(student, encoder, data, strong_aug=cfg.strong_aug,
@@ -349,14 +368,7 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     settings = {"lafter": asdict(cfg), "student": student.config(), "cached": cached,
                 "rows": tensor_digest(data.train, data.heldout), "text_classifier": tensor_digest(W)}
     res = fit(task, tcfg, out, log=say, settings=settings)
-    model = {
-        "method": "lafter",
-        "student": {k: v.cpu() for k, v in module.student.state_dict().items()
-                    if k in dict(module.student.named_trainable_parameters())},
-        "student_config": student.config(),
-        "head": {"weight": module.classifier.weight.detach().cpu(), "scale": 1.0,
-                 "normalize": False},
-    }
+    model = tuned_model("lafter", module.student, module.classifier)
     summary = {
         "method": "lafter", "classes": list(classes), "train_images": int(data.train.numel()),
         "heldout_images": int(data.heldout.numel()), "selection": CRITERIA["lafter"],

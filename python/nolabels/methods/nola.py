@@ -44,9 +44,9 @@ from nolabels.methods.common import (
     map_rows,
     save_run,
 )
-from nolabels.methods.lafter import ViewTuningTask, image_datasets
+from nolabels.methods.lafter import ViewTuningTask, image_datasets, tuned_model, tuning_student
 from nolabels.methods.selection import CRITERIA, agreement
-from nolabels.methods.students import Student, make_student
+from nolabels.methods.students import Student
 from nolabels.methods.trainer import (
     TrainConfig,
     TrainTask,
@@ -261,16 +261,7 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     lab_acc_train = data.oracle.report(data.train, targets[data.train])
 
     # 4: DINO-assisted tuning of the student
-    student = make_student(encoder, num_prompts=cfg.num_prompts, prompt_mode=cfg.prompt_mode,
-                           surrogate_norms=cfg.surrogate_norms, seed=cfg.seed)
-    say(f"nola: {student.describe()}")
-    cached = prefix is not None
-    if cached:
-        if not student.cacheable:
-            raise ValueError("cached prefix features need a student with a frozen prefix "
-                             "(surrogate with surrogate_norms='last')")
-        say(f"nola: training on cached frozen-prefix features ({sum(k_.startswith('strong') for k_ in prefix)} "
-            "cached strong views per image instead of a fresh augmentation each epoch)")
+    student, cached = tuning_student(encoder, cfg, prefix, say, "nola")
     module = NoLAModule(student, cde, targets[data.train].to(dev), cfg.label_smoothing,
                         cached=cached)
     train_ds, held_ds = image_datasets(student, encoder, data, strong_aug=cfg.strong_aug,
@@ -283,14 +274,8 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
                 "cde": tensor_digest(cde)}
     res = fit(task, tcfg, out, log=say, settings=settings)
 
-    model = {
-        "method": "nola",
-        "student": {k_: v.detach().cpu() for k_, v in module.student.named_trainable_parameters()},
-        "student_config": student.config(),
-        "head": {"weight": module.classifier.weight.detach().cpu(), "scale": 1.0,
-                 "normalize": False},
-        "labeller": {k_: v.cpu() for k_, v in h.state_dict().items()},
-    }
+    model = tuned_model("nola", module.student, module.classifier)
+    model["labeller"] = {k_: v.cpu() for k_, v in h.state_dict().items()}
     oracle = {}
     if subset_acc is not None:
         oracle = {"oracle_subset_accuracy": subset_acc,
