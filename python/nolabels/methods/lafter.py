@@ -115,12 +115,7 @@ class TextClassifierTask(TrainTask):
     def __init__(self, module: TextClassifierModule, steps: int, lr: float, wd: float) -> None:
         self.module, self.steps, self.lr, self.wd = module, steps, lr, wd
         self.device = module.emb.device
-
-    def num_samples(self) -> int:
-        return self.steps
-
-    def dataset(self):
-        return IndexDataset(self.steps)  # one item per full-batch step
+        self.train_ds = IndexDataset(steps)  # one item per full-batch step
 
     def make_optimizer(self):
         return adamw_no_bias_decay(list(self.module.named_parameters()), self.lr, self.wd)
@@ -207,12 +202,6 @@ class ViewTuningTask(TrainTask):
         self.lr, self.wd = lr, wd
         self.eval_batch_size, self.workers = eval_batch_size, workers
         self.device = device
-
-    def num_samples(self) -> int:
-        return len(self.train_ds)
-
-    def dataset(self):
-        return self.train_ds
 
     def make_optimizer(self):
         return adamw_no_bias_decay(list(self.module.named_parameters()), self.lr, self.wd)

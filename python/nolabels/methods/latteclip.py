@@ -492,12 +492,6 @@ class LatteCLIPTask(TrainTask):
         self.train_ds, self.heldout_ds = train_ds, heldout_ds
         self.device = device
 
-    def num_samples(self) -> int:
-        return len(self.train_ds)
-
-    def dataset(self):
-        return self.train_ds
-
     def make_optimizer(self):
         decay, no_decay = [], []
         for n, p in self.module.named_parameters():

@@ -122,12 +122,7 @@ class LabellerTask(TrainTask):
     def __init__(self, module: LabellerModule, lr: float) -> None:
         self.module, self.lr = module, lr
         self.device = module.feats.device
-
-    def num_samples(self) -> int:
-        return int(self.module.labels.numel())
-
-    def dataset(self):
-        return IndexDataset(self.num_samples())
+        self.train_ds = IndexDataset(int(module.labels.numel()))  # row positions
 
     def make_optimizer(self):
         return torch.optim.Adam(self.module.parameters(), lr=self.lr)

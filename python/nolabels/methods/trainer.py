@@ -139,13 +139,17 @@ class TrainTask:
     device: torch.device = torch.device("cpu")
 
     # data ---------------------------------------------------------------
+    train_ds: torch.utils.data.Dataset | None = None
+
     def num_samples(self) -> int:
-        """Training samples per epoch."""
-        raise NotImplementedError
+        """Training samples per epoch (default: the dataset's length)."""
+        return len(self.dataset())  # type: ignore[arg-type]
 
     def dataset(self) -> torch.utils.data.Dataset:
-        """A map-style dataset indexed by keys ``(epoch, position)``."""
-        raise NotImplementedError
+        """A map-style dataset indexed by keys ``(epoch, position)`` (default: ``train_ds``)."""
+        if self.train_ds is None:
+            raise NotImplementedError(f"{type(self).__name__}: set train_ds or override dataset()")
+        return self.train_ds
 
     def collate(self, items: list) -> Any:
         return torch.utils.data.default_collate(items)
