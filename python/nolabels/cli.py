@@ -28,9 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Errors a user can act on (bad paths, inputs, options, missing weights or extras): one
+# line on stderr and exit status 2, for every subcommand; anything else keeps its traceback.
+USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        print(f"nolabels {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

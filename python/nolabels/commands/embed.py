@@ -236,18 +236,10 @@ def _write(store, shard: int, b: dict, source, *, single: bool) -> None:
 
 # --------------------------------------------------------------------------- CLI
 def _run(args: argparse.Namespace) -> int:
-    from nolabels.data.store import StoreMismatchError
-    from nolabels.models import WeightsUnavailableError
-
-    try:
-        rep = embed(args.images, args.model, args.out, checkpoint=args.checkpoint,
-                    batch_size=args.batch_size, workers=args.workers, device=args.device,
-                    shard_size=args.shard_size, overwrite=args.overwrite, quiet=args.quiet,
-                    limit=args.limit)
-    except (WeightsUnavailableError, StoreMismatchError, FileNotFoundError, ValueError,
-            ImportError) as e:
-        print(f"nolabels embed: error: {e}", file=sys.stderr)
-        return 2
+    rep = embed(args.images, args.model, args.out, checkpoint=args.checkpoint,
+                batch_size=args.batch_size, workers=args.workers, device=args.device,
+                shard_size=args.shard_size, overwrite=args.overwrite, quiet=args.quiet,
+                limit=args.limit)
     if rep.rank == 0:
         print(f"store: {rep.store}  rows: {rep.rows}  failed: {len(rep.failed)}  "
               f"model: {rep.model_id}  complete: {rep.complete}")

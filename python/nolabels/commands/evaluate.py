@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any
 
 from nolabels.commands._common import add_common
@@ -199,11 +198,7 @@ def _plot(res, pred, conf, true, has, path: str) -> str:
 
 # --------------------------------------------------------------------------- CLI
 def _run(args: argparse.Namespace) -> int:
-    try:
-        res = evaluate(args.labels, plot=args.plot)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"nolabels eval: error: {e}", file=sys.stderr)
-        return 2
+    res = evaluate(args.labels, plot=args.plot)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

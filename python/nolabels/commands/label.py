@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -229,17 +228,10 @@ def _table(meta, names, items, cls, prob, ent, selected_ids, info):
 
 # --------------------------------------------------------------------------- CLI
 def _run(args: argparse.Namespace) -> int:
-    from nolabels.models import WeightsUnavailableError
-
-    try:
-        rep = label(args.store, args.classes, args.out, descriptions=args.descriptions,
-                    templates=args.templates, select_per_class=args.select_per_class,
-                    topk=args.topk, logit_scale=args.logit_scale, checkpoint=args.checkpoint,
-                    device=args.device, backend=args.backend, quiet=args.quiet)
-    except (WeightsUnavailableError, FileNotFoundError, ValueError, RuntimeError,
-            ImportError) as e:
-        print(f"nolabels label: error: {e}", file=sys.stderr)
-        return 2
+    rep = label(args.store, args.classes, args.out, descriptions=args.descriptions,
+                templates=args.templates, select_per_class=args.select_per_class,
+                topk=args.topk, logit_scale=args.logit_scale, checkpoint=args.checkpoint,
+                device=args.device, backend=args.backend, quiet=args.quiet)
     from nolabels.dist import env_world_size
 
     if int(os.environ.get("RANK", "0")) == 0 or env_world_size() == 1:

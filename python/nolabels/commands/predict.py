@@ -214,16 +214,9 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
 
 # --------------------------------------------------------------------------- CLI
 def _run(args: argparse.Namespace) -> int:
-    from nolabels.models import WeightsUnavailableError
-
-    try:
-        rep = predict(args.run, args.images, args.out, topk=args.topk,
-                      batch_size=args.batch_size, workers=args.workers, device=args.device,
-                      checkpoint=args.checkpoint, backend=args.backend, quiet=args.quiet)
-    except (WeightsUnavailableError, FileNotFoundError, ValueError, RuntimeError,
-            ImportError) as e:
-        print(f"nolabels predict: error: {e}", file=sys.stderr)
-        return 2
+    rep = predict(args.run, args.images, args.out, topk=args.topk,
+                  batch_size=args.batch_size, workers=args.workers, device=args.device,
+                  checkpoint=args.checkpoint, backend=args.backend, quiet=args.quiet)
     print(f"predictions: {rep['out']}  rows: {rep['rows']}  failed: {rep['failed']}  "
           f"method: {rep['method']}")
     return 0

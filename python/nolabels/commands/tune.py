@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -263,8 +262,6 @@ HYPER_ARGS = {
 
 
 def _run(args: argparse.Namespace) -> int:
-    from nolabels.models import WeightsUnavailableError
-
     hyper = {k: getattr(args, k) for k in HYPER_ARGS if getattr(args, k, None) is not None}
     for k in ("amp", "select", "surrogate_norms"):
         if getattr(args, k, None) is not None:
@@ -275,19 +272,14 @@ def _run(args: argparse.Namespace) -> int:
         hyper = {k: v for k, v in hyper.items() if k in ("seed", "heldout_fraction")}
     if args.cache_views and "surrogate_norms" not in hyper:
         hyper["surrogate_norms"] = "block"
-    try:
-        s = tune(args.method, args.images, args.classes, args.out, model=args.model,
-                 checkpoint=args.checkpoint, dino_model=args.dino_model,
-                 dino_checkpoint=args.dino_checkpoint, descriptions=args.descriptions,
-                 templates=args.templates, captions=args.captions or (),
-                 caption_endpoint=args.caption_endpoint, caption_model=args.caption_model,
-                 caption_noun=args.caption_noun, hyper=hyper, cache_views=args.cache_views,
-                 device=args.device,
-                 embed_workers=args.embed_workers, quiet=args.quiet)
-    except (WeightsUnavailableError, FileNotFoundError, ValueError, RuntimeError,
-            ImportError) as e:
-        print(f"nolabels tune: error: {e}", file=sys.stderr)
-        return 2
+    s = tune(args.method, args.images, args.classes, args.out, model=args.model,
+             checkpoint=args.checkpoint, dino_model=args.dino_model,
+             dino_checkpoint=args.dino_checkpoint, descriptions=args.descriptions,
+             templates=args.templates, captions=args.captions or (),
+             caption_endpoint=args.caption_endpoint, caption_model=args.caption_model,
+             caption_noun=args.caption_noun, hyper=hyper, cache_views=args.cache_views,
+             device=args.device,
+             embed_workers=args.embed_workers, quiet=args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         sel = s.get("selected_epoch")
         crit = s.get("criterion_value")
