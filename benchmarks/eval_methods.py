@@ -94,6 +94,17 @@ def chunks_apply(fn, arr, bs: int = 256) -> torch.Tensor:
                       for i in range(0, len(arr), bs)])
 
 
+def tuned_row(method: str, seed: int, acc: float, s: dict, t0: float, tune_s: float,
+              **extra) -> dict:
+    """One result row of a tuned method (LaFTer/NoLA: held-out agreement selection)."""
+    return {"method": method, "seed": seed, "test_accuracy": acc,
+            "selected_epoch": s["selected_epoch"], "criterion": "heldout_agreement",
+            "criterion_value": s["criterion_value"], **extra,
+            "seconds": time.perf_counter() - t0, "tune_seconds": tune_s,
+            "oracle_heldout_curve": [h.get("oracle_heldout_accuracy") for h in s["history"]],
+            "criterion_curve": [h.get("heldout_agreement") for h in s["history"]]}
+
+
 def accuracy(pred: torch.Tensor, truth: list[int]) -> float:
     return float((pred.cpu() == torch.tensor(truth)).float().mean())
 
@@ -232,14 +243,8 @@ def main() -> int:
             txt = torch.load(run / "checkpoints" / "lafter_text.final.pt", weights_only=False)
             w_pl = txt["state"]["classifier.weight"]
             acc_txt = accuracy((emb_test @ w_pl.T).argmax(1), truth_test)
-            rows.append({"method": "LaFTer", "seed": seed, "test_accuracy": acc,
-                         "selected_epoch": s["selected_epoch"],
-                         "criterion": "heldout_agreement", "criterion_value": s["criterion_value"],
-                         "stage1_text_classifier_test_accuracy": acc_txt,
-                         "seconds": time.perf_counter() - t0, "tune_seconds": tune_s,
-                         "oracle_heldout_curve": [h.get("oracle_heldout_accuracy")
-                                                  for h in s["history"]],
-                         "criterion_curve": [h.get("heldout_agreement") for h in s["history"]]})
+            rows.append(tuned_row("LaFTer", seed, acc, s, t0, tune_s,
+                                  stage1_text_classifier_test_accuracy=acc_txt))
             print(f"LaFTer seed {seed}: {100 * acc:.2f}% (epoch {s['selected_epoch']}; text "
                   f"classifier alone {100 * acc_txt:.2f}%; {tune_s:.0f}s)")
         if "nola" in args.methods:
@@ -260,16 +265,10 @@ def main() -> int:
             mlp.load_state_dict(lab)
             with torch.no_grad():
                 acc_lab = accuracy(mlp(dino_test).argmax(1), truth_test)
-            rows.append({"method": "NoLA", "seed": seed, "test_accuracy": acc,
-                         "selected_epoch": s["selected_epoch"],
-                         "criterion": "heldout_agreement", "criterion_value": s["criterion_value"],
-                         "k": s["k"], "subset_size": s["subset_size"],
-                         "oracle_subset_accuracy": s.get("oracle_subset_accuracy"),
-                         "labeller_test_accuracy": acc_lab,
-                         "seconds": time.perf_counter() - t0, "tune_seconds": tune_s,
-                         "oracle_heldout_curve": [h.get("oracle_heldout_accuracy")
-                                                  for h in s["history"]],
-                         "criterion_curve": [h.get("heldout_agreement") for h in s["history"]]})
+            rows.append(tuned_row("NoLA", seed, acc, s, t0, tune_s, k=s["k"],
+                                  subset_size=s["subset_size"],
+                                  oracle_subset_accuracy=s.get("oracle_subset_accuracy"),
+                                  labeller_test_accuracy=acc_lab))
             print(f"NoLA seed {seed}: {100 * acc:.2f}% (epoch {s['selected_epoch']}; labeller "
                   f"alone {100 * acc_lab:.2f}%; k={s['k']}; {tune_s:.0f}s)")
 

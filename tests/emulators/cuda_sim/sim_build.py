@@ -9,6 +9,7 @@ read), appends ``api`` (extern "C" wrappers for ctypes), builds a shared library
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -34,6 +35,7 @@ def rewrite_launches(src: str) -> str:
     return out
 
 
+@functools.cache
 def unavailable_reason() -> str | None:
     """Why the simulator cannot be built here (None when it can): it needs g++ with C++20
     ``<barrier>`` (GCC 11 or newer)."""
