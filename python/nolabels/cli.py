@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from nolabels.errors import NolabelsError
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from nolabels.info import info, info_dict
@@ -28,9 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Errors a user can act on (bad paths, inputs, options, missing weights or extras): one
-# line on stderr and exit status 2, for every subcommand; anything else keeps its traceback.
-USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError, ImportError)
+# Errors a user can act on: ours (``nolabels.errors``: bad input, a foreign --out, missing
+# weights or extras) and the OS's (a missing, unreadable or misplaced file or folder). One
+# line on stderr and exit status 2, for every subcommand. Anything else is a bug of ours
+# and keeps its traceback.
+USER_ERRORS = (NolabelsError, OSError, UnicodeDecodeError)
+
+
+def _describe(e: BaseException) -> str:
+    """One line for a user error; OS errors name the file (``strerror: filename``)."""
+    if isinstance(e, OSError) and not isinstance(e, NolabelsError) and e.strerror:
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        return f"{where}: {e.strerror}" if e.filename else e.strerror
+    return str(e) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as e:
-        print(f"nolabels {args.command}: error: {e}", file=sys.stderr)
+        print(f"nolabels {args.command}: error: {_describe(e)}", file=sys.stderr)
         return 2
 
 

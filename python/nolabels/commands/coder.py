@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nolabels.errors import InputError, MissingDependencyError
+
 
 # --------------------------------------------------------------------------- inputs
 def read_lines(path: str | os.PathLike) -> list[str]:
@@ -69,17 +71,17 @@ def read_store_dir(path: Path) -> Embeddings:
                           model_id, spec, labels)
     embs = sorted(path.glob("emb_*.npy"))
     if not embs:
-        raise ValueError(f"{path}: no emb_*.npy shards (not an embedding store)")
+        raise InputError(f"{path}: no emb_*.npy shards (not an embedding store)")
     try:
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("reading an embedding store needs pyarrow: pip install 'nolabels[data]'") from e
+        raise MissingDependencyError("reading an embedding store needs pyarrow: pip install 'nolabels[data]'") from e
     arrays, paths = [], []
     for e in embs:
         arr = np.load(e)
         meta = e.with_name(e.name.replace("emb_", "meta_").replace(".npy", ".parquet"))
         if not meta.exists():
-            raise ValueError(f"{path}: {e.name} has no {meta.name}")
+            raise InputError(f"{path}: {e.name} has no {meta.name}")
         table = pq.read_table(meta).to_pydict()
         rows = table.get("row", list(range(len(table["path"]))))
         good = [(r, p) for r, p in zip(rows, table["path"]) if r is not None and r >= 0]
@@ -102,19 +104,19 @@ def read_embeddings(spec: str, paths_file: str | None = None) -> Embeddings:
         if isinstance(obj, dict):
             emb = obj.get("emb", obj.get("embeddings"))
             if emb is None:
-                raise ValueError(f"{p}: a dict needs an 'emb' entry")
+                raise InputError(f"{p}: a dict needs an 'emb' entry")
             out = Embeddings(torch.as_tensor(emb).float(), list(obj.get("paths", [])),
                              obj.get("model_id"), obj.get("spec"), obj.get("labels"))
         else:
             out = Embeddings(torch.as_tensor(obj).float(), [])
     else:
-        raise ValueError(f"{spec}: expected an embedding store directory, .pt or .npy")
+        raise InputError(f"{spec}: expected an embedding store directory, .pt or .npy")
     if paths_file:
         out.paths = read_lines(paths_file)
     if not out.paths:
         out.paths = [str(i) for i in range(out.emb.shape[0])]
     if out.emb.dim() != 2 or out.emb.shape[0] != len(out.paths):
-        raise ValueError(f"{spec}: embeddings {tuple(out.emb.shape)} do not match {len(out.paths)} paths")
+        raise InputError(f"{spec}: embeddings {tuple(out.emb.shape)} do not match {len(out.paths)} paths")
     return out
 
 
@@ -132,7 +134,7 @@ def labels_from(paths: list[str], labels, class_names: list[str]) -> torch.Tenso
         if isinstance(lab, str):
             key = Knowledge._key(lab)
             if key not in index:
-                raise ValueError(f"shot label {lab!r} is not one of the classes")
+                raise InputError(f"shot label {lab!r} is not one of the classes")
             out.append(index[key])
         else:
             out.append(int(lab))
@@ -144,7 +146,7 @@ def load_text_encoder(model: str | None, factory: str | None, device: str = "cpu
     if factory:
         mod, _, attr = factory.partition(":")
         if not attr:
-            raise ValueError(f"--encoder must be module:factory, got {factory!r}")
+            raise InputError(f"--encoder must be module:factory, got {factory!r}")
         obj = getattr(importlib.import_module(mod), attr)
         return obj() if callable(obj) and not hasattr(obj, "encode_text") else obj
     if model:
@@ -173,7 +175,7 @@ def write_table(path: str, columns: dict[str, list]) -> None:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError as e:  # pragma: no cover
-            raise ImportError("writing parquet needs pyarrow: pip install 'nolabels[data]' "
+            raise MissingDependencyError("writing parquet needs pyarrow: pip install 'nolabels[data]' "
                               "(or use --out preds.csv)") from e
         pq.write_table(pa.table(columns), tmp)
     os.replace(tmp, out)
@@ -191,7 +193,7 @@ def run_coder(args: argparse.Namespace) -> int:
     elif knowledge.classes:
         class_names = list(knowledge.classes)
     else:
-        raise ValueError("coder: pass --classes (or a --knowledge file that lists the classes)")
+        raise InputError("coder: pass --classes (or a --knowledge file that lists the classes)")
     dataset = args.dataset or knowledge.dataset
     unknown = knowledge.unknown_classes(class_names)
     if unknown:
@@ -204,7 +206,7 @@ def run_coder(args: argparse.Namespace) -> int:
         if encoder is None:
             encoder = load_text_encoder(args.model or src.spec, args.encoder)
             if encoder is None:
-                raise ValueError("coder: no cached text embeddings and no encoder: pass --model or --encoder")
+                raise InputError("coder: no cached text embeddings and no encoder: pass --model or --encoder")
         return encoder
 
     cache = args.cache_dir
@@ -218,7 +220,7 @@ def run_coder(args: argparse.Namespace) -> int:
             return bank.encode(e, model_id=mid, cache_dir=cache if mid else None, batch_size=args.batch_size)
 
     if model_id is None and args.encoder is None and src.spec is None:
-        raise ValueError("coder: unknown model: pass --model (the store has no model id) or --encoder")
+        raise InputError("coder: unknown model: pass --model (the store has no model id) or --encoder")
     if model_id is None:
         model_id = getattr(enc(), "model_id", None)
 
@@ -275,7 +277,7 @@ def run_knowledge(args: argparse.Namespace) -> int:
     base_url = args.base_url or os.environ.get("NOLABELS_LLM_BASE_URL")
     model = args.llm_model or os.environ.get("NOLABELS_LLM_MODEL")
     if not base_url or not model:
-        raise ValueError("coder-knowledge: pass --base-url and --llm-model "
+        raise InputError("coder-knowledge: pass --base-url and --llm-model "
                          "(or set NOLABELS_LLM_BASE_URL / NOLABELS_LLM_MODEL)")
     key = os.environ.get(args.api_key_env) if args.api_key_env else None
     class_names = [C.Knowledge._key(c) for c in read_lines(args.classes)]
@@ -285,7 +287,7 @@ def run_knowledge(args: argparse.Namespace) -> int:
     if args.pairs:
         if args.pairs.startswith("auto:"):
             if encoder is None:
-                raise ValueError("coder-knowledge: --pairs auto:K needs --model or --encoder")
+                raise InputError("coder-knowledge: --pairs auto:K needs --model or --encoder")
             k = int(args.pairs.split(":", 1)[1])
             e = torch.as_tensor(encoder.encode_text([f"a photo of {c}" for c in class_names]))
             pairs = C.confusing_pairs(e, class_names, k)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from nolabels.commands._common import Log, add_common
+from nolabels.errors import InputError
 
 ARCHIVE = "cifar10_demo.tar.gz"
 DEMO_MODEL = "surrogate:effnet-lite0+minilm"
@@ -95,7 +96,7 @@ def unpack(dest: str | os.PathLike) -> Path:
         except TypeError:  # Python < 3.11.4: no extraction filters
             for m in members:
                 if m.name.startswith(("/", "..")) or ".." in Path(m.name).parts:
-                    raise ValueError(f"unsafe member {m.name!r} in {arc}") from None
+                    raise InputError(f"unsafe member {m.name!r} in {arc}") from None
             tf.extractall(dest, members=members)
     return root
 
@@ -123,7 +124,7 @@ def demo(out: str | os.PathLike = "nolabels-demo", *, per_class: int = PER_CLASS
     images = unpack(out)
     log(f"unpacked {PER_CLASS * len(CIFAR10_CLASSES)} CIFAR-10 test images to {images}")
     if not 1 <= per_class <= PER_CLASS:
-        raise ValueError(f"per_class must be in [1, {PER_CLASS}], got {per_class}")
+        raise InputError(f"per_class must be in [1, {PER_CLASS}], got {per_class}")
     source: Any = images
     if per_class < PER_CLASS:
         lines = [f"{p.relative_to(out)}\t{c}" for c in CIFAR10_CLASSES

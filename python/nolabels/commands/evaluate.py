@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from nolabels.commands._common import add_common
+from nolabels.errors import InputError, MissingDependencyError
 
 
 def read_labels(path: str | os.PathLike) -> tuple[dict[str, list], dict[str, Any]]:
@@ -22,11 +23,11 @@ def read_labels(path: str | os.PathLike) -> tuple[dict[str, list], dict[str, Any
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise ImportError("reading labels needs pyarrow: pip install 'nolabels[data]'") from e
+        raise MissingDependencyError("reading labels needs pyarrow: pip install 'nolabels[data]'") from e
     t = pq.read_table(path)
     meta = json.loads((t.schema.metadata or {}).get(b"nolabels", b"{}"))
     if "classes" not in meta:
-        raise ValueError(f"{path}: not a labels file written by `nolabels label`")
+        raise InputError(f"{path}: not a labels file written by `nolabels label`")
     return t.to_pydict(), meta
 
 
@@ -142,7 +143,7 @@ def _plot(res, pred, conf, true, has, path: str) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise ImportError("--plot needs matplotlib: pip install matplotlib") from e
+        raise MissingDependencyError("--plot needs matplotlib: pip install matplotlib") from e
     import numpy as np
 
     names = res["classes"]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nolabels.commands._common import Log, add_common
+from nolabels.errors import IncompleteError, InputError
 
 DEFAULT_TOPK = 5
 CHUNK_ROWS = 1 << 16
@@ -96,12 +97,12 @@ def label(store: str | os.PathLike, classes: str | os.PathLike | Sequence[str],
         st = EmbeddingStore(store)
         pending = st.pending_shards()
         if pending:
-            raise RuntimeError(
+            raise IncompleteError(
                 f"{st.root}: {len(pending)} of {st.num_shards} shards are not embedded yet; "
                 "re-run the same `nolabels embed` command to finish (it resumes)")
         names = read_classes(classes) if isinstance(classes, (str, os.PathLike)) else list(classes)
         if not names:
-            raise ValueError("no class names")
+            raise InputError("no class names")
         desc = None
         if descriptions is not None:
             desc = (read_descriptions(descriptions, names)
@@ -115,10 +116,10 @@ def label(store: str | os.PathLike, classes: str | os.PathLike | Sequence[str],
         else:
             encoder.to(ctx.device)
         if encoder.model_id != model["model_id"]:
-            raise ValueError(f"the store was embedded with {model['model_id']} but the model "
+            raise InputError(f"the store was embedded with {model['model_id']} but the model "
                              f"loaded is {encoder.model_id}; pass the same --checkpoint")
         if not encoder.has_text:
-            raise ValueError(f"{model['spec']} has no text encoder: zero-shot labels need a "
+            raise InputError(f"{model['spec']} has no text encoder: zero-shot labels need a "
                              "CLIP-like model (openclip:... or surrogate:effnet-lite0+minilm)")
         if getattr(encoder, "not_clip", None):
             log(f"note: {encoder.not_clip}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nolabels.commands._common import Log, add_common, progress
+from nolabels.errors import InputError
 
 DEFAULT_TOPK = 5
 
@@ -74,7 +75,7 @@ def load_predictor(run: str | os.PathLike, *, device: str | None = "cpu",
     else:
         encoder.to(dev)
     if encoder.model_id != enc_info["model_id"]:
-        raise ValueError(f"{run} was tuned with {enc_info['model_id']} but the model loaded is "
+        raise InputError(f"{run} was tuned with {enc_info['model_id']} but the model loaded is "
                          f"{encoder.model_id}; pass the same --checkpoint")
     head = model["head"]
     weight = head["weight"].float().to(dev)
@@ -118,7 +119,7 @@ def load_predictor(run: str | os.PathLike, *, device: str | None = "cpu",
                 out = out[0] if isinstance(out, tuple) else out
                 return F.normalize(out.float(), dim=-1)
     else:
-        raise ValueError(f"{run}: unknown method {method!r}")
+        raise InputError(f"{run}: unknown method {method!r}")
     return Predictor(method, list(config["classes"]), encoder, features, weight,
                      float(head["scale"]), bool(head["normalize"]), encoder.transform,
                      uses_store, config, student)

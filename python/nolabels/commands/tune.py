@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nolabels.commands._common import Log, add_common
+from nolabels.errors import InputError
 
 METHODS = ("zeroshot", "cde", "lafter", "nola", "latteclip")
 PIXEL_METHODS = ("lafter", "nola", "latteclip")
@@ -85,7 +86,7 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
     from nolabels.models import load_encoder
 
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
+        raise InputError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
     hyper = dict(hyper or {})
     t0 = time.perf_counter()
     out = Path(out)
@@ -94,7 +95,7 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
         names = read_classes(classes) if isinstance(classes, (str, os.PathLike)) else list(classes)
         desc = read_descriptions(descriptions, names) if descriptions is not None else None
         if method == "cde" and desc is None:
-            raise ValueError("--method cde needs --descriptions (a JSON file or 'cifar10')")
+            raise InputError("--method cde needs --descriptions (a JSON file or 'cifar10')")
 
         # the store
         if _is_store(images):
@@ -102,21 +103,21 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
             st = EmbeddingStore(store_dir)
             spec = st.model["spec"]
             if model is not None and model != spec:
-                raise ValueError(f"{store_dir} was embedded with {spec}, not {model}")
+                raise InputError(f"{store_dir} was embedded with {spec}, not {model}")
             encoder = load_encoder(spec, checkpoint=checkpoint or st.model.get("checkpoint"),
                                    device=ctx.device)
             if encoder.model_id != st.model["model_id"]:
-                raise ValueError(f"{store_dir} was embedded with {st.model['model_id']} but "
+                raise InputError(f"{store_dir} was embedded with {st.model['model_id']} but "
                                  f"the model loaded is {encoder.model_id}")
         else:
             if model is None:
-                raise ValueError("--model is required when IMAGES is not an embedding store")
+                raise InputError("--model is required when IMAGES is not an embedding store")
             encoder = load_encoder(model, checkpoint=checkpoint, device=ctx.device)
             store_dir = out / "store"
             embed(images, encoder, store_dir, batch_size=embed_batch_size, workers=embed_workers,
                   device=ctx.device, quiet=quiet)
         if not encoder.has_text:
-            raise ValueError(f"{encoder.spec} has no text encoder: these methods need a "
+            raise InputError(f"{encoder.spec} has no text encoder: these methods need a "
                              "CLIP-like model")
         log(f"tune --method {method}: model {encoder.model_id}, {len(names)} classes")
 
@@ -128,7 +129,7 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
         if cfg is not None:
             unknown = [k for k in hyper if not hasattr(cfg, k)]
             if unknown:
-                raise ValueError(f"--method {method} has no setting(s) {unknown}; known: "
+                raise InputError(f"--method {method} has no setting(s) {unknown}; known: "
                                  f"{[f.name for f in dataclasses.fields(cfg)]}")
             _overrides(cfg, **hyper)
             if templates is not None and hasattr(cfg, "templates"):
@@ -143,7 +144,7 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
         prefix = None
         if cache_views:
             if method not in ("lafter", "nola"):
-                raise ValueError("--cache-views applies to lafter and nola")
+                raise InputError("--cache-views applies to lafter and nola")
             prefix = _prefix_cache(encoder, data, cfg, cache_views, out, embed_batch_size,
                                    log, quiet)
 
@@ -160,7 +161,7 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
                     log("nola: DINO stand-in: the surrogate's own EfficientNet-Lite0 image "
                         f"features ({SURROGATE_DINO}; supervised ImageNet, NOT DINO)")
                 else:
-                    raise ValueError("--method nola needs --dino-model (e.g. "
+                    raise InputError("--method nola needs --dino-model (e.g. "
                                      "timm:vit_base_patch16_224.dino, with --dino-checkpoint "
                                      "FILE offline)")
             dino_store = out / "dino_store"
@@ -213,7 +214,7 @@ def _prefix_cache(encoder, data, cfg, views: int, out: Path, batch_size: int, lo
 
     student = make_student(encoder, surrogate_norms=cfg.surrogate_norms)
     if not student.cacheable:
-        raise ValueError("--cache-views needs the surrogate with --surrogate-norms block or "
+        raise InputError("--cache-views needs the surrogate with --surrogate-norms block or "
                          f"last (a {student.kind} student has no frozen prefix)")
     size, mean, std = image_stats(encoder)
     strong = strong_transform(cfg.strong_aug, size, mean, std)

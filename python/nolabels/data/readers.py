@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from nolabels.data.transforms import decode_image
+from nolabels.errors import InputError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -123,7 +124,7 @@ def open_source(spec: str | os.PathLike | Sequence[str]) -> ImageSource:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {s!r}")
     low = s.lower()
     if low.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")):
-        raise ValueError(
+        raise InputError(
             f"{s}: compressed tar shards cannot be read by offset; decompress them first "
             f"(e.g. `gunzip -k {s}` gives a .tar, or `tar -xzf {s}` and pass the folder)"
         )
@@ -203,7 +204,7 @@ def _expand_shards(spec: str) -> list[str]:
 def _tar_shards(root: str, shards: list[str]) -> ImageSource:
     for s in shards:
         if not s.lower().endswith(".tar"):
-            raise ValueError(f"{s}: only uncompressed .tar shards are supported")
+            raise InputError(f"{s}: only uncompressed .tar shards are supported")
     paths, labels, ranges = [], [], []
     for si, shard in enumerate(shards):
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}

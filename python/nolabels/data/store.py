@@ -32,12 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from nolabels.errors import IncompleteError, InputError, MissingDependencyError, StoreMismatchError
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-class StoreMismatchError(ValueError):
-    """The store at this path was built from another model, input or shard size."""
 
 
 def _require_pyarrow():
@@ -45,7 +43,7 @@ def _require_pyarrow():
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise ImportError("the embedding store needs pyarrow: pip install 'nolabels[data]'") from e
+        raise MissingDependencyError("the embedding store needs pyarrow: pip install 'nolabels[data]'") from e
     return pa, pq
 
 
@@ -112,7 +110,7 @@ class EmbeddingStore:
             raise FileNotFoundError(f"{self.root} is not an embedding store (no {MANIFEST})")
         self.manifest: dict[str, Any] = json.loads(mf.read_text())
         if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{self.root}: unsupported store format "
+            raise InputError(f"{self.root}: unsupported store format "
                              f"{self.manifest.get('format_version')!r}")
 
     # ------------------------------------------------------------------ creation
@@ -132,7 +130,7 @@ class EmbeddingStore:
         """
         root = Path(root)
         if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+            raise InputError(f"shard_size must be >= 1, got {shard_size}")
         root.mkdir(parents=True, exist_ok=True)
         mf = root / MANIFEST
         if mf.exists() and not overwrite:
@@ -244,7 +242,7 @@ class EmbeddingStore:
         emb = np.asarray(emb, dtype=np.float32).reshape(len(items), -1) if len(items) else \
             np.zeros((0, self.dim), np.float32)
         if emb.shape[1] != self.dim:
-            raise ValueError(f"shard {i}: embeddings have D={emb.shape[1]}, store has {self.dim}")
+            raise InputError(f"shard {i}: embeddings have D={emb.shape[1]}, store has {self.dim}")
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         emb16 = (emb / np.maximum(norms, 1e-12)).astype(np.float16)
         failed = sorted(failed)
@@ -253,7 +251,7 @@ class EmbeddingStore:
         rows.sort()
         expect = list(self.shard_items(i))
         if [r[0] for r in rows] != expect:
-            raise ValueError(f"shard {i}: items {[r[0] for r in rows][:5]}... do not cover "
+            raise InputError(f"shard {i}: items {[r[0] for r in rows][:5]}... do not cover "
                              f"{expect[0]}..{expect[-1]}")
         table = pa.table({
             "path": pa.array([r[1] for r in rows], pa.string()),
@@ -330,7 +328,7 @@ class EmbeddingStore:
             d = pq.read_table(self.meta_path(i)).to_pydict()
             ok = [j for j, r in enumerate(d["row"]) if r >= 0]
             if [d["row"][j] for j in ok] != list(range(e.shape[0])):
-                raise ValueError(f"{self.root}: shard {i}: meta rows do not match emb rows")
+                raise InputError(f"{self.root}: shard {i}: meta rows do not match emb rows")
             embs.append(e)
             for k, col in meta.items():
                 col.extend(d[k][j] for j in ok)
@@ -354,7 +352,7 @@ class EmbeddingStore:
         """All rows (see :meth:`load_shards`); raises if the store is incomplete."""
         pending = self.pending_shards()
         if pending:
-            raise RuntimeError(
+            raise IncompleteError(
                 f"{self.root}: {len(pending)} of {self.num_shards} shards are not embedded yet; "
                 "re-run the same `nolabels embed` command to finish (it resumes)"
             )

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from nolabels import ops
+from nolabels.errors import InputError
 
 # =========================================================================== templates
 #: Template sets by name (methods.md §5.2, the authors' ``CODER/template.py``). Each maps a
@@ -263,31 +264,31 @@ class Knowledge:
     @classmethod
     def from_dict(cls, d: Mapping) -> Knowledge:
         if not isinstance(d, Mapping):
-            raise ValueError("knowledge: the top level must be a JSON object")
+            raise InputError("knowledge: the top level must be a JSON object")
         raw = d.get("classes", {})
         if not isinstance(raw, Mapping):
-            raise ValueError("knowledge: 'classes' must map class names to objects")
+            raise InputError("knowledge: 'classes' must map class names to objects")
         classes = {}
         for name, entry in raw.items():
             if not isinstance(entry, Mapping):
-                raise ValueError(f"knowledge: classes[{name!r}] must be an object")
+                raise InputError(f"knowledge: classes[{name!r}] must be an object")
             out = {}
             for k in ("attributes", "analogous", "synonyms"):
                 v = entry.get(k, [])
                 if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-                    raise ValueError(f"knowledge: classes[{name!r}][{k!r}] must be a list of strings")
+                    raise InputError(f"knowledge: classes[{name!r}][{k!r}] must be a list of strings")
                 out[k] = [s.strip() for s in v if s.strip()]
             unknown = set(entry) - {"attributes", "analogous", "synonyms"}
             if unknown:
-                raise ValueError(f"knowledge: classes[{name!r}] has unknown keys {sorted(unknown)}")
+                raise InputError(f"knowledge: classes[{name!r}] has unknown keys {sorted(unknown)}")
             classes[cls._key(name)] = out
         ovo = {}
         for c1, inner in (d.get("ovo") or {}).items():
             if not isinstance(inner, Mapping):
-                raise ValueError(f"knowledge: ovo[{c1!r}] must map class names to lists")
+                raise InputError(f"knowledge: ovo[{c1!r}] must map class names to lists")
             for c2, attrs in inner.items():
                 if not isinstance(attrs, list) or not all(isinstance(s, str) for s in attrs):
-                    raise ValueError(f"knowledge: ovo[{c1!r}][{c2!r}] must be a list of strings")
+                    raise InputError(f"knowledge: ovo[{c1!r}][{c2!r}] must be a list of strings")
                 ovo.setdefault(cls._key(c1), {})[cls._key(c2)] = [s.strip() for s in attrs if s.strip()]
         return cls(classes=classes, ovo=ovo, dataset=d.get("dataset"))
 
@@ -300,7 +301,7 @@ class Knowledge:
             try:
                 d = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"knowledge: {path} is not valid JSON: {e}") from e
+                raise InputError(f"knowledge: {path} is not valid JSON: {e}") from e
         return cls.from_dict(d)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -324,7 +325,7 @@ def load_example_knowledge(name: str = "cifar10") -> Knowledge:
     """The hand-written example knowledge shipped with the package (``cifar10``)."""
     path = Path(__file__).resolve().parent / "data" / f"{name}_knowledge.json"
     if not path.exists():
-        raise ValueError(f"no example knowledge named {name!r} (looked for {path})")
+        raise InputError(f"no example knowledge named {name!r} (looked for {path})")
     return Knowledge.load(path)
 
 
@@ -399,13 +400,13 @@ class TextBank:
             ovo: render the one-vs-one texts.
         """
         if task not in ("zero-shot", "few-shot"):
-            raise ValueError(f"TextBank.build: task must be 'zero-shot' or 'few-shot', got {task!r}")
+            raise InputError(f"TextBank.build: task must be 'zero-shot' or 'few-shot', got {task!r}")
         types = tuple(types)
         bad = set(types) - set(TEXT_TYPES)
         if bad:
-            raise ValueError(f"TextBank.build: unknown text types {sorted(bad)}; use {TEXT_TYPES}")
+            raise InputError(f"TextBank.build: unknown text types {sorted(bad)}; use {TEXT_TYPES}")
         if not class_names:
-            raise ValueError("TextBank.build: no classes")
+            raise InputError("TextBank.build: no classes")
         knowledge = knowledge or Knowledge()
         if isinstance(templates, Mapping):
             tset = {k: list(v) for k, v in templates.items()}
@@ -417,7 +418,7 @@ class TextBank:
             tset = {**tset, "att": TEMPLATES["default"]["att"], "ana": TEMPLATES["default"]["ana"]}
         names = [Knowledge._key(c) for c in class_names]
         if len(set(names)) != len(names):
-            raise ValueError("TextBank.build: duplicate class names")
+            raise InputError("TextBank.build: duplicate class names")
         texts, tcls, ttype = [], [], []
         for ci, c in enumerate(names):
             e = knowledge.entry(c)
@@ -436,7 +437,7 @@ class TextBank:
         counts = torch.bincount(torch.tensor(tcls, dtype=torch.int64), minlength=len(names))
         if bool((counts == 0).any()):
             empty = [names[i] for i in (counts == 0).nonzero().flatten().tolist()[:5]]
-            raise ValueError(f"TextBank.build: classes {empty} have no texts (include 'name' in types)")
+            raise InputError(f"TextBank.build: classes {empty} have no texts (include 'name' in types)")
         ovo_texts, pairs = [], []
         if ovo:
             index = {c: i for i, c in enumerate(names)}
@@ -484,7 +485,7 @@ class TextBank:
         if model_id is None:
             model_id = getattr(encoder, "model_id", None)
         if cache_dir is not None and model_id is None:
-            raise ValueError("TextBank.encode: a cache needs a model_id")
+            raise InputError("TextBank.encode: a cache needs a model_id")
         path = self.cache_path(cache_dir, model_id) if cache_dir is not None else None
         if path is not None and path.exists():
             blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -492,24 +493,24 @@ class TextBank:
                 self.emb, self.ovo_emb, self.model_id = blob["emb"], blob["ovo_emb"], model_id
                 return self
         if encoder is None:
-            raise ValueError(
+            raise InputError(
                 f"TextBank.encode: no cached embeddings for model {model_id!r} "
                 f"({path}) and no encoder to compute them"
             )
         allt = [*self.texts, *self.ovo_texts]
         uniq = list(dict.fromkeys(allt))
         if batch_size < 1:
-            raise ValueError(f"TextBank.encode: batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"TextBank.encode: batch_size must be >= 1, got {batch_size}")
         chunks = []
         with torch.no_grad():
             for s in range(0, len(uniq), batch_size):
                 e = torch.as_tensor(encoder.encode_text(uniq[s : s + batch_size]))
                 if e.dim() != 2 or e.shape[0] != len(uniq[s : s + batch_size]):
-                    raise ValueError(f"TextBank.encode: encode_text returned shape {tuple(e.shape)}")
+                    raise InputError(f"TextBank.encode: encode_text returned shape {tuple(e.shape)}")
                 chunks.append(e.detach().float().cpu())
         table = F.normalize(torch.cat(chunks), dim=1, eps=1e-12)
         if not bool(torch.isfinite(table).all()):
-            raise ValueError("TextBank.encode: the encoder returned NaN/Inf embeddings")
+            raise InputError("TextBank.encode: the encoder returned NaN/Inf embeddings")
         pos = {t: i for i, t in enumerate(uniq)}
         rows = torch.tensor([pos[t] for t in allt], dtype=torch.int64)
         emb = table[rows]
@@ -525,7 +526,7 @@ class TextBank:
 
     def _need_emb(self) -> None:
         if self.emb is None:
-            raise ValueError("TextBank: call encode() first")
+            raise InputError("TextBank: call encode() first")
 
 
 def class_text_classifier(
@@ -615,9 +616,9 @@ def ovo_rerank(
     row without any ovo pair among its candidates keeps its label.
     """
     if scores.dim() != 2 or scores.shape[0] != image_emb.shape[0]:
-        raise ValueError("ovo_rerank: scores must be (N, C) for the N image rows")
+        raise InputError("ovo_rerank: scores must be (N, C) for the N image rows")
     if not (isinstance(tau, (int, float)) and tau >= 0):
-        raise ValueError(f"ovo_rerank: tau must be a number >= 0, got {tau!r}")
+        raise InputError(f"ovo_rerank: tau must be a number >= 0, got {tau!r}")
     n, c = scores.shape
     pred = scores.argmax(dim=1)
     top = min(top, c)
@@ -731,17 +732,17 @@ class CoderFewShot:
         bank._need_emb()
         c = bank.num_classes
         if zs_weights.shape != (c, bank.emb.shape[1]):
-            raise ValueError(f"CoderFewShot: zs_weights must be ({c}, {bank.emb.shape[1]}), "
+            raise InputError(f"CoderFewShot: zs_weights must be ({c}, {bank.emb.shape[1]}), "
                              f"got {tuple(zs_weights.shape)}")
         if shot_emb.dim() != 2 or shot_emb.shape[1] != bank.emb.shape[1]:
-            raise ValueError(f"CoderFewShot: shot_emb must be (S, {bank.emb.shape[1]})")
+            raise InputError(f"CoderFewShot: shot_emb must be (S, {bank.emb.shape[1]})")
         if shot_labels.shape != (shot_emb.shape[0],):
-            raise ValueError("CoderFewShot: shot_labels must be (S,)")
+            raise InputError("CoderFewShot: shot_labels must be (S,)")
         if shot_emb.shape[0] == 0:
-            raise ValueError("CoderFewShot: no shots")
+            raise InputError("CoderFewShot: no shots")
         lab = shot_labels.to(torch.int64)
         if int(lab.min()) < 0 or int(lab.max()) >= c:
-            raise ValueError(f"CoderFewShot: shot_labels must be in [0, {c})")
+            raise InputError(f"CoderFewShot: shot_labels must be in [0, {c})")
         self.bank, self.scale, self.backend = bank, float(scale), backend
         self.zs = F.normalize(zs_weights.float(), dim=1)
         self.shots, self.labels = shot_emb.float(), lab
@@ -788,7 +789,7 @@ class CoderFewShot:
         ``dataset``) is used unchanged. The predictor then caches *all* shots.
         """
         if not 0 <= val_fraction < 1:
-            raise ValueError(f"fit: val_fraction must be in [0, 1), got {val_fraction}")
+            raise InputError(f"fit: val_fraction must be in [0, 1), got {val_fraction}")
         if init is None:
             init = FEW_SHOT_INIT.get(_canon(dataset) or "", DEFAULT_FEW_SHOT_INIT)
         c = self.bank.num_classes
@@ -939,9 +940,9 @@ class KnowledgeGenerator:
                  timeout: float = 120.0, temperature: float | None = None,
                  sleep: Callable[[float], None] = time.sleep):
         if not base_url:
-            raise ValueError("KnowledgeGenerator: base_url is required")
+            raise InputError("KnowledgeGenerator: base_url is required")
         if not model:
-            raise ValueError("KnowledgeGenerator: model is required")
+            raise InputError("KnowledgeGenerator: model is required")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key = model, api_key
         self.encoder, self.reject_threshold, self.max_reasks = encoder, reject_threshold, max_reasks

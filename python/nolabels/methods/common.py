@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from nolabels import dist
+from nolabels.errors import IncompleteError, InputError
 from nolabels.methods.selection import DEFAULT_HELDOUT_FRACTION, holdout_split, oracle_accuracy
 from nolabels.methods.trainer import TrainConfig
 
@@ -144,7 +145,7 @@ def reopen_source(store) -> Any:
     if len(source) > n:  # embedded with --limit: the first n items
         source = source.subset(n)
     if source.fingerprint() != src["fingerprint"]:
-        raise ValueError(f"{store.root}: the images under {root!r} changed since they were "
+        raise InputError(f"{store.root}: the images under {root!r} changed since they were "
                          "embedded (fingerprint mismatch); re-run `nolabels embed`")
     return source
 
@@ -158,7 +159,7 @@ def load_tune_data(store_dir: str | os.PathLike, classes: Sequence[str], *,
     st = EmbeddingStore(store_dir)
     pending = st.pending_shards()
     if pending:
-        raise RuntimeError(f"{st.root}: {len(pending)} shards are not embedded yet; re-run "
+        raise IncompleteError(f"{st.root}: {len(pending)} shards are not embedded yet; re-run "
                            "`nolabels embed` to finish")
     emb, meta = st.load()
     source = reopen_source(st) if need_pixels else None
@@ -178,7 +179,7 @@ def aligned_store_features(store_dir: str | os.PathLike, items: Sequence[int]) -
     pos = {int(i): j for j, i in enumerate(meta["item"])}
     missing = [i for i in items if int(i) not in pos]
     if missing:
-        raise ValueError(f"{st.root}: no embedding for items {missing[:5]} (failed or "
+        raise InputError(f"{st.root}: no embedding for items {missing[:5]} (failed or "
                          "embedded from other images)")
     idx = np.asarray([pos[int(i)] for i in items], np.int64)
     return torch.from_numpy(np.asarray(emb[idx], np.float32))

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nolabels.errors import InputError
 from nolabels.methods.common import (
     IndexDataset,
     RunSettings,
@@ -243,7 +244,7 @@ def tuning_student(encoder, cfg, prefix: Mapping | None, say: Callable[[str], No
     cached = prefix is not None
     if cached:
         if not student.cacheable:
-            raise ValueError("cached prefix features need a student with a frozen prefix "
+            raise InputError("cached prefix features need a student with a frozen prefix "
                              "(surrogate with surrogate_norms='last')")
         say(f"{method}: training on cached frozen-prefix features "
             f"({sum(k.startswith('strong') for k in prefix)} cached strong views per image "

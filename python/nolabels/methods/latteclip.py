@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nolabels import dist, ops
+from nolabels.errors import InputError
 from nolabels.methods.common import RunSettings, TuneData, encoder_info, map_rows, save_run
 from nolabels.methods.selection import CRITERIA, mean_confidence
 from nolabels.methods.students import ConSEStudent, ImageViews, image_stats, is_vit_encoder
@@ -189,9 +190,9 @@ def read_captions(files: Sequence[str | os.PathLike]) -> Captions:
                 try:
                     d = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{f}:{ln}: not JSON: {e}") from e
+                    raise InputError(f"{f}:{ln}: not JSON: {e}") from e
                 if not isinstance(d, dict):
-                    raise ValueError(f"{f}:{ln}: expected a JSON object")
+                    raise InputError(f"{f}:{ln}: expected a JSON object")
                 text = d.get("caption")
                 if "class" in d and text is not None:
                     cap.group_by_class.setdefault(str(d["class"]), []).append(str(text))
@@ -202,7 +203,7 @@ def read_captions(files: Sequence[str | os.PathLike]) -> Captions:
                 elif "image" in d and text is not None:
                     cap.image[str(d["image"])] = str(text)
                 else:
-                    raise ValueError(f"{f}:{ln}: expected {{'image', 'caption'}}, "
+                    raise InputError(f"{f}:{ln}: expected {{'image', 'caption'}}, "
                                      "{'class', 'caption'} or {'image', 'group_caption'}")
     return cap
 
@@ -585,7 +586,7 @@ def single_template(template: str) -> str:
 
     named = resolve_templates(template)
     if len(named) != 1:
-        raise ValueError(f"latteclip uses one template; {template!r} has {len(named)}")
+        raise InputError(f"latteclip uses one template; {template!r} has {len(named)}")
     return named[0]
 
 
@@ -611,7 +612,7 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
         cfg.epochs = epochs
     cfg.template = single_template(cfg.template)
     if len(classes) < 2:
-        raise ValueError("latteclip needs at least 2 classes (text weights are top-1 − top-2 margins)")
+        raise InputError("latteclip needs at least 2 classes (text weights are top-1 − top-2 margins)")
     t0 = time.perf_counter()
     say = (lambda m: None) if quiet else log
     if getattr(encoder, "not_clip", None):
@@ -641,7 +642,7 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     for name, texts in captions.group_by_class.items():
         c = by_norm.get(norm_name(name))
         if c is None:
-            raise ValueError(f"group captions for {name!r}, which is not a class")
+            raise InputError(f"group captions for {name!r}, which is not a class")
         pools.setdefault(c, []).extend(tid(first_line(t)) for t in texts if first_line(t))
     if captions.group_by_image:
         train_set = set(data.train.tolist())
@@ -661,7 +662,7 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     elif hasattr(encoder, "image_model"):
         towers = _SurrogateTowers(encoder, table, cfg.surrogate_norms)
     else:
-        raise ValueError(f"{encoder.model_id}: latteclip needs an open_clip CLIP or the surrogate")
+        raise InputError(f"{encoder.model_id}: latteclip needs an open_clip CLIP or the surrogate")
     towers.to(dev)
     say(f"latteclip: {towers.describe()}")
     train_rows = data.train

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from nolabels import ops
+from nolabels.errors import InputError
 from nolabels.methods.common import (
     IndexDataset,
     RunSettings,
@@ -231,7 +232,7 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
         say(f"note: {encoder.not_clip}")
     dev = encoder.device
     if dino.shape[0] != data.n:
-        raise ValueError(f"dino features have {dino.shape[0]} rows, the data {data.n}")
+        raise InputError(f"dino features have {dino.shape[0]} rows, the data {data.n}")
 
     # 1-2: CDE and the confident subset (training rows only)
     cde = cde_embeddings(encoder, classes, descriptions, templates=cfg.templates).to(dev)

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nolabels.errors import InputError
+
 #: The unlabeled criterion of each method (what the docs and the logs say).
 CRITERIA: dict[str, str] = {
     "zeroshot": "none (nothing is trained)",
@@ -62,7 +64,7 @@ def holdout_split(n: int, fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int 
         ``(train, heldout)``: sorted int64 index tensors, disjoint, covering ``range(n)``.
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+        raise InputError(f"holdout fraction must be in [0, 1), got {fraction}")
     m = 0 if fraction == 0 or n < 2 else min(n - 1, max(1, math.ceil(fraction * n)))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 7919))
     held = torch.sort(perm[:m]).values
@@ -73,7 +75,7 @@ def holdout_split(n: int, fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fraction of positions where two label vectors agree (nan when empty)."""
     if a.shape != b.shape:
-        raise ValueError(f"agreement: shapes differ {tuple(a.shape)} vs {tuple(b.shape)}")
+        raise InputError(f"agreement: shapes differ {tuple(a.shape)} vs {tuple(b.shape)}")
     if a.numel() == 0:
         return float("nan")
     return float((a == b).float().mean())

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nolabels.commands._common import progress
+from nolabels.errors import InputError
 from nolabels.methods.trainer import sample_seed, seeded
 
 # --------------------------------------------------------------------------- views
@@ -111,7 +112,7 @@ def strong_transform(style: str, size: int, mean: Sequence[float], std: Sequence
     elif style == "none":
         ops = [T.Resize((size, size), interpolation=bic)]
     else:
-        raise ValueError(f"unknown strong augmentation {style!r} (lafter, nola, none)")
+        raise InputError(f"unknown strong augmentation {style!r} (lafter, nola, none)")
     return T.Compose(ops + tail)
 
 
@@ -212,7 +213,7 @@ class PromptedViTStudent(Student):
 
     def teacher_features(self, x: torch.Tensor, *, cached: bool = False) -> torch.Tensor:
         if cached:
-            raise ValueError("prompted-vit students cannot use cached features")
+            raise InputError("prompted-vit students cannot use cached features")
         out = self.pvt.visual(x)
         if isinstance(out, tuple):
             out = out[0]
@@ -242,7 +243,7 @@ class ConSEStudent(Student):
     def __init__(self, encoder, norms: str = "all", feature_scale: float = 10.0) -> None:
         super().__init__()
         if norms not in ("all", "block", "last"):
-            raise ValueError(f"norms must be 'all', 'block' or 'last', got {norms!r}")
+            raise InputError(f"norms must be 'all', 'block' or 'last', got {norms!r}")
         self.net = copy.deepcopy(encoder.image_model).float().eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
@@ -328,15 +329,15 @@ def make_student(encoder, config: dict | None = None, *, num_prompts: int = 16,
     cfg = dict(config or {})
     if is_vit_encoder(encoder):
         if cfg and cfg.get("kind") != "prompted-vit":
-            raise ValueError(f"a {cfg.get('kind')} student cannot be built for {encoder.model_id}")
+            raise InputError(f"a {cfg.get('kind')} student cannot be built for {encoder.model_id}")
         return PromptedViTStudent(encoder, int(cfg.get("num_prompts", num_prompts)),
                                   cfg.get("mode", prompt_mode), seed=seed)
     if hasattr(encoder, "image_model") and hasattr(encoder, "imagenet_emb"):
         if cfg and cfg.get("kind") != "conse-norm":
-            raise ValueError(f"a {cfg.get('kind')} student cannot be built for {encoder.model_id}")
+            raise InputError(f"a {cfg.get('kind')} student cannot be built for {encoder.model_id}")
         return ConSEStudent(encoder, cfg.get("norms", surrogate_norms),
                             float(cfg.get("feature_scale", 10.0)))
-    raise ValueError(
+    raise InputError(
         f"{encoder.model_id}: LaFTer/NoLA need an open_clip ViT (prompts) or the surrogate "
         "(normalisation layers); this vision tower is neither")
 
@@ -406,7 +407,7 @@ def build_prefix_cache(student: Student, source, items: Sequence[int], views: di
             bar.update(len(pre))
         bar.close()
         if arr is None:
-            raise ValueError(f"caching the {name} view: no images (items is empty)")
+            raise InputError(f"caching the {name} view: no images (items is empty)")
         arr.flush()
         del arr
         os.replace(tmp, path)

@@ -48,6 +48,7 @@ from torch import nn
 
 from nolabels import dist
 from nolabels.commands._common import progress
+from nolabels.errors import InputError
 from nolabels.methods.selection import Selector
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -107,12 +108,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError(f"bad TrainConfig: epochs={self.epochs}, batch_size="
+            raise InputError(f"bad TrainConfig: epochs={self.epochs}, batch_size="
                              f"{self.batch_size}, grad_accum={self.grad_accum}")
         if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+            raise InputError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.select not in ("best", "last"):
-            raise ValueError(f"select must be 'best' or 'last', got {self.select!r}")
+            raise InputError(f"select must be 'best' or 'last', got {self.select!r}")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -365,7 +366,7 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     if resume and final_path is not None and final_path.is_file():
         fin = torch.load(final_path, map_location="cpu", weights_only=False)
         if fin.get("config_key") != _config_key(cfg, task.num_samples(), settings):
-            raise ValueError(
+            raise InputError(
                 f"{final_path} was written by a run with different settings "
                 f"({fin.get('config')}); use another --out or delete the run")
         task.load_trainable_state(fin["state"])
@@ -388,7 +389,7 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ck.get("config_key") != _config_key(cfg, n, settings):
-            raise ValueError(
+            raise InputError(
                 f"{ckpt_path} was written by a run with different settings "
                 f"({ck.get('config')}); use another --out or delete the checkpoint")
         task.load_trainable_state(ck["state"])

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nolabels.errors import InputError
+
 #: Named template sets (CLIP's, from the CLIP repository's prompt engineering notes).
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "none": ("{}",),
@@ -48,10 +50,10 @@ def read_classes(path: str | os.PathLike) -> list[str]:
     names = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
     names = [n for n in names if n and not n.startswith("#")]
     if not names:
-        raise ValueError(f"{path}: no class names")
+        raise InputError(f"{path}: no class names")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"{path}: duplicate class names {dup[:5]}")
+        raise InputError(f"{path}: duplicate class names {dup[:5]}")
     return names
 
 
@@ -70,11 +72,11 @@ def resolve_templates(spec: str | Sequence[str]) -> list[str]:
     elif os.path.isfile(spec):
         templates = [t for t in Path(spec).read_text(encoding="utf-8").splitlines() if t.strip()]
     else:
-        raise ValueError(f"unknown template set {spec!r}: use one of {sorted(TEMPLATES)} "
+        raise InputError(f"unknown template set {spec!r}: use one of {sorted(TEMPLATES)} "
                          "or a file with one template per line")
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
-        raise ValueError(f"templates must each contain '{{}}'; bad: {bad[:3]}")
+        raise InputError(f"templates must each contain '{{}}'; bad: {bad[:3]}")
     return templates
 
 
@@ -102,7 +104,7 @@ def read_descriptions(path: str | os.PathLike, classes: Sequence[str]) -> dict[s
     get an empty list (templates only)."""
     raw = json.loads(descriptions_path(path).read_text(encoding="utf-8"))
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object {{class: [descriptions]}}")  # noqa: TRY004
+        raise InputError(f"{path}: expected a JSON object {{class: [descriptions]}}")  # noqa: TRY004
     by_norm = {norm_name(k): v for k, v in raw.items()}
     out = {}
     for c in classes:

@@ -40,11 +40,13 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
+from nolabels.errors import InputError, MissingDependencyError, UnavailableError
+
 #: What ``Encoder.transform`` returns for one image: (3, H, W) float32.
 ImageTransform = Callable[[object], torch.Tensor]
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UnavailableError):
     """Pretrained weights could not be fetched (no network, unknown tag, missing file).
 
     The message always says how to pass a local checkpoint instead.
@@ -103,7 +105,7 @@ class Encoder(abc.ABC):
             (B, D) float32 on ``self.device``, rows L2-normalised.
         """
         if images.dim() != 4:
-            raise ValueError(f"encode_image: expected (B, 3, H, W), got {tuple(images.shape)}")
+            raise InputError(f"encode_image: expected (B, 3, H, W), got {tuple(images.shape)}")
         feats = self._image_features(images.to(self.device, torch.float32, non_blocking=True))
         return F.normalize(feats.float(), dim=-1)
 
@@ -266,7 +268,7 @@ def load_encoder(spec: str, *, checkpoint: str | os.PathLike | None = None,
     """
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
-        raise ValueError(
+        raise InputError(
             f"unknown model spec {spec!r}: expected openclip:ARCH/TAG, openclip:ARCH with "
             "--checkpoint, timm:NAME, or surrogate:effnet-lite0+minilm"
         )
@@ -283,7 +285,7 @@ def load_encoder(spec: str, *, checkpoint: str | os.PathLike | None = None,
 
         enc = load_surrogate(rest, checkpoint=checkpoint)
     else:
-        raise ValueError(f"unknown model kind {kind!r} in {spec!r} (openclip, timm, surrogate)")
+        raise InputError(f"unknown model kind {kind!r} in {spec!r} (openclip, timm, surrogate)")
     return enc.to(parse_device(device))
 
 
@@ -294,6 +296,6 @@ def require(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(
+        raise MissingDependencyError(
             f"{module} is needed for this model; install it with: pip install 'nolabels[{extra}]'"
         ) from e

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from nolabels.errors import InputError
 from nolabels.models.base import (
     Encoder,
     check_checkpoint,
@@ -59,25 +60,25 @@ class OpenCLIPEncoder(Encoder):
         suffix = ""
         if cfg_file is not None:
             if not Path(cfg_file).is_file():
-                raise ValueError(f"{self.spec}: model config {cfg_file!r} does not exist")
+                raise InputError(f"{self.spec}: model config {cfg_file!r} does not exist")
             open_clip.add_model_config(cfg_file)
             suffix = "#cfg=" + hashlib.sha256(Path(cfg_file).read_bytes()).hexdigest()[:12]
         elif not arch.startswith("hf-hub:") and arch not in open_clip.list_models():
-            raise ValueError(
+            raise InputError(
                 f"{self.spec}: unknown open_clip architecture {arch!r} "
                 f"(see open_clip.list_models(), e.g. ViT-B-32, ViT-B-16, ViT-L-14)"
             )
 
         if checkpoint is not None:
             if tag not in (None,):
-                raise ValueError(f"{self.spec}: give either a pretrained tag or a checkpoint, not both")
+                raise InputError(f"{self.spec}: give either a pretrained tag or a checkpoint, not both")
             path = check_checkpoint(checkpoint, self.spec)
             self.checkpoint = str(path.resolve())
             try:
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     arch, pretrained=str(path), weights_only=True)
             except Exception as e:
-                raise ValueError(
+                raise InputError(
                     f"{self.spec}: could not load checkpoint {str(path)!r} into {arch}: "
                     f"{type(e).__name__}: {e}"
                 ) from e
@@ -88,7 +89,7 @@ class OpenCLIPEncoder(Encoder):
                 model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
             self.model_id = f"openclip:{arch}{suffix}/random@seed{seed}"
         elif tag is None and not arch.startswith("hf-hub:"):
-            raise ValueError(
+            raise InputError(
                 f"{self.spec}: no weights given. Use openclip:{arch}/TAG with a pretrained tag "
                 f"(one of {open_clip.list_pretrained_tags_by_model(arch)[:6]}...), or "
                 f"--checkpoint FILE for a local weights file, or openclip:{arch}/random for a "
@@ -96,7 +97,7 @@ class OpenCLIPEncoder(Encoder):
             )
         else:
             if tag is not None and cfg_file is None and tag not in open_clip.list_pretrained_tags_by_model(arch):
-                raise ValueError(
+                raise InputError(
                     f"{self.spec}: unknown pretrained tag {tag!r} for {arch}; known tags: "
                     f"{open_clip.list_pretrained_tags_by_model(arch)}. For a local file use "
                     f"openclip:{arch} --checkpoint FILE."

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from nolabels.errors import InputError
 from nolabels.models.base import (
     Encoder,
     check_checkpoint,
@@ -67,7 +68,7 @@ class TimmEncoder(Encoder):
             sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc.", "classifier."))}
             missing, unexpected = model.load_state_dict(sd, strict=False)
             if missing or unexpected:
-                raise ValueError(
+                raise InputError(
                     f"{self.spec}: checkpoint {str(path)!r} does not match {name}: "
                     f"missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nolabels.backends import BackendName
+from nolabels.errors import InputError
 from nolabels.ops.attention import prompt_attention
 
 # LaFTer/NoLA: Uniform(-v, v), v = sqrt(6 / (3 * 16 * 16 + 768)) = 0.0625 (patch
@@ -43,7 +44,7 @@ def _check_visual(visual: Any) -> None:  # open_clip modules: duck-typed attribu
     need = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post")
     missing = [a for a in need if not hasattr(visual, a)]
     if missing or not hasattr(visual.transformer, "resblocks"):
-        raise ValueError(
+        raise InputError(
             "PromptedVisionTransformer: visual must be an open_clip VisionTransformer "
             f"(model.visual); missing {missing or ['transformer.resblocks']}"
         )
@@ -59,12 +60,12 @@ def _check_deep_block(i: int, blk: Any) -> None:
         and not hasattr(blk, "ln_1_kv")
     )
     if not ok:
-        raise ValueError(
+        raise InputError(
             f"PromptedVisionTransformer: mode='deep' needs open_clip ResidualAttentionBlocks "
             f"(nn.MultiheadAttention self-attention); block {i} is {type(blk).__name__}"
         )
     if getattr(attn, "dropout", 0.0) != 0.0:
-        raise ValueError(f"PromptedVisionTransformer: mode='deep' needs attention dropout 0 (block {i})")
+        raise InputError(f"PromptedVisionTransformer: mode='deep' needs attention dropout 0 (block {i})")
 
 
 class PromptedVisionTransformer(nn.Module):
@@ -104,11 +105,11 @@ class PromptedVisionTransformer(nn.Module):
         vis: Any = visual  # open_clip's attributes (transformer, conv1, ...) are duck-typed
         _check_visual(vis)
         if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 0:
-            raise ValueError(f"PromptedVisionTransformer: num_prompts must be an int >= 0, got {num_prompts!r}")
+            raise InputError(f"PromptedVisionTransformer: num_prompts must be an int >= 0, got {num_prompts!r}")
         if mode not in ("shallow", "deep"):
-            raise ValueError(f"PromptedVisionTransformer: mode must be 'shallow' or 'deep', got {mode!r}")
+            raise InputError(f"PromptedVisionTransformer: mode must be 'shallow' or 'deep', got {mode!r}")
         if deep_impl not in ("fused", "naive"):
-            raise ValueError(f"PromptedVisionTransformer: deep_impl must be 'fused' or 'naive', got {deep_impl!r}")
+            raise InputError(f"PromptedVisionTransformer: deep_impl must be 'fused' or 'naive', got {deep_impl!r}")
         blocks = vis.transformer.resblocks
         if mode == "deep":
             for i, blk in enumerate(blocks):

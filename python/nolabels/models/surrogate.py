@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from nolabels.errors import InputError
 from nolabels.models.base import Encoder, check_checkpoint, file_sha256, require
 
 SURROGATE_SPEC = "surrogate:effnet-lite0+minilm"
@@ -86,7 +87,7 @@ def load_efficientnet_lite0(checkpoint: str | os.PathLike | None = None) -> torc
         else:
             p = next((p for p in top if k.startswith(p)), None)
             if p is None:
-                raise ValueError(f"{path}: unexpected key {k!r} for EfficientNet-Lite0")
+                raise InputError(f"{path}: unexpected key {k!r} for EfficientNet-Lite0")
             out[top[p] + k[len(p):]] = v
     model.load_state_dict(out, strict=True)
     return model.eval()
@@ -259,5 +260,5 @@ def load_surrogate(name: str, *, checkpoint: str | os.PathLike | None = None) ->
         return ConSESurrogate(checkpoint=checkpoint)
     if name == "effnet-lite0":
         return EffNetLite0Features(checkpoint=checkpoint)
-    raise ValueError(f"unknown surrogate {name!r}: use {SURROGATE_SPEC} or {IMAGE_ONLY_SPEC}")
+    raise InputError(f"unknown surrogate {name!r}: use {SURROGATE_SPEC} or {IMAGE_ONLY_SPEC}")
 
