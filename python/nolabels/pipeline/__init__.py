@@ -1,0 +1,1 @@
+"""Pipelines behind nolabels.api: embed, label, evaluate, predict (streaming, resumable)."""

@@ -1,0 +1,596 @@
+"""Streaming pseudo-labels: any embeddings in, a Parquet dataset out, in bounded memory.
+
+``label(EMB, classes, OUT)`` reads the embeddings shard by shard
+(:func:`nolabels.data.sources.open_embeddings`: a nolabels store, clip-retrieval's
+``img_emb/`` + ``metadata/``, a ``.npy`` or a Parquet embedding column), labels each
+shard with ``ops.pseudo_label`` and writes it as one Parquet *part*. A reader thread
+prefetches the next shard and a writer thread writes the previous part, so I/O overlaps
+the kernel.
+
+Output ``OUT`` (a directory)::
+
+    part-00000.parquet ...   one per input shard, atomic each, rows in input order
+    _selected.parquet        NoLA's confident subset (with --select-per-class): item, path,
+                             label, class_name, confidence
+    _nolabels.json           classes, model, templates, logit scale, top-k, selection size,
+                             the input, the parts done (rows, bytes) and ``complete``
+
+Names starting with ``_`` are skipped by pyarrow.dataset/pandas, so ``OUT`` reads as one
+table: ``pyarrow.dataset.dataset(OUT)``, ``pandas.read_parquet(OUT)``,
+``duckdb.sql("FROM 'OUT/part-*.parquet'")``, ``polars.scan_parquet("OUT/part-*.parquet")``.
+The selection lives in its own small file (rather than a ``selected`` column in every
+part) so that selecting never rewrites the parts; join on ``item``.
+
+``OUT`` ending in ``.parquet`` writes one file instead, for small runs: the same
+columns plus ``selected`` (bool); the parts are made in a hidden folder next to it and
+concatenated part by part at the end.
+
+Part columns: ``path`` string, ``item`` int64 (row in the input), ``label`` int64,
+``class_name`` string, ``confidence`` float32, ``topk_classes`` list<int64>,
+``topk_probs`` list<float32>, ``entropy`` float32, ``true_class`` string (class folder,
+null if unknown; read only by ``eval``). Schema metadata key ``nolabels`` holds the run
+settings (as ``_nolabels.json``).
+
+Resume: a re-run with the same settings computes only the parts missing (a part is
+done when it exists and its footer says it holds the shard's rows); the selection is
+re-merged from the parts' top-k columns. Other settings in an existing ``OUT`` are
+refused (:class:`~nolabels.errors.StoreMismatchError`) unless ``overwrite``.
+
+Under ``torchrun`` rank r labels shards r, r + W, ... and writes their parts; only the
+selection candidates (at most C·K rows per rank, ``ops.select_per_class`` is mergeable)
+are all-gathered; rank 0 writes ``_selected.parquet`` and the manifest.
+
+Peak memory: O(prefetch · shard + C·D + C·K), independent of the number of rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nolabels.errors import InputError, OutputExistsError, StoreMismatchError
+from nolabels.progress import Log, progress
+
+DEFAULT_TOPK = 5
+#: rows per ``ops.pseudo_label`` call: bounds the float32 copy of a large shard.
+CHUNK_ROWS = 1 << 16
+MANIFEST = "_nolabels.json"
+SELECTED = "_selected.parquet"
+FORMAT = "nolabels-labels"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LabelReport:
+    """What :func:`label` wrote (the same numbers on every rank).
+
+    Attributes:
+        out: the output directory or file.
+        rows: rows labelled in total (all parts).
+        num_classes: C.
+        selected: size of the confident subset (None without ``select_per_class``).
+        model_id: the text model's id.
+        parts: parts in the output; ``computed``: parts computed by this call.
+        seconds: wall time of this call.
+    """
+
+    out: str
+    rows: int
+    num_classes: int
+    selected: int | None
+    model_id: str
+    parts: int
+    computed: int
+    seconds: float
+
+
+def part_path(out: Path, i: int) -> Path:
+    return out / f"part-{i:05d}.parquet"
+
+
+# --------------------------------------------------------------------------- output dir
+def _settings(info: dict) -> dict:
+    """The manifest fields that must agree for a resume to be valid."""
+    keys = ("classes_sha256", "model_id", "templates", "descriptions_sha256", "logit_scale",
+            "topk", "select_per_class", "source")
+    return {k: info.get(k) for k in keys}
+
+
+def _read_manifest(out: Path) -> dict | None:
+    mf = out / MANIFEST
+    if not mf.is_file():
+        return None
+    try:
+        m = json.loads(mf.read_text())
+    except ValueError as e:
+        from nolabels.errors import CorruptFileError
+
+        raise CorruptFileError(mf, f"not valid JSON ({e})") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        return None
+    return m
+
+
+def _claim_dir(out: Path, info: dict, overwrite: bool) -> dict | None:
+    """Make ``out`` ours: absent/empty -> created; our labels with the same settings ->
+    resume (returns the old manifest); ours with other settings -> error, or with
+    ``overwrite`` delete exactly the files the manifest lists; anything else -> refuse."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a directory")
+    old = _read_manifest(out) if out.is_dir() else None
+    entries = [p for p in out.iterdir()] if out.is_dir() else []
+    if old is None:
+        if entries:
+            raise OutputExistsError(
+                f"{out} is not empty and holds no nolabels labels ({MANIFEST} missing): "
+                "refusing to write into it; choose an empty or new --out")
+        out.mkdir(parents=True, exist_ok=True)
+        return None
+    if _settings(old) == _settings(info):
+        return old
+    if not overwrite:
+        diff = [k for k, v in _settings(info).items() if _settings(old).get(k) != v]
+        raise StoreMismatchError(
+            f"{out} holds labels made with different settings ({', '.join(diff)}); "
+            "use another --out, or --overwrite to replace them")
+    for name in [*old.get("parts", {}).values()]:
+        (out / name["file"]).unlink(missing_ok=True)
+    (out / SELECTED).unlink(missing_ok=True)
+    for p in out.glob(".*.tmp-*"):
+        p.unlink(missing_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    return None
+
+
+def _part_ok(path: Path, rows: int) -> bool:
+    """A part is done when it exists and its footer holds ``rows`` rows."""
+    if not path.is_file():
+        return False
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows == rows
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------- tables
+def _part_table(shard, names_arr, pl, info_json: str):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n, k = pl.classes.shape
+    cls = pl.classes.numpy()
+    prob = pl.probs.numpy().astype(np.float32, copy=False)
+    lab = pa.array(cls[:, 0] if n else np.zeros(0, np.int64), pa.int64())
+    meta = shard.meta
+    cols = {
+        "path": meta.column("path"),
+        "item": meta.column("item"),
+        "label": lab,
+        "class_name": pc.take(names_arr, lab),
+        "confidence": pa.array(prob[:, 0] if n else np.zeros(0, np.float32), pa.float32()),
+        "topk_classes": pa.FixedSizeListArray.from_arrays(pa.array(cls.reshape(-1), pa.int64()), k)
+        .cast(pa.list_(pa.int64())),
+        "topk_probs": pa.FixedSizeListArray.from_arrays(pa.array(prob.reshape(-1), pa.float32()), k)
+        .cast(pa.list_(pa.float32())),
+        "entropy": pa.array(pl.entropy.numpy().astype(np.float32, copy=False), pa.float32()),
+        "true_class": meta.column("label"),
+    }
+    t = pa.table(cols)
+    return t.replace_schema_metadata({"nolabels": info_json})
+
+
+class _Writer:
+    """Writes parts on a thread (bounded queue) so Parquet encoding overlaps compute."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.t = threading.Thread(target=self._run, name="nolabels-part-writer", daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        from nolabels.data.store import atomic_write_parquet
+
+        while True:
+            job = self.q.get()
+            if job is None:
+                return
+            if self.error is None:
+                try:
+                    atomic_write_parquet(job[0], job[1])
+                except BaseException as e:  # re-raised in the caller by put()/close()
+                    self.error = e
+
+    def put(self, path: Path, table) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((path, table))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.t.join()
+        if self.error is not None:
+            raise self.error
+
+
+# --------------------------------------------------------------------------- selection
+class _Candidates:
+    """NoLA's per-class selection, merged incrementally: at most C·K rows are kept.
+
+    ``ops.select_per_class`` is mergeable (selecting on the union of two shards' selected
+    rows equals selecting on the union of the shards), so after every shard the running
+    candidates are re-selected with the shard's own selection.
+    """
+
+    def __init__(self, k: int, num_classes: int) -> None:
+        self.k, self.C = k, num_classes
+        self.ids = torch.empty(0, dtype=torch.int64)
+        self.cls = torch.empty(0, 3, dtype=torch.int64)
+        self.prob = torch.empty(0, 3, dtype=torch.float32)
+
+    def _select(self, ids, cls, prob):
+        from nolabels import ops
+
+        z = torch.zeros(ids.shape[0])
+        pl = ops.PseudoLabels(cls[:, 0], prob, cls, z, z)
+        sel = ops.select_per_class(pl, self.k, row_ids=ids, num_classes=self.C)
+        pos = torch.searchsorted(ids, sel.indices) if ids.numel() else sel.indices
+        return ids[pos], cls[pos], prob[pos]
+
+    def add(self, ids: torch.Tensor, cls: torch.Tensor, prob: torch.Tensor) -> None:
+        """Rows with ascending-sortable ``ids`` (N,), top-3 ``cls``/``prob`` (N, 3)."""
+        if ids.numel() == 0:
+            return
+        ids = ids.to(torch.int64)
+        cls, prob = cls[:, :3].to(torch.int64), prob[:, :3].float()
+        ids, cls, prob = self._sorted(ids, cls, prob)
+        ids, cls, prob = self._select(ids, cls, prob)  # the shard's own selection first
+        self.merge(ids, cls, prob)
+
+    def merge(self, ids, cls, prob) -> None:
+        a = torch.cat([self.ids, ids]), torch.cat([self.cls, cls]), torch.cat([self.prob, prob])
+        a = self._sorted(*a)
+        self.ids, self.cls, self.prob = self._select(*a)
+        self.ids, self.cls, self.prob = self._sorted(self.ids, self.cls, self.prob)
+
+    def selection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row ids, the class each was selected for)``, by row id."""
+        from nolabels import ops
+
+        z = torch.zeros(self.ids.shape[0])
+        sel = ops.select_per_class(ops.PseudoLabels(self.cls[:, 0], self.prob, self.cls, z, z),
+                                   self.k, row_ids=self.ids, num_classes=self.C)
+        o = torch.argsort(sel.indices)
+        return sel.indices[o], sel.labels[o]
+
+    @staticmethod
+    def _sorted(ids, cls, prob):
+        o = torch.argsort(ids)
+        return ids[o], cls[o], prob[o]
+
+
+def _candidates_from_part(path: Path):
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path, columns=["item", "topk_classes", "topk_probs"])
+    n = t.num_rows
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64), torch.empty(0, 3, dtype=torch.int64), \
+            torch.empty(0, 3)
+    k = len(t.column("topk_classes")[0].as_py())
+    cls = t.column("topk_classes").combine_chunks().flatten().to_numpy().reshape(n, k)
+    prob = t.column("topk_probs").combine_chunks().flatten().to_numpy().reshape(n, k)
+    return (torch.from_numpy(t.column("item").to_numpy().copy()),
+            torch.from_numpy(cls[:, :3].copy()), torch.from_numpy(prob[:, :3].copy()))
+
+
+# --------------------------------------------------------------------------- label
+def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[str],
+          out: str | os.PathLike, *, model: str | None = None,
+          descriptions: str | os.PathLike | Mapping[str, Sequence[str]] | None = None,
+          templates: str | Sequence[str] = "simple", select_per_class: int | None = None,
+          topk: int = DEFAULT_TOPK, logit_scale: float | None = None,
+          checkpoint: str | None = None, device: str | None = "auto",
+          backend: str = "auto", overwrite: bool = False, quiet: bool = False,
+          encoder: Any = None, meta: str | os.PathLike | None = None,
+          column: str | None = None, prefetch: int = 2) -> LabelReport:
+    """Pseudo-label every row of ``embeddings`` against ``classes`` (streaming).
+
+    Args:
+        embeddings: a nolabels store, a clip-retrieval folder, a ``.npy`` (N, D) or a
+            Parquet file/folder with an embedding column (:func:`open_embeddings`).
+        classes: a classes.txt (one name per line) or a list of C names.
+        out: output directory (Parquet dataset), or a ``.parquet`` file for small runs.
+        model: the text model (``nolabels.models`` spec); default the store's. Needed for
+            embeddings nolabels did not make; its dim must match theirs.
+        descriptions: ``{class: [sentences]}`` or its JSON: CDE class embeddings.
+        templates: template set name (``simple``, ``imagenet7``, ``cifar``, ``none``),
+            a file with one template per line, or a list.
+        select_per_class: K for NoLA's confident subset (``ops.select_per_class``).
+        topk: classes kept per row (at least 3 when selecting, for the fallback ranks).
+        logit_scale: softmax temperature; default the model's (CLIP: 100).
+        checkpoint: the model's local weights file (default: the one the store records).
+        device: "auto" | "cpu" | "cuda" | "cuda:N".
+        backend: ``ops.pseudo_label`` backend.
+        overwrite: replace labels made with other settings in ``out`` (only our files).
+        quiet: no logs or progress bars.
+        encoder: an already loaded :class:`~nolabels.models.Encoder`.
+        meta, column: see :func:`open_embeddings` (``.npy`` metadata, Parquet column).
+        prefetch: shards read ahead on a thread.
+    Returns:
+        a :class:`LabelReport`.
+    """
+    from nolabels import dist, ops
+    from nolabels.data.sources import open_embeddings
+    from nolabels.methods.zeroshot import (
+        class_embeddings,
+        read_classes,
+        read_descriptions,
+        resolve_templates,
+    )
+    from nolabels.models import load_encoder
+
+    if select_per_class is not None and (isinstance(select_per_class, bool)
+                                         or int(select_per_class) < 1):
+        raise InputError(f"select_per_class must be >= 1, got {select_per_class!r}")
+    if topk < 1:
+        raise InputError(f"topk must be >= 1, got {topk}")
+    if logit_scale is not None and not (logit_scale > 0 and np.isfinite(logit_scale)):
+        raise InputError(f"logit_scale must be a positive number, got {logit_scale}")
+    t0 = time.perf_counter()
+    out_arg = Path(out)
+    single_file = out_arg.suffix == ".parquet"
+    with dist.dist_session(device) as ctx:
+        log = Log(quiet, ctx.is_main)
+        src = open_embeddings(embeddings, meta=meta, column=column)
+        names = read_classes(classes) if isinstance(classes, (str, os.PathLike)) else list(classes)
+        if not names:
+            raise InputError("no class names")
+        desc = None
+        if descriptions is not None:
+            desc = (read_descriptions(descriptions, names)
+                    if isinstance(descriptions, (str, os.PathLike)) else dict(descriptions))
+        tmpl = resolve_templates(templates)
+
+        spec = model or src.model_spec
+        if encoder is None:
+            if spec is None:
+                raise InputError(f"{embeddings}: these embeddings do not say which model made "
+                                 "them; pass --model SPEC (its text tower labels them)")
+            ck = checkpoint or (src.checkpoint if model is None else None)
+            encoder = load_encoder(spec, checkpoint=ck, device=ctx.device)
+        else:
+            encoder.to(ctx.device)
+        if src.model_id is not None and encoder.model_id != src.model_id:
+            raise InputError(f"{embeddings} was embedded with {src.model_id} but the model "
+                             f"loaded is {encoder.model_id}; pass the same model/--checkpoint")
+        if not encoder.has_text:
+            raise InputError(f"{spec} has no text encoder: zero-shot labels need a CLIP-like "
+                             "model (openclip:... or surrogate:effnet-lite0+minilm)")
+        if encoder.dim != src.dim:
+            raise InputError(f"{embeddings}: embeddings have D={src.dim} but {encoder.model_id} "
+                             f"embeds texts in D={encoder.dim}; pass the model that made them")
+        if getattr(encoder, "not_clip", None):
+            log(f"note: {encoder.not_clip}")
+        scale = float(encoder.logit_scale if logit_scale is None else logit_scale)
+        cls_emb = class_embeddings(encoder, names, templates=tmpl, descriptions=desc)
+        C = len(names)
+        if select_per_class and C < 1:
+            raise InputError("no classes")
+        k = min(max(topk, 3 if select_per_class else 1), C)
+
+        info = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "classes": names,
+            "classes_sha256": hashlib.sha256("\n".join(names).encode("utf-8",
+                                                                      "surrogatepass")).hexdigest(),
+            "model_id": encoder.model_id, "model_spec": getattr(encoder, "spec", spec),
+            "templates": tmpl,
+            "descriptions": (os.fspath(descriptions) if isinstance(descriptions, (str, os.PathLike))
+                             else ("inline" if descriptions is not None else None)),
+            "descriptions_sha256": (None if desc is None else hashlib.sha256(
+                json.dumps(desc, sort_keys=True).encode()).hexdigest()),
+            "logit_scale": scale, "topk": k, "select_per_class": select_per_class,
+            "source": {key: v for key, v in src.describe().items() if key != "root"},
+            "input": os.fspath(embeddings), "backend": backend,
+            "note": getattr(encoder, "not_clip", None),
+        }
+        info_json = json.dumps({kk: v for kk, v in info.items() if kk != "format_version"})
+
+        if single_file:
+            if out_arg.exists():
+                _check_file_is_ours(out_arg, overwrite)
+            out_dir = out_arg.with_name(f".{out_arg.name}.parts")
+        else:
+            out_dir = out_arg
+        # Rank 0 claims the output, everyone waits for it (no two ranks mkdir/delete).
+        err = None
+        if ctx.is_main:
+            try:
+                _claim_dir(out_dir, info, overwrite)
+            except BaseException as e:  # noqa: BLE001 - re-raised after telling the peers
+                err = e
+        failed = dist.broadcast_object(err is not None)
+        if err is not None:
+            raise err
+        if failed:
+            raise InputError(f"{out_dir}: rank 0 could not claim the output (see its error)")
+
+        mine = [s for s in range(src.num_shards) if s % ctx.world_size == ctx.rank]
+        todo = [s for s in mine if not _part_ok(part_path(out_dir, s), src.shard_rows(s))]
+        where = f" on rank {ctx.rank} of {ctx.world_size}" if ctx.distributed else ""
+        log(f"labelling {src.num_rows} rows in {src.num_shards} shards ({src.kind}){where} x "
+            f"{C} classes (D={src.dim}, templates={len(tmpl)}"
+            f"{', CDE descriptions' if desc else ''}, logit_scale={scale:g}); "
+            f"{len(mine) - len(todo)} of my {len(mine)} parts already done")
+
+        import pyarrow as pa
+
+        names_arr = pa.array(names, pa.string())
+        cand = _Candidates(select_per_class, C) if select_per_class else None
+        w = cls_emb.to(ctx.device)
+        writer = _Writer()
+        bar = progress(sum(src.shard_rows(s) for s in todo), "labelling", quiet=quiet,
+                       main=ctx.is_main, unit="row")
+        try:
+            for shard in src.iter_shards(todo, prefetch=prefetch):
+                parts = []
+                for a in range(0, shard.rows, CHUNK_ROWS):
+                    # float32 on every device: the class matrix is float32, and float16
+                    # storage is only a storage format (rows were rounded once already)
+                    x = torch.from_numpy(shard.emb[a:a + CHUNK_ROWS]).to(ctx.device).float()
+                    parts.append(ops.pseudo_label(x, w, logit_scale=scale, topk=k,
+                                                  backend=backend))
+                    bar.update(x.shape[0])
+                if parts:
+                    pl = ops.PseudoLabels(*(torch.cat(f).cpu() for f in zip(*parts)))
+                else:
+                    pl = ops.PseudoLabels(torch.empty(0, dtype=torch.int64), torch.empty(0, k),
+                                          torch.empty(0, k, dtype=torch.int64), torch.empty(0),
+                                          torch.empty(0))
+                writer.put(part_path(out_dir, shard.index),
+                           _part_table(shard, names_arr, pl, info_json))
+                if cand is not None:
+                    ids = torch.from_numpy(shard.meta.column("item").to_numpy().copy())
+                    cand.add(ids, pl.classes, pl.probs)
+                del shard, parts, pl
+        finally:
+            bar.close()
+            writer.close()
+        if cand is not None:  # parts done by an earlier run contribute from their columns
+            for s in mine:
+                if s not in todo:
+                    cand.merge(*_candidates_from_part(part_path(out_dir, s)))
+
+        n_sel = None
+        if cand is not None:
+            g_ids = dist.all_gather_variable(cand.ids)
+            g_cls = dist.all_gather_variable(cand.cls)
+            g_prob = dist.all_gather_variable(cand.prob)
+            final = _Candidates(select_per_class, C)
+            final.merge(g_ids, g_cls, g_prob)
+            n_sel = int(final.ids.numel())
+        dist.barrier()
+        rows = sum(src.shard_rows(s) for s in range(src.num_shards))
+        if ctx.is_main:
+            import pyarrow.parquet as pq
+
+            if cand is not None:
+                sel_table = _selected_table(out_dir, final, names_arr, src.num_shards, info_json)
+                from nolabels.data.store import atomic_write_parquet
+
+                atomic_write_parquet(out_dir / SELECTED, sel_table)
+            parts_done = {}
+            for s in range(src.num_shards):
+                p = part_path(out_dir, s)
+                if not _part_ok(p, src.shard_rows(s)):
+                    raise RuntimeError(f"internal error: part {p} is missing after labelling")
+                parts_done[str(s)] = {"file": p.name, "rows": pq.ParquetFile(p).metadata.num_rows,
+                                      "bytes": p.stat().st_size}
+            manifest = {**info, "parts": parts_done, "num_rows": rows, "selected": (
+                {"file": SELECTED, "rows": n_sel} if cand is not None else None),
+                "complete": True}
+            from nolabels.data.store import atomic_write_json
+
+            atomic_write_json(out_dir / MANIFEST, manifest)
+            if single_file:
+                _concat_to_file(out_dir, out_arg, src.num_shards, cand is not None)
+                shutil.rmtree(out_dir)
+            log(f"wrote {rows} labels to {out_arg}"
+                + (f" ({n_sel} selected, at most {select_per_class} per class)"
+                   if n_sel is not None else ""))
+        dist.barrier()
+        return LabelReport(os.fspath(out_arg), rows, C, n_sel, encoder.model_id, src.num_shards,
+                           len(todo), time.perf_counter() - t0)
+
+
+def _selected_table(out_dir: Path, final: _Candidates, names_arr, num_parts: int, info_json: str):
+    """item, path, label (top-1), class_name, confidence, selected_for (the class the row
+    was picked for: its top-1, or rank 2/3 for a class nobody's top-1) of the selected rows;
+    paths are looked up in the parts, one part at a time."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    sel_ids, sel_for = final.selection()
+    ids = sel_ids.numpy()
+    got: list = []
+    want = pa.array(ids, pa.int64())
+    for s in range(num_parts):
+        t = pq.read_table(part_path(out_dir, s),
+                          columns=["item", "path", "label", "class_name", "confidence"])
+        m = pc.is_in(t.column("item"), value_set=want)
+        if pc.any(m).as_py():
+            got.append(t.filter(m))
+    t = pa.concat_tables(got) if got else pa.table({
+        "item": pa.array([], pa.int64()), "path": pa.array([], pa.string()),
+        "label": pa.array([], pa.int64()), "class_name": pa.array([], pa.string()),
+        "confidence": pa.array([], pa.float32())})
+    t = t.sort_by("item")
+    if t.num_rows != ids.shape[0] or not np.array_equal(t.column("item").to_numpy(), ids):
+        raise RuntimeError("internal error: selected rows not found in the parts")
+    t = t.append_column("selected_for", pa.array(sel_for.numpy(), pa.int64()))
+    return t.replace_schema_metadata({"nolabels": info_json})
+
+
+def _check_file_is_ours(path: Path, overwrite: bool) -> None:
+    """An existing ``.parquet`` --out is replaced only if ``label`` wrote it."""
+    import pyarrow.parquet as pq
+
+    try:
+        md = pq.ParquetFile(path).schema_arrow.metadata or {}
+        ours = b"nolabels" in md and json.loads(md[b"nolabels"]).get("classes") is not None
+    except Exception:
+        ours = False
+    if not ours:
+        raise OutputExistsError(f"{path} exists and was not written by `nolabels label`: "
+                                "refusing to overwrite it; choose another --out")
+
+
+def _concat_to_file(out_dir: Path, out_file: Path, num_parts: int, with_selected: bool) -> None:
+    """Stream the parts into one file (+ ``selected``), atomically."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from nolabels.data.store import _atomic_write_with
+
+    sel = None
+    if with_selected:
+        sel = pq.read_table(out_dir / SELECTED, columns=["item"]).column("item").combine_chunks()
+
+    def write(tmp: str) -> None:
+        writer = None
+        try:
+            for s in range(num_parts):
+                t = pq.read_table(part_path(out_dir, s))
+                if sel is not None:
+                    t = t.append_column("selected", pc.is_in(t.column("item"), value_set=sel))
+                    # keep true_class last, as before
+                    t = t.select([c for c in t.column_names if c != "true_class"] + ["true_class"])
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, t.schema)
+                writer.write_table(t)
+            if writer is None:
+                raise RuntimeError("internal error: no parts to concatenate")
+        finally:
+            if writer is not None:
+                writer.close()
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_with(out_file, write)
+
+
+__all__ = ["LabelReport", "label", "part_path", "MANIFEST", "SELECTED"]
