@@ -504,7 +504,7 @@ class ParquetEmbeddingSource(EmbeddingSource):
                 raise CorruptFileError(p.meta_file, f"embeddings of lengths {lens.min()}..{lens.max()}, "
                                        f"expected {self.dim}")
             flat = col.flatten()
-        emb = np.ascontiguousarray(flat.to_numpy(zero_copy_only=False).reshape(-1, self.dim))
+        emb = np.array(flat.to_numpy(zero_copy_only=False).reshape(-1, self.dim), order="C")
         n = emb.shape[0]
         label = t.column("label") if "label" in t.column_names else pa.nulls(n, pa.string())
         meta = pa.table({"item": np.arange(p.item0, p.item0 + n, dtype=np.int64),
