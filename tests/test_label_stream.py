@@ -338,3 +338,25 @@ def test_torchrun_two_nodes_on_one_machine(tmp_path):
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     _same_output(tmp_path / "one", tmp_path / "nodes")
+
+
+@pytest.mark.parametrize("flush_rows", [1, 50, 10_000])
+def test_bounded_selection_equals_global_selection(flush_rows, gen):
+    """Rows fed in shards, re-selected whenever the buffer passes ``flush_rows``: the same
+    subset as ``ops.select_per_class`` over all rows, with at most C·K rows kept."""
+    from nolabels.pipeline.label import _Candidates
+
+    n, c, k = 1500, 11, 4
+    logits = torch.randn(n, c, generator=gen) * 3
+    logits[:, 8:] -= 12  # rare classes: the rank-2/3 fallback decides them
+    full = ops.pseudo_label(logits, torch.eye(c), logit_scale=1.0, topk=3, normalize=False)
+    ids = torch.randperm(n, generator=gen) * 3 + 7  # sparse, shuffled global ids
+    cand = _Candidates(k, c, flush_rows=flush_rows)
+    for a in range(0, n, 97):
+        cand.add(ids[a:a + 97], full.classes[a:a + 97], full.probs[a:a + 97])
+        assert cand.ids.numel() <= c * k
+    got_ids, got_for = cand.selection()
+    ref = ops.select_per_class(full, k, row_ids=ids, num_classes=c)
+    o = torch.argsort(ref.indices)
+    assert torch.equal(got_ids, ref.indices[o]) and torch.equal(got_for, ref.labels[o])
+    assert int((torch.bincount(full.labels, minlength=c) == 0).sum()) >= 1

@@ -228,18 +228,22 @@ class _Writer:
 
 # --------------------------------------------------------------------------- selection
 class _Candidates:
-    """NoLA's per-class selection, merged incrementally: at most C·K rows are kept.
+    """NoLA's per-class selection, merged incrementally: memory O(C·K + buffer).
 
-    ``ops.select_per_class`` is mergeable (selecting on the union of two shards' selected
-    rows equals selecting on the union of the shards), so after every shard the running
-    candidates are re-selected with the shard's own selection.
+    ``ops.select_per_class`` is mergeable (selecting on the union of two row sets' selected
+    rows equals selecting on the union of the row sets), so rows are buffered and, whenever
+    the buffer holds more than ``flush_rows``, re-selected together with the running
+    candidates, which never exceed C·K rows.
     """
 
-    def __init__(self, k: int, num_classes: int) -> None:
+    def __init__(self, k: int, num_classes: int, flush_rows: int | None = None) -> None:
         self.k, self.C = k, num_classes
+        self.flush_rows = flush_rows or max(4 * k * num_classes, 1 << 16)
         self.ids = torch.empty(0, dtype=torch.int64)
         self.cls = torch.empty(0, 3, dtype=torch.int64)
         self.prob = torch.empty(0, 3, dtype=torch.float32)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._pending_rows = 0
 
     def _select(self, ids, cls, prob):
         from nolabels import ops
@@ -251,25 +255,32 @@ class _Candidates:
         return ids[pos], cls[pos], prob[pos]
 
     def add(self, ids: torch.Tensor, cls: torch.Tensor, prob: torch.Tensor) -> None:
-        """Rows with ascending-sortable ``ids`` (N,), top-3 ``cls``/``prob`` (N, 3)."""
+        """Rows with unique int64 ``ids`` (N,) and their top-3 ``cls``/``prob`` (N, >=3)."""
         if ids.numel() == 0:
             return
-        ids = ids.to(torch.int64)
-        cls, prob = cls[:, :3].to(torch.int64), prob[:, :3].float()
-        ids, cls, prob = self._sorted(ids, cls, prob)
-        ids, cls, prob = self._select(ids, cls, prob)  # the shard's own selection first
-        self.merge(ids, cls, prob)
+        self._pending.append((ids.to(torch.int64), cls[:, :3].to(torch.int64),
+                              prob[:, :3].float()))
+        self._pending_rows += ids.numel()
+        if self._pending_rows >= self.flush_rows:
+            self.flush()
 
-    def merge(self, ids, cls, prob) -> None:
-        a = torch.cat([self.ids, ids]), torch.cat([self.cls, cls]), torch.cat([self.prob, prob])
-        a = self._sorted(*a)
-        self.ids, self.cls, self.prob = self._select(*a)
-        self.ids, self.cls, self.prob = self._sorted(self.ids, self.cls, self.prob)
+    merge = add
+
+    def flush(self) -> None:
+        """Re-select the running candidates together with the buffered rows."""
+        if not self._pending:
+            return
+        a = (torch.cat([self.ids, *(p[0] for p in self._pending)]),
+             torch.cat([self.cls, *(p[1] for p in self._pending)]),
+             torch.cat([self.prob, *(p[2] for p in self._pending)]))
+        self._pending, self._pending_rows = [], 0
+        self.ids, self.cls, self.prob = self._sorted(*self._select(*self._sorted(*a)))
 
     def selection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(row ids, the class each was selected for)``, by row id."""
         from nolabels import ops
 
+        self.flush()
         z = torch.zeros(self.ids.shape[0])
         sel = ops.select_per_class(ops.PseudoLabels(self.cls[:, 0], self.prob, self.cls, z, z),
                                    self.k, row_ids=self.ids, num_classes=self.C)
@@ -477,11 +488,13 @@ def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[s
 
         n_sel = None
         if cand is not None:
+            cand.flush()
             g_ids = dist.all_gather_variable(cand.ids)
             g_cls = dist.all_gather_variable(cand.cls)
             g_prob = dist.all_gather_variable(cand.prob)
             final = _Candidates(select_per_class, C)
-            final.merge(g_ids, g_cls, g_prob)
+            final.add(g_ids, g_cls, g_prob)
+            final.flush()
             n_sel = int(final.ids.numel())
         dist.barrier()
         rows = sum(src.shard_rows(s) for s in range(src.num_shards))
