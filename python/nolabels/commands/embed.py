@@ -13,7 +13,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from nolabels.commands._common import Log, add_common, progress
+from nolabels.commands._common import (
+    Log,
+    add_common,
+    device_arg,
+    positive_int,
+    progress,
+    workers_arg,
+)
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_SHARD_SIZE = 4096
@@ -121,7 +128,7 @@ def embed(images: Any, model: Any, out: str | os.PathLike, *, checkpoint: str | 
         if isinstance(model, Encoder):
             enc.to(ctx.device)
         if getattr(enc, "not_clip", None):
-            log(f"note: {enc.not_clip}")
+            log.note(enc.not_clip)
         log(f"model {enc.model_id} (D={enc.dim}) on {ctx.device}")
 
         err: BaseException | None = None
@@ -263,14 +270,17 @@ def register(subparsers) -> None:
                         "(offline ConSE stand-in, NOT CLIP)")
     p.add_argument("--checkpoint", help="local weights file (when the weights cannot be downloaded)")
     p.add_argument("--out", required=True, help="store directory")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    p.add_argument("--workers", default="auto",
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                   help=f"images per forward pass (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--workers", type=workers_arg, default="auto",
                    help="DataLoader worker processes (default auto: cores/2 clamped to 1..4 "
                         "on CPU, up to 8 with a GPU; 0 decodes in the main process)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
-                   help="images per store shard, the unit of resumption")
-    p.add_argument("--limit", type=int, help="embed only the first N images")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--shard-size", type=positive_int, default=DEFAULT_SHARD_SIZE,
+                   help="images per store shard, the unit of resumption "
+                        f"(default {DEFAULT_SHARD_SIZE})")
+    p.add_argument("--limit", type=positive_int, metavar="N",
+                   help="embed only the first N images (N >= 1)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
     add_common(p)
     p.set_defaults(func=_run)

@@ -31,7 +31,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nolabels.commands._common import Log, add_common
+from nolabels.commands._common import (
+    BACKENDS,
+    Log,
+    add_common,
+    device_arg,
+    positive_float,
+    positive_int,
+)
 from nolabels.errors import IncompleteError, InputError
 
 DEFAULT_TOPK = 5
@@ -54,7 +61,7 @@ def label(store: str | os.PathLike, classes: str | os.PathLike | Sequence[str],
           out: str | os.PathLike, *,
           descriptions: str | os.PathLike | Mapping[str, Sequence[str]] | None = None,
           templates: str | Sequence[str] = "simple", select_per_class: int | None = None,
-          topk: int = DEFAULT_TOPK, logit_scale: float | None = None,
+          topk: int | None = None, logit_scale: float | None = None,
           checkpoint: str | None = None, device: str | None = "auto",
           backend: str = "auto", quiet: bool = False, encoder: Any = None) -> LabelReport:
     """Pseudo-label every row of an embedding store.
@@ -68,8 +75,9 @@ def label(store: str | os.PathLike, classes: str | os.PathLike | Sequence[str],
         templates: template set name (``simple``, ``imagenet7``, ``cifar``, ``none``),
             a file with one template per line, or a list.
         select_per_class: K for NoLA's confident subset (``ops.select_per_class``).
-        topk: classes kept per row (at least 3 when selecting, for the fallback ranks).
-        logit_scale: softmax temperature; default the model's (CLIP: 100).
+        topk: classes kept per row, 1 to C (default ``min(5, C)``; at least 3 are kept
+            when selecting, for the fallback ranks).
+        logit_scale: softmax temperature, > 0; default the model's (CLIP: 100).
         checkpoint: the model's local weights file (default: the one the store records).
         device: "auto" | "cpu" | "cuda" | "cuda:N".
         backend: ``ops.pseudo_label`` backend.
@@ -103,6 +111,7 @@ def label(store: str | os.PathLike, classes: str | os.PathLike | Sequence[str],
         names = read_classes(classes) if isinstance(classes, (str, os.PathLike)) else list(classes)
         if not names:
             raise InputError("no class names")
+        _check_label_args(names, classes, topk, select_per_class, logit_scale)
         desc = None
         if descriptions is not None:
             desc = (read_descriptions(descriptions, names)
@@ -122,11 +131,11 @@ def label(store: str | os.PathLike, classes: str | os.PathLike | Sequence[str],
             raise InputError(f"{model['spec']} has no text encoder: zero-shot labels need a "
                              "CLIP-like model (openclip:... or surrogate:effnet-lite0+minilm)")
         if getattr(encoder, "not_clip", None):
-            log(f"note: {encoder.not_clip}")
+            log.note(encoder.not_clip)
         scale = float(encoder.logit_scale if logit_scale is None else logit_scale)
         cls_emb = class_embeddings(encoder, names, templates=tmpl, descriptions=desc)
         C = len(names)
-        k = min(max(topk, 3 if select_per_class else 1), C)
+        k = min(max(DEFAULT_TOPK if topk is None else topk, 3 if select_per_class else 1), C)
 
         mine = [s for s in range(st.num_shards) if s % ctx.world_size == ctx.rank]
         emb, meta = st.load_shards(mine, mmap=True)
@@ -195,10 +204,24 @@ def label(store: str | os.PathLike, classes: str | os.PathLike | Sequence[str],
             os.makedirs(os.path.dirname(os.path.abspath(out_p)), exist_ok=True)
             atomic_write_parquet(out_p, table)
             log(f"wrote {n} labels to {out_p}"
-                + (f" ({n_sel} selected, {select_per_class}/class)" if n_sel is not None else ""))
+                + (f" ({n_sel} selected, at most {select_per_class} per class)"
+                   if n_sel is not None else ""))
         dist.barrier()
         return LabelReport(os.fspath(out), n, C, n_sel, model["model_id"],
                            time.perf_counter() - t0)
+
+
+def _check_label_args(names: Sequence[str], classes: Any, topk: int | None,
+                      select_per_class: int | None, logit_scale: float | None) -> None:
+    """The numeric arguments of :func:`label`, checked once the C class names are known
+    (before a model is loaded). Raises :class:`InputError`."""
+    where = f" in {classes}" if isinstance(classes, (str, os.PathLike)) else ""
+    if topk is not None and not 1 <= topk <= len(names):
+        raise InputError(f"--topk {topk}: must be between 1 and the {len(names)} classes{where}")
+    if select_per_class is not None and select_per_class < 1:
+        raise InputError(f"--select-per-class {select_per_class}: must be >= 1")
+    if logit_scale is not None and not 0 < logit_scale < float("inf"):
+        raise InputError(f"--logit-scale {logit_scale}: must be a finite number > 0")
 
 
 def _table(meta, names, items, cls, prob, ent, selected_ids, info):
@@ -255,13 +278,17 @@ def register(subparsers) -> None:
                    help="template set: simple (default), imagenet7, cifar, none, or a file with "
                         "one template per line containing {}")
     p.add_argument("--out", required=True, help="output Parquet file")
-    p.add_argument("--select-per-class", type=int, metavar="K",
-                   help="mark the K most confident images per class (NoLA's subset) in 'selected'")
-    p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="classes kept per image")
-    p.add_argument("--logit-scale", type=float, help="softmax scale (default: the model's)")
+    p.add_argument("--select-per-class", type=positive_int, metavar="K",
+                   help="mark the K (>= 1) most confident images per class (NoLA's subset) "
+                        "in 'selected'")
+    p.add_argument("--topk", type=positive_int, metavar="K",
+                   help=f"classes kept per image, 1 to C (default {DEFAULT_TOPK}, or C if "
+                        "there are fewer classes)")
+    p.add_argument("--logit-scale", type=positive_float,
+                   help="softmax scale, > 0 (default: the model's, 100 for CLIP)")
     p.add_argument("--checkpoint", help="the model's local weights file, if not the recorded one")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--backend", default="auto",
+    p.add_argument("--device", type=device_arg, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="pseudo_label backend: auto | torch | cpu | triton | cuda")
     add_common(p)
     p.set_defaults(func=_run)

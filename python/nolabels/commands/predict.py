@@ -16,7 +16,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from nolabels.commands._common import Log, add_common, progress
+from nolabels.commands._common import (
+    BACKENDS,
+    Log,
+    add_common,
+    device_arg,
+    positive_int,
+    progress,
+    workers_arg,
+)
 from nolabels.errors import InputError
 
 DEFAULT_TOPK = 5
@@ -126,11 +134,12 @@ def load_predictor(run: str | os.PathLike, *, device: str | None = "cpu",
 
 
 def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, *,
-            topk: int = DEFAULT_TOPK, batch_size: int = 64, workers: int | str = "auto",
+            topk: int | None = None, batch_size: int = 64, workers: int | str = "auto",
             device: str | None = "auto", checkpoint: str | None = None,
             backend: str = "auto", quiet: bool = False) -> dict:
     """Classify ``images`` with run ``run`` and write Parquet ``out`` (``label``'s schema).
 
+    ``topk``: classes kept per image, 1 to C (default ``min(5, C)``).
     Returns ``{"out", "rows", "failed", "seconds", "method"}``.
     """
     import numpy as np
@@ -147,11 +156,13 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
     t0 = time.perf_counter()
     log = Log(quiet)
     dev = parse_device(device)
+    if topk is not None:  # checked against the run's classes before its model loads
+        _check_topk(run, topk)
     pred = load_predictor(run, device=dev, checkpoint=checkpoint)
     C = len(pred.classes)
-    k = max(1, min(topk, C))
+    k = min(DEFAULT_TOPK if topk is None else topk, C)
     if getattr(pred.encoder, "not_clip", None):
-        log(f"note: {pred.encoder.not_clip}")
+        log.note(pred.encoder.not_clip)
     parts: list = []
     failed: list = []
     is_store = os.path.isfile(os.path.join(os.fspath(images), "manifest.json"))
@@ -213,6 +224,18 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
             "seconds": time.perf_counter() - t0}
 
 
+def _check_topk(run: str | os.PathLike, topk: int) -> None:
+    """``topk`` must be in ``[1, C]``, C the classes of the run's config.json."""
+    from nolabels.methods.zeroshot import read_json
+
+    cfg = os.path.join(os.fspath(run), "config.json")
+    data = read_json(cfg) if os.path.isfile(cfg) else None
+    classes = data.get("classes") if isinstance(data, dict) else None
+    if isinstance(classes, list) and not 1 <= topk <= len(classes):
+        raise InputError(f"--topk {topk}: must be between 1 and the {len(classes)} classes "
+                         f"of {run}")
+
+
 # --------------------------------------------------------------------------- CLI
 def _run(args: argparse.Namespace) -> int:
     rep = predict(args.run, args.images, args.out, topk=args.topk,
@@ -232,11 +255,17 @@ def register(subparsers) -> None:
     p.add_argument("run", help="run directory from nolabels tune")
     p.add_argument("images", help="images or an embedding store")
     p.add_argument("--out", required=True, help="output Parquet file")
-    p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="classes kept per image")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", default="auto", help="DataLoader workers")
+    p.add_argument("--topk", type=positive_int, metavar="K",
+                   help=f"classes kept per image, 1 to C (default {DEFAULT_TOPK}, or C if "
+                        "there are fewer classes)")
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="images per forward pass (default 64)")
+    p.add_argument("--workers", type=workers_arg, default="auto",
+                   help="DataLoader workers: auto (default) or N >= 0 (0: decode in the main "
+                        "process)")
     p.add_argument("--checkpoint", help="the encoder's local weights file, if not the recorded one")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--backend", default="auto", help="pseudo_label backend")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="pseudo_label backend: auto | torch | cpu | triton | cuda")
     add_common(p)
     p.set_defaults(func=_run)

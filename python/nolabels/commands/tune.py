@@ -22,7 +22,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nolabels.commands._common import Log, add_common
+from nolabels.commands._common import (
+    Log,
+    add_common,
+    device_arg,
+    fraction,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    workers_arg,
+)
 from nolabels.errors import InputError
 
 METHODS = ("zeroshot", "cde", "lafter", "nola", "latteclip")
@@ -82,7 +91,7 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
         save_run,
     )
     from nolabels.methods.selection import CRITERIA
-    from nolabels.methods.zeroshot import read_classes, read_descriptions
+    from nolabels.methods.zeroshot import read_classes, read_descriptions, resolve_templates
     from nolabels.models import load_encoder
 
     if method not in METHODS:
@@ -96,6 +105,17 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
         desc = read_descriptions(descriptions, names) if descriptions is not None else None
         if method == "cde" and desc is None:
             raise InputError("--method cde needs --descriptions (a JSON file or 'cifar10')")
+        if templates is not None:  # a bad set name or file is refused before any work
+            if method == "latteclip":
+                from nolabels.methods.latteclip import single_template
+
+                resolve_templates([single_template(templates)])
+            else:
+                resolve_templates(templates)
+        if method == "latteclip" and captions:  # malformed caption files, too
+            from nolabels.methods.latteclip import read_captions
+
+            read_captions(captions)
 
         # the store
         if _is_store(images):
@@ -317,33 +337,43 @@ def register(subparsers) -> None:
     p.add_argument("--caption-noun", default="object",
                    help="what the caption prompts ask about (object, texture, food, ...)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-prompts", dest="num_prompts", type=int)
-    p.add_argument("--text-steps", dest="text_steps", type=int, help="lafter: text classifier steps")
-    p.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="latteclip")
-    p.add_argument("--k-max", dest="k_max", type=int, help="nola: cap on images per class")
-    p.add_argument("--heldout-fraction", dest="heldout_fraction", type=float,
-                   help="unlabeled held-out share used for selection (default 0.1)")
-    p.add_argument("--grad-accum", dest="grad_accum", type=int)
+    p.add_argument("--epochs", type=positive_int, help="training epochs (>= 1)")
+    p.add_argument("--batch-size", dest="batch_size", type=positive_int,
+                   help="images per optimizer step (>= 1)")
+    p.add_argument("--lr", type=positive_float, help="learning rate (> 0)")
+    p.add_argument("--seed", type=nonneg_int,
+                   help="seed of the held-out split and of training (>= 0)")
+    p.add_argument("--num-prompts", dest="num_prompts", type=positive_int,
+                   help="lafter/nola: learned prompt tokens (>= 1)")
+    p.add_argument("--text-steps", dest="text_steps", type=positive_int,
+                   help="lafter: text classifier steps (>= 1)")
+    p.add_argument("--warmup-steps", dest="warmup_steps", type=nonneg_int,
+                   help="latteclip: learning-rate warm-up steps (0: none)")
+    p.add_argument("--k-max", dest="k_max", type=positive_int,
+                   help="nola: cap on images per class (>= 1)")
+    p.add_argument("--heldout-fraction", dest="heldout_fraction", type=fraction,
+                   help="unlabeled held-out share used for selection, in [0, 1) (default 0.1; "
+                        "0: nothing held out, the last epoch is kept)")
+    p.add_argument("--grad-accum", dest="grad_accum", type=positive_int,
+                   help="optimizer steps accumulate this many batches (>= 1)")
     p.add_argument("--amp", choices=("auto", "bf16", "off"))
     p.add_argument("--select", choices=("best", "last"),
                    help="keep the epoch with the best unlabeled criterion (default) or the last")
     p.add_argument("--surrogate-norms", dest="surrogate_norms", choices=("all", "block", "last"),
                    help="surrogate (no ViT): tune all BatchNorm affines (default), the last "
                         "block's and the head's, or only the last one")
-    p.add_argument("--cache-views", dest="cache_views", type=int, default=0, metavar="A",
+    p.add_argument("--cache-views", dest="cache_views", type=nonneg_int, default=0, metavar="A",
                    help="lafter/nola on the surrogate: train on cached frozen-prefix features "
                         "(weak view + A seeded strong views per image; implies "
-                        "--surrogate-norms block unless given)")
+                        "--surrogate-norms block unless given; 0, the default: no cache)")
     p.add_argument("--reproduce-wcls-bug", action="store_true",
                    help="latteclip: the authors' w_cls mixing formula (fixed by default)")
-    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
-                   help="also checkpoint every N optimizer steps")
-    p.add_argument("--workers", type=int, help="training DataLoader workers")
-    p.add_argument("--embed-workers", default="auto", help="DataLoader workers for embedding")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=nonneg_int,
+                   help="also checkpoint every N optimizer steps (0: at epoch ends only)")
+    p.add_argument("--workers", type=nonneg_int,
+                   help="training DataLoader workers (0: load in the main process)")
+    p.add_argument("--embed-workers", type=workers_arg, default="auto",
+                   help="DataLoader workers for embedding: auto (default) or N >= 0")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto | cpu | cuda | cuda:N")
     add_common(p)
     p.set_defaults(func=_run)

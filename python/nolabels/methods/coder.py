@@ -297,12 +297,15 @@ class Knowledge:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Knowledge:
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise InputError(f"knowledge: {path} is not valid JSON: {e}") from e
-        return cls.from_dict(d)
+        """Read a knowledge JSON file (UTF-8). Raises :class:`InputError` naming the file
+        (and the line, for malformed JSON or text that is not UTF-8)."""
+        from nolabels.methods.zeroshot import read_json
+
+        d = read_json(path)
+        try:
+            return cls.from_dict(d)
+        except InputError as e:
+            raise InputError(f"{os.fspath(path)}: {e}") from None
 
     def save(self, path: str | os.PathLike) -> None:
         tmp = Path(f"{path}.tmp{os.getpid()}")

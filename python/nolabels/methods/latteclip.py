@@ -179,32 +179,38 @@ class Captions:
 
 
 def read_captions(files: Sequence[str | os.PathLike]) -> Captions:
-    """Read caption JSONL files (see the module docstring); later lines win."""
+    """Read caption JSONL files (see the module docstring); later lines win.
+
+    Raises:
+        InputError: a line that is not a JSON object of one of the three kinds, or a file
+            that is not UTF-8; the message names the file and line (``FILE:LINE[:COL]``).
+    """
+    from nolabels.methods.zeroshot import text_lines
+
     cap = Captions({}, {}, {})
     for f in files:
-        with open(f, encoding="utf-8") as fh:
-            for ln, line in enumerate(fh, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{f}:{ln}: not JSON: {e}") from e
-                if not isinstance(d, dict):
-                    raise InputError(f"{f}:{ln}: expected a JSON object")
-                text = d.get("caption")
-                if "class" in d and text is not None:
-                    cap.group_by_class.setdefault(str(d["class"]), []).append(str(text))
-                elif "image" in d and "group_caption" in d:
-                    cap.group_by_image[str(d["image"])] = str(d["group_caption"])
-                    if text is not None:
-                        cap.image[str(d["image"])] = str(text)
-                elif "image" in d and text is not None:
+        for ln, line in text_lines(f):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{f}:{ln}:{e.colno}: not valid JSON ({e.msg})") from None
+            if not isinstance(d, dict):
+                raise InputError(f"{f}:{ln}: expected a JSON object")
+            text = d.get("caption")
+            if "class" in d and text is not None:
+                cap.group_by_class.setdefault(str(d["class"]), []).append(str(text))
+            elif "image" in d and "group_caption" in d:
+                cap.group_by_image[str(d["image"])] = str(d["group_caption"])
+                if text is not None:
                     cap.image[str(d["image"])] = str(text)
-                else:
-                    raise InputError(f"{f}:{ln}: expected {{'image', 'caption'}}, "
-                                     "{'class', 'caption'} or {'image', 'group_caption'}")
+            elif "image" in d and text is not None:
+                cap.image[str(d["image"])] = str(text)
+            else:
+                raise InputError(f"{f}:{ln}: expected {{'image', 'caption'}}, "
+                                 "{'class', 'caption'} or {'image', 'group_caption'}")
     return cap
 
 

@@ -9,6 +9,11 @@ trained). Underscores in class names become spaces.
 Descriptions are a JSON file ``{class: [sentence, ...]}`` (LaFTer/NoLA/CuPL format) or
 the name of one shipped with the package: ``cifar10`` (hand-written, 10 sentences per
 class, ``nolabels/methods/data/cifar10_descriptions.json``; not LLM output).
+
+Input files are UTF-8 text (a leading byte-order mark is accepted). A file that is not
+UTF-8 or not valid JSON is refused with an :class:`~nolabels.errors.InputError` naming
+the file and the line (``path:LINE[:COL]: ...``); :func:`read_text`, :func:`text_lines`
+and :func:`read_json` are the readers the other methods share.
 """
 from __future__ import annotations
 
@@ -45,15 +50,77 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """The whole of a UTF-8 text file (a leading byte-order mark is dropped).
+
+    Raises:
+        InputError: the file is not UTF-8; the message names the file, line and column.
+        OSError: the file cannot be read (missing, a directory, no permission).
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        body = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # e.start: after the BOM
+        at = e.start
+        line = body.count(b"\n", 0, at) + 1
+        col = at - (body.rfind(b"\n", 0, at) + 1) + 1
+        raise InputError(f"{os.fspath(path)}:{line}:{col}: not UTF-8 text (byte "
+                         f"0x{body[at]:02x}); save the file as UTF-8") from None
+
+
+def text_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
+    """``(line number, line)`` for every line of a UTF-8 text file (1-based numbers; the
+    line without its ``\\n`` / ``\\r\\n``). Errors as :func:`read_text`."""
+    text = read_text(path)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [(i, ln.rstrip("\r")) for i, ln in enumerate(lines, 1)]
+
+
+def read_json(path: str | os.PathLike) -> object:
+    """A UTF-8 JSON file, parsed.
+
+    Raises:
+        InputError: not UTF-8, or not valid JSON (``path:LINE:COL: not valid JSON (why)``).
+        OSError: the file cannot be read.
+    """
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{os.fspath(path)}:{e.lineno}:{e.colno}: not valid JSON "
+                         f"({e.msg})") from None
+
+
 def read_classes(path: str | os.PathLike) -> list[str]:
-    """Class names, one per line, in label order (blank lines and ``#`` comments skipped)."""
-    names = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
-    names = [n for n in names if n and not n.startswith("#")]
+    """Class names, one per line, in label order (blank lines and ``#`` comments skipped).
+
+    Raises:
+        InputError: no names; two lines naming the same class (compared as
+            :func:`norm_name` does: case, ``_``, ``-`` and spaces ignored, since they
+            give the same prompts); a file that is not UTF-8 (file and line named).
+    """
+    names: list[str] = []
+    first: dict[str, tuple[int, str]] = {}
+    dups: list[str] = []
+    for no, ln in text_lines(path):
+        n = ln.strip()
+        if not n or n.startswith("#"):
+            continue
+        key = norm_name(n)
+        if key in first:
+            dups.append(f"line {no} {n!r} repeats line {first[key][0]} {first[key][1]!r}")
+        else:
+            first[key] = (no, n)
+        names.append(n)
     if not names:
-        raise InputError(f"{path}: no class names")
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise InputError(f"{path}: duplicate class names {dup[:5]}")
+        raise InputError(f"{path}: no class names (one per line; blank lines and # comments "
+                         "are skipped)")
+    if dups:
+        more = f" (and {len(dups) - 3} more)" if len(dups) > 3 else ""
+        raise InputError(f"{path}: duplicate class names: {'; '.join(dups[:3])}{more}")
     return names
 
 
@@ -70,14 +137,24 @@ def resolve_templates(spec: str | Sequence[str]) -> list[str]:
     elif spec in TEMPLATES:
         templates = list(TEMPLATES[spec])
     elif os.path.isfile(spec):
-        templates = [t for t in Path(spec).read_text(encoding="utf-8").splitlines() if t.strip()]
+        templates = [t for _, t in text_lines(spec) if t.strip()]
     else:
         raise InputError(f"unknown template set {spec!r}: use one of {sorted(TEMPLATES)} "
                          "or a file with one template per line")
-    bad = [t for t in templates if "{}" not in t]
+    bad = [t for t in templates if not _is_template(t)]
     if not templates or bad:
-        raise InputError(f"templates must each contain '{{}}'; bad: {bad[:3]}")
+        where = f"{spec}: " if isinstance(spec, str) and spec not in TEMPLATES else ""
+        raise InputError(f"{where}templates must each contain '{{}}' (the class name) and no "
+                         f"other {{field}}; bad: {bad[:3]}")
     return templates
+
+
+def _is_template(t: str) -> bool:
+    """``t`` has a ``{}`` and formats with one argument."""
+    try:
+        return "{}" in t and bool(t.format("x"))
+    except (IndexError, KeyError, ValueError):
+        return False
 
 
 #: Descriptions shipped with the package (name -> file in ``nolabels/methods/data``).
@@ -100,18 +177,47 @@ def descriptions_path(spec: str | os.PathLike) -> Path:
 def read_descriptions(path: str | os.PathLike, classes: Sequence[str]) -> dict[str, list[str]]:
     """A descriptions JSON ``{class name: [sentence, ...]}`` (LaFTer/NoLA/CuPL format),
     keyed by the matching entry of ``classes`` (names matched with :func:`norm_name`).
-    ``path`` may also name a built-in set (``cifar10``). Classes without descriptions
-    get an empty list (templates only)."""
-    raw = json.loads(descriptions_path(path).read_text(encoding="utf-8"))
+    ``path`` may also name a built-in set (``cifar10``).
+
+    Every class must have a non-empty list of non-blank strings. Keys that match no class
+    are ignored (a large set can serve a subset of its classes; a misspelt key shows up
+    as its class missing).
+
+    Raises:
+        InputError: not a JSON object; classes without descriptions (the first few
+            named, with the count, and the file); an entry that is not a list of
+            non-blank strings; two keys for the same class; malformed JSON or a file
+            that is not UTF-8 (file and line named).
+        FileNotFoundError: no such file and no such built-in set.
+    """
+    file = descriptions_path(path)
+    raw = read_json(file)
     if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a JSON object {{class: [descriptions]}}")  # noqa: TRY004
-    by_norm = {norm_name(k): v for k, v in raw.items()}
-    out = {}
+        raise InputError(f"{file}: expected a JSON object {{class: [descriptions]}}, got a "
+                         f"JSON {type(raw).__name__}")
+    by_norm: dict[str, str] = {}
+    for k in raw:
+        other = by_norm.setdefault(norm_name(k), k)
+        if other != k and any(norm_name(c) == norm_name(k) for c in classes):
+            raise InputError(f"{file}: keys {other!r} and {k!r} both describe the same class")
+    out: dict[str, list[str]] = {}
+    missing: list[str] = []
     for c in classes:
-        v = by_norm.get(norm_name(c), [])
-        if isinstance(v, str):
-            v = [v]
-        out[c] = [str(s) for s in v if str(s).strip()]
+        key = by_norm.get(norm_name(c))
+        if key is None:
+            missing.append(c)
+            continue
+        v = raw[key]
+        if (not isinstance(v, list) or not v
+                or not all(isinstance(s, str) and s.strip() for s in v)):
+            raise InputError(f"{file}: {key!r} must map to a non-empty list of non-blank "
+                             f"strings, got {json.dumps(v)[:80]}")
+        out[c] = list(v)
+    if missing:
+        shown = ", ".join(repr(c) for c in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise InputError(f"{file}: no descriptions for {len(missing)} of the {len(classes)} "
+                         f"classes: {shown}{more} (every class needs a list of sentences)")
     return out
 
 
