@@ -23,9 +23,19 @@ class _Elapsed(logging.Formatter):
 _WALL0 = time.time() - (time.perf_counter() - _T0)
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (test capture, redirection)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def _ensure_handler() -> None:
     if not logger.handlers and not logging.getLogger().handlers:
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(_Elapsed())
         logger.addHandler(h)
         logger.setLevel(logging.INFO)
@@ -43,19 +53,52 @@ class Log:
     def __call__(self, msg: str) -> None:
         if self.enabled:
             logger.info(msg)
-            for h in logger.handlers:
-                h.flush()
+
+    def note(self, msg: str) -> None:
+        """Log ``note: msg`` once per process (e.g. the surrogate's "not CLIP" caveat)."""
+        if self.enabled and msg and msg not in _SAID:
+            _SAID.add(msg)
+            self(f"note: {msg}")
+
+
+_SAID: set[str] = set()
+
+
+def mark_said(msg: str) -> None:
+    """Treat ``msg`` as already noted (a caller that prints it itself)."""
+    _SAID.add(msg)
 
 
 def progress(total: int | None, desc: str, *, quiet: bool = False, main: bool = True,
              unit: str = "img", leave: bool = True) -> Any:
     """A tqdm bar on stderr showing items/s; ``disable=`` when quiet or not the main rank.
-    ``leave=False`` clears it when done (per-epoch bars)."""
-    from tqdm.auto import tqdm
-
+    ``leave=False`` clears it when done (per-epoch bars). Without tqdm: a silent stand-in."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _Silent()
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=False, dynamic_ncols=True,
                 mininterval=0.5, file=sys.stderr, smoothing=0.1, leave=leave,
                 disable=quiet or not main)
 
 
-__all__ = ["Log", "logger", "progress"]
+class _Silent:
+    """What :func:`progress` returns when tqdm is not installed."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *a: Any, **k: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _Silent:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+__all__ = ["Log", "logger", "mark_said", "progress"]

@@ -1,74 +1,16 @@
-"""Shared CLI plumbing: logging to stderr, progress bars, and the argparse types that
-check every numeric option before any work is done."""
+"""Shared CLI plumbing: the argparse types that check every numeric option before any work
+is done, and ``--quiet``."""
 from __future__ import annotations
 
 import argparse
 import math
 import re
-import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
-_T0 = time.perf_counter()
-_NOTES_SAID: set[str] = set()
-
-
-class Log:
-    """Prints to stderr unless ``quiet`` (or not the main rank)."""
-
-    def __init__(self, quiet: bool = False, main: bool = True) -> None:
-        self.enabled = (not quiet) and main
-        self.t0 = _T0
-
-    def __call__(self, msg: str) -> None:
-        if self.enabled:
-            print(f"[nolabels {time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr,
-                  flush=True)
-
-    def note(self, text: str) -> None:
-        """Log ``note: text`` once per process: embed, label and predict each carry the
-        surrogate's "NOT CLIP" caveat, and one mention is enough (the demo says it itself,
-        see :func:`mark_said`)."""
-        if self.enabled and text not in _NOTES_SAID:
-            _NOTES_SAID.add(text)
-            self(f"note: {text}")
-
-
-def mark_said(text: str) -> None:
-    """Count ``text`` as already noted: later :meth:`Log.note` calls stay silent."""
-    _NOTES_SAID.add(text)
-
-
-def progress(total: int, desc: str, *, quiet: bool, main: bool = True, unit: str = "img",
-             leave: bool = True) -> Any:
-    """A tqdm bar on stderr showing items/s (a no-op object when quiet, not the main rank,
-    or tqdm is missing); ``leave=False`` clears it when done (per-epoch bars)."""
-    if quiet or not main:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=False, dynamic_ncols=True,
-                mininterval=0.5, file=sys.stderr, smoothing=0.1, leave=leave)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, *a, **k) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
+# Log lines and progress bars live below the methods (nolabels.progress); re-exported here
+# for the commands.
+from nolabels.progress import Log, mark_said, progress  # noqa: E402,F401
 
 
 def add_common(p) -> None:

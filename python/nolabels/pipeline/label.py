@@ -313,7 +313,7 @@ def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[s
           out: str | os.PathLike, *, model: str | None = None,
           descriptions: str | os.PathLike | Mapping[str, Sequence[str]] | None = None,
           templates: str | Sequence[str] = "simple", select_per_class: int | None = None,
-          topk: int = DEFAULT_TOPK, logit_scale: float | None = None,
+          topk: int | None = None, logit_scale: float | None = None,
           checkpoint: str | None = None, device: str | None = "auto",
           backend: str = "auto", overwrite: bool = False, quiet: bool = False,
           encoder: Any = None, meta: str | os.PathLike | None = None,
@@ -331,8 +331,9 @@ def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[s
         templates: template set name (``simple``, ``imagenet7``, ``cifar``, ``none``),
             a file with one template per line, or a list.
         select_per_class: K for NoLA's confident subset (``ops.select_per_class``).
-        topk: classes kept per row (at least 3 when selecting, for the fallback ranks).
-        logit_scale: softmax temperature; default the model's (CLIP: 100).
+        topk: classes kept per row, 1 to C (default ``min(5, C)``; at least 3 are kept
+            when selecting, for the fallback ranks).
+        logit_scale: softmax temperature, > 0; default the model's (CLIP: 100).
         checkpoint: the model's local weights file (default: the one the store records).
         device: "auto" | "cpu" | "cuda" | "cuda:N".
         backend: ``ops.pseudo_label`` backend.
@@ -356,11 +357,11 @@ def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[s
 
     if select_per_class is not None and (isinstance(select_per_class, bool)
                                          or int(select_per_class) < 1):
-        raise InputError(f"select_per_class must be >= 1, got {select_per_class!r}")
-    if topk < 1:
-        raise InputError(f"topk must be >= 1, got {topk}")
-    if logit_scale is not None and not (logit_scale > 0 and np.isfinite(logit_scale)):
-        raise InputError(f"logit_scale must be a positive number, got {logit_scale}")
+        raise InputError(f"--select-per-class {select_per_class}: must be >= 1")
+    if topk is not None and topk < 1:
+        raise InputError(f"--topk {topk}: must be between 1 and the number of classes")
+    if logit_scale is not None and not 0 < logit_scale < float("inf"):
+        raise InputError(f"--logit-scale {logit_scale}: must be a finite number > 0")
     t0 = time.perf_counter()
     out_arg = Path(out)
     single_file = out_arg.suffix == ".parquet"
@@ -370,6 +371,10 @@ def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[s
         names = read_classes(classes) if isinstance(classes, (str, os.PathLike)) else list(classes)
         if not names:
             raise InputError("no class names")
+        if topk is not None and topk > len(names):
+            where = f" in {classes}" if isinstance(classes, (str, os.PathLike)) else ""
+            raise InputError(f"--topk {topk}: must be between 1 and the {len(names)} "
+                             f"classes{where}")
         desc = None
         if descriptions is not None:
             desc = (read_descriptions(descriptions, names)
@@ -395,13 +400,11 @@ def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[s
             raise InputError(f"{embeddings}: embeddings have D={src.dim} but {encoder.model_id} "
                              f"embeds texts in D={encoder.dim}; pass the model that made them")
         if getattr(encoder, "not_clip", None):
-            log(f"note: {encoder.not_clip}")
+            log.note(encoder.not_clip)
         scale = float(encoder.logit_scale if logit_scale is None else logit_scale)
         cls_emb = class_embeddings(encoder, names, templates=tmpl, descriptions=desc)
         C = len(names)
-        if select_per_class and C < 1:
-            raise InputError("no classes")
-        k = min(max(topk, 3 if select_per_class else 1), C)
+        k = min(max(DEFAULT_TOPK if topk is None else topk, 3 if select_per_class else 1), C)
 
         info = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
