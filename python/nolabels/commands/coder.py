@@ -169,12 +169,19 @@ def load_text_encoder(model: str | None, factory: str | None, device: str = "cpu
 
 
 def write_table(path: str, columns: dict[str, list]) -> None:
+    """Predictions to ``.csv`` or Parquet (stamped with schema metadata ``nolabels``, so a
+    later run may replace the file), atomically. A ``path`` that is not UTF-8 is written as
+    ``\\xNN`` text (Parquet: exact bytes in ``path_bytes``, see nolabels.data.readers)."""
+    from nolabels.data.readers import display_text, path_columns
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     if out.suffix == ".csv":
         import csv
 
+        if "path" in columns:
+            columns = {**columns, "path": [display_text(p) for p in columns["path"]]}
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             names = list(columns)
@@ -187,14 +194,23 @@ def write_table(path: str, columns: dict[str, list]) -> None:
         except ImportError as e:  # pragma: no cover
             raise MissingDependencyError("writing parquet needs pyarrow: pip install 'nolabels[data]' "
                               "(or use --out preds.csv)") from e
-        pq.write_table(pa.table(columns), tmp)
+        table = pa.table({k: (path_columns(v)["path"] if k == "path" else v)
+                          for k, v in columns.items()})
+        if "path" in columns:
+            raw = path_columns(columns["path"])["path_bytes"]
+            if raw.null_count < len(raw):
+                table = table.append_column("path_bytes", raw)
+        table = table.replace_schema_metadata({"nolabels": json.dumps({"command": "coder"})})
+        pq.write_table(table, tmp)
     os.replace(tmp, out)
 
 
 # --------------------------------------------------------------------------- coder
 def run_coder(args: argparse.Namespace) -> int:
+    from nolabels.data.outputs import claim_output_file
     from nolabels.methods import coder as C
 
+    claim_output_file(args.out)  # an existing --out that nolabels did not write is refused
     src = read_embeddings(args.store, args.paths)
     emb, paths, store_model = src.emb, src.paths, src.model_id
     knowledge = C.Knowledge.load(args.knowledge) if args.knowledge else C.Knowledge()
@@ -282,8 +298,10 @@ def run_coder(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- knowledge
 def run_knowledge(args: argparse.Namespace) -> int:
+    from nolabels.data.outputs import claim_output_file
     from nolabels.methods import coder as C
 
+    claim_output_file(args.out)  # an existing --out that nolabels did not write is refused
     base_url = args.base_url or os.environ.get("NOLABELS_LLM_BASE_URL")
     model = args.llm_model or os.environ.get("NOLABELS_LLM_MODEL")
     if not base_url or not model:

@@ -128,8 +128,9 @@ def demo(out: str | os.PathLike = "nolabels-demo", *, per_class: int = PER_CLASS
     t0 = time.perf_counter()
     log = Log(quiet)
     mark_said(NOT_CLIP)  # said once, in the summary below, not by embed, label and eval
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from nolabels.data.outputs import claim_output_dir
+
+    out = claim_output_dir(out, "demo")  # a non-empty folder that is not a demo is refused
     images = unpack(out)
     log(f"unpacked {PER_CLASS * len(CIFAR10_CLASSES)} CIFAR-10 test images to {images}")
     if not 1 <= per_class <= PER_CLASS:
@@ -174,7 +175,9 @@ def demo(out: str | os.PathLike = "nolabels-demo", *, per_class: int = PER_CLASS
     print(f"  accuracy {100 * res['accuracy']:.1f}% (chance 10%)"
           + (f"; the {res['selected']['rows']} most confident (at most {select_per_class} per "
              f"class): {100 * res['selected']['accuracy']:.1f}%" if res.get("selected") else ""))
-    print(f"  time {res['seconds']:.0f}s (embedding {res['embed_images_per_s']:.0f} img/s)")
+    print(f"  time {res['seconds']:.0f}s ("
+          + (f"embedding {res['embed_images_per_s']:.0f} img/s)" if rep.images_done
+             else "embeddings reused from the existing store)"))
     print("outputs:")
     for k, v in res["paths"].items():
         if v:

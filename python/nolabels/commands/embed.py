@@ -83,7 +83,8 @@ class ShardBatches:
 def embed(images: Any, model: Any, out: str | os.PathLike, *, checkpoint: str | None = None,
           batch_size: int = DEFAULT_BATCH_SIZE, workers: int | str = "auto",
           device: str | None = "auto", shard_size: int = DEFAULT_SHARD_SIZE,
-          overwrite: bool = False, quiet: bool = False, limit: int | None = None) -> EmbedReport:
+          overwrite: bool = False, quiet: bool = False, limit: int | None = None,
+          fingerprint: str = "stat") -> EmbedReport:
     """Embed every image of ``images`` with ``model`` into the store at ``out``.
 
     Args:
@@ -99,6 +100,14 @@ def embed(images: Any, model: Any, out: str | os.PathLike, *, checkpoint: str | 
         overwrite: discard an existing store at ``out``.
         quiet: no progress bar / logs.
         limit: only the first ``limit`` images.
+        fingerprint: how a resume notices changed inputs. ``"stat"`` (default): each
+            shard records the size and modification time of its files; a resumed run
+            re-embeds the shards whose files changed (and, in any mode, every committed
+            shard whose files fail verification). ``"paths"``: only added, removed or
+            renamed files are noticed (the store is refused), no per-file ``stat``.
+    Raises:
+        OutputExistsError: ``out`` is a non-empty folder that is not a store (nothing
+            there is touched, even with ``overwrite``).
     Returns:
         an :class:`EmbedReport`. Unreadable images are skipped and listed in
         ``report.failed`` and in the store's manifest.
@@ -113,8 +122,13 @@ def embed(images: Any, model: Any, out: str | os.PathLike, *, checkpoint: str | 
         collate,
         open_source,
     )
+    from nolabels.data.outputs import check_output_dir
+    from nolabels.errors import InputError
     from nolabels.models import Encoder, load_encoder
 
+    if fingerprint not in ("stat", "paths"):
+        raise InputError(f"fingerprint must be 'stat' or 'paths', got {fingerprint!r}")
+    check_output_dir(out, "store")  # before any work: a folder that is not a store is refused
     t_start = time.perf_counter()
     with dist.dist_session(device) as ctx:
         log = Log(quiet, ctx.is_main)
@@ -132,12 +146,18 @@ def embed(images: Any, model: Any, out: str | os.PathLike, *, checkpoint: str | 
         log(f"model {enc.model_id} (D={enc.dim}) on {ctx.device}")
 
         err: BaseException | None = None
+        redo: list[tuple[int, str]] = []
+        stat_fp = source.stat_fingerprint if fingerprint == "stat" else None
         if ctx.is_main:
             try:
-                store = EmbeddingStore.create_or_resume(out, model=enc.describe(),
-                                                        source=source.describe(),
-                                                        shard_size=shard_size,
-                                                        overwrite=overwrite)
+                store = EmbeddingStore.create_or_resume(
+                    out, model=enc.describe(),
+                    source={**source.describe(), "fingerprint_mode": fingerprint},
+                    shard_size=shard_size, overwrite=overwrite)
+                if store.num_shards - len(store.pending_shards()):
+                    t_v = time.perf_counter()
+                    redo = store.verify_committed(checksum=True, stat_fingerprint=stat_fp)
+                    log(f"verified the committed shards in {time.perf_counter() - t_v:.1f}s")
             except Exception as e:  # noqa: BLE001 - re-raised on every rank below
                 err = e
         err = dist.broadcast_object(err)
@@ -145,6 +165,8 @@ def embed(images: Any, model: Any, out: str | os.PathLike, *, checkpoint: str | 
             raise err
         if not ctx.is_main:
             store = EmbeddingStore(out)
+        for s, why in redo:
+            log(f"shard {s} ({store.emb_path(s).name}): {why}; re-embedding it")
         pending = store.pending_shards()
         mine = [s for s in pending if s % ctx.world_size == ctx.rank]
         done_before = store.num_shards - len(pending)
@@ -169,7 +191,7 @@ def embed(images: Any, model: Any, out: str | os.PathLike, *, checkpoint: str | 
         done = 0
         written = 0
         model_s = wait_s = 0.0
-        bar = progress(total, "embed", quiet=quiet, main=ctx.is_main)
+        bar = progress(total, "embed", quiet=quiet or not total, main=ctx.is_main)
         t_loop = time.perf_counter()
         t_wait = time.perf_counter()
         for batch in loader:
@@ -188,7 +210,8 @@ def embed(images: Any, model: Any, out: str | os.PathLike, *, checkpoint: str | 
             n_failed += len(batch.failed)
             left[shard] -= len(items)
             if left[shard] == 0:
-                _write(store, shard, bufs.pop(shard), source, single=not ctx.distributed)
+                _write(store, shard, bufs.pop(shard), source, single=not ctx.distributed,
+                       stat_fingerprint=stat_fp)
                 written += 1
             done += len(items)
             bar.update(len(items))
@@ -213,11 +236,16 @@ def embed(images: Any, model: Any, out: str | os.PathLike, *, checkpoint: str | 
             images_per_s=done / loop_s if loop_s > 0 else 0.0,
             model_seconds=model_s, wait_seconds=wait_s, shards_written=written,
             rank=ctx.rank, world_size=ctx.world_size, extra={"workers": n_workers,
-                                                             "batch_size": batch_size},
+                                                             "batch_size": batch_size,
+                                                             "reembedded": redo},
         )
         if ctx.is_main and not quiet:
-            log(f"embedded {done} images in {loop_s:.1f}s ({report.images_per_s:.1f} img/s on "
-                f"rank 0; model {model_s:.1f}s, waiting for data {wait_s:.1f}s)")
+            if not pending:
+                log(f"nothing to do: all {store.num_shards} shards of {store.root} were "
+                    "already embedded")
+            elif done:  # the rate of the images embedded by this run only
+                log(f"embedded {done} images in {loop_s:.1f}s ({report.images_per_s:.1f} img/s "
+                    f"on rank 0; model {model_s:.1f}s, waiting for data {wait_s:.1f}s)")
         if ctx.is_main and report.failed:
             print(f"nolabels embed: {len(report.failed)} image(s) could not be read and were "
                   f"skipped (listed in {store.root}/manifest.json):", file=sys.stderr)
@@ -228,7 +256,8 @@ def embed(images: Any, model: Any, out: str | os.PathLike, *, checkpoint: str | 
         return report
 
 
-def _write(store, shard: int, b: dict, source, *, single: bool) -> None:
+def _write(store, shard: int, b: dict, source, *, single: bool,
+           stat_fingerprint: Any = None) -> None:
     import numpy as np
 
     order = np.argsort(np.asarray(b["items"], dtype=np.int64), kind="stable")
@@ -236,7 +265,9 @@ def _write(store, shard: int, b: dict, source, *, single: bool) -> None:
     emb = np.concatenate(b["emb"])[order] if b["emb"] else np.zeros((0, store.dim), np.float32)
     failed = [(i, source.paths[i], source.labels[i], reason) for i, reason in b["failed"]]
     entry = store.write_shard(shard, emb, items, [source.paths[i] for i in items],
-                              [source.labels[i] for i in items], failed)
+                              [source.labels[i] for i in items], failed,
+                              stat_fingerprint=None if stat_fingerprint is None
+                              else stat_fingerprint(store.shard_items(shard)))
     if single:
         store.commit(entry)
 
@@ -246,7 +277,7 @@ def _run(args: argparse.Namespace) -> int:
     rep = embed(args.images, args.model, args.out, checkpoint=args.checkpoint,
                 batch_size=args.batch_size, workers=args.workers, device=args.device,
                 shard_size=args.shard_size, overwrite=args.overwrite, quiet=args.quiet,
-                limit=args.limit)
+                limit=args.limit, fingerprint=args.fingerprint)
     if rep.rank == 0:
         print(f"store: {rep.store}  rows: {rep.rows}  failed: {len(rep.failed)}  "
               f"model: {rep.model_id}  complete: {rep.complete}")
@@ -281,6 +312,12 @@ def register(subparsers) -> None:
                         f"(default {DEFAULT_SHARD_SIZE})")
     p.add_argument("--limit", type=positive_int, metavar="N",
                    help="embed only the first N images (N >= 1)")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing store at --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard an existing store at --out (only the files its manifest "
+                        "lists; a folder that is not a store is refused)")
+    p.add_argument("--fingerprint", choices=("stat", "paths"), default="stat",
+                   help="how a resume notices changed images: stat (default) records each "
+                        "file's size and mtime and re-embeds the shards whose files changed; "
+                        "paths notices only added, removed or renamed files")
     add_common(p)
     p.set_defaults(func=_run)

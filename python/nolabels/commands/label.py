@@ -91,6 +91,7 @@ def label(store: str | os.PathLike, classes: str | os.PathLike | Sequence[str],
 
     from nolabels import dist, ops
     from nolabels.data import EmbeddingStore
+    from nolabels.data.outputs import claim_output_file
     from nolabels.methods.zeroshot import (
         class_embeddings,
         read_classes,
@@ -99,6 +100,7 @@ def label(store: str | os.PathLike, classes: str | os.PathLike | Sequence[str],
     )
     from nolabels.models import load_encoder
 
+    claim_output_file(out)  # an existing --out that nolabels did not write is refused
     t0 = time.perf_counter()
     with dist.dist_session(device) as ctx:
         log = Log(quiet, ctx.is_main)
@@ -227,10 +229,13 @@ def _check_label_args(names: Sequence[str], classes: Any, topk: int | None,
 def _table(meta, names, items, cls, prob, ent, selected_ids, info):
     import pyarrow as pa
 
+    from nolabels.data.readers import path_columns
+
+    pcols = path_columns(meta["path"])
     n, k = cls.shape
     cls_np, prob_np = cls.numpy(), prob.numpy().astype("float32")
     cols = {
-        "path": pa.array(meta["path"], pa.string()),
+        "path": pcols["path"],  # a name that is not UTF-8: \\xNN text, exact in path_bytes
         "item": pa.array(items.numpy(), pa.int64()),
         "label": pa.array(cls_np[:, 0] if n else [], pa.int64()),
         "class_name": pa.array([names[c] for c in cls_np[:, 0]] if n else [], pa.string()),
@@ -246,6 +251,8 @@ def _table(meta, names, items, cls, prob, ent, selected_ids, info):
 
         cols["selected"] = pa.array(np.isin(items.numpy(), selected_ids.numpy()), pa.bool_())
     cols["true_class"] = pa.array(meta["label"], pa.string())
+    if pcols["path_bytes"].null_count < n:
+        cols["path_bytes"] = pcols["path_bytes"]
     table = pa.table(cols)
     return table.replace_schema_metadata({"nolabels": json.dumps(info)})
 

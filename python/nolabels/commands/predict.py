@@ -149,10 +149,12 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
     from nolabels.commands.embed import default_workers
     from nolabels.commands.label import _table
     from nolabels.data import EmbeddingStore, ImageDataset, collate, open_source
+    from nolabels.data.outputs import claim_output_file
     from nolabels.data.store import atomic_write_parquet
     from nolabels.methods.common import reopen_source
     from nolabels.models.base import parse_device
 
+    claim_output_file(out)  # an existing --out that nolabels did not write is refused
     t0 = time.perf_counter()
     log = Log(quiet)
     dev = parse_device(device)

@@ -97,8 +97,11 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
     hyper = dict(hyper or {})
+    from nolabels.data.outputs import check_output_dir, claim_output_dir, on_main_rank
+
     t0 = time.perf_counter()
     out = Path(out)
+    check_output_dir(out, "run")  # a non-empty folder that is not a run is refused, untouched
     with dist.dist_session(device) as ctx:
         log = Log(quiet, ctx.is_main)
         names = read_classes(classes) if isinstance(classes, (str, os.PathLike)) else list(classes)
@@ -117,6 +120,7 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
 
             read_captions(captions)
 
+        on_main_rank(claim_output_dir, out, "run")  # create (and mark) it, or resume ours
         # the store
         if _is_store(images):
             store_dir = Path(images)

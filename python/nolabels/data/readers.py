@@ -18,6 +18,20 @@ folder name; **used for evaluation only**, never by a label-free method).
 :class:`ImageDataset` decodes item ``i`` for a torch ``DataLoader``; a corrupt or
 unreadable image yields an error string instead of raising, so the embedding loop
 skips it and records the reason.
+
+File names that are not valid UTF-8 are kept exactly: ``paths`` holds them as
+``os.fsdecode`` strings (undecodable bytes as lone surrogates, PEP 383), which
+``open()`` accepts. Parquet has no such strings, so every Parquet file of the package
+stores a path in two columns (:func:`path_columns`): ``path`` (UTF-8 text; each byte
+that is not valid UTF-8 written as ``\\xNN``, for display) and ``path_bytes`` (the
+exact bytes of the name, only where ``path`` is not exact, else null).
+:func:`paths_from_columns` gives the exact strings back.
+
+Input fingerprints (detecting changed inputs on resume): :meth:`ImageSource.fingerprint`
+hashes the item paths and labels (a file added, removed or renamed); with
+``--fingerprint stat`` (the default of ``embed``) each store shard also records
+:meth:`ImageSource.stat_fingerprint` of its items (size and mtime of every file, or of
+the tar shard), and a resumed ``embed`` re-embeds the shards whose files changed.
 """
 from __future__ import annotations
 
@@ -26,7 +40,7 @@ import hashlib
 import os
 import re
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,11 +96,30 @@ class ImageSource:
         return data
 
     def fingerprint(self) -> str:
-        """SHA-256 over the item paths and labels: detects a changed input on resume."""
+        """SHA-256 over the item paths and labels: detects an added, removed or renamed
+        input on resume (not a file changed under the same name: :meth:`stat_fingerprint`)."""
         h = hashlib.sha256()
         for p, lab in zip(self.paths, self.labels):
             h.update(p.encode("utf-8", "surrogateescape"))
             h.update(b"\t" + (lab or "").encode("utf-8", "surrogateescape") + b"\n")
+        return h.hexdigest()
+
+    def stat_fingerprint(self, items: Iterable[int]) -> str:
+        """A hash of the size and modification time (ns) of the files of ``items`` (for tar
+        members: of their shard file), with their paths: changes when a file is replaced or
+        edited under the same name. A file that cannot be stat'ed counts as "missing"."""
+        h = hashlib.blake2b(digest_size=16)
+        cache: dict[str, str] = {}
+        for i in items:
+            f = self.shards[self.tar_ranges[i][0]] if self.tar_ranges is not None else self.paths[i]
+            if f not in cache:
+                try:
+                    st = os.stat(f)
+                    cache[f] = f"{st.st_size}:{st.st_mtime_ns}"
+                except OSError:
+                    cache[f] = "missing"
+            h.update(self.paths[i].encode("utf-8", "surrogateescape") + b"\0"
+                     + cache[f].encode() + b"\n")
         return h.hexdigest()
 
     def describe(self) -> dict:
@@ -142,13 +175,31 @@ def open_source(spec: str | os.PathLike | Sequence[str]) -> ImageSource:
     )
 
 
+def _real_dir(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)  # follows symlinks: the directory itself
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _folder(root: str) -> ImageSource:
+    """Every image below ``root``. Symlinked directories are followed, but each real
+    directory (st_dev, st_ino) is walked once, under its first path in sorted order, so a
+    symlink loop or two links to one folder do not list its images again."""
     root_p = Path(root)
     found: list[tuple[str, str | None]] = []
+    seen = {_real_dir(root)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
+        keep = []
+        for d in sorted(dirnames):
+            key = _real_dir(os.path.join(dirpath, d))
+            if key is not None and key not in seen:
+                seen.add(key)
+                keep.append(d)
+        dirnames[:] = keep
         rel = Path(dirpath).relative_to(root_p)
-        label = rel.parts[0] if rel.parts else None
+        label = display_text(rel.parts[0]) if rel.parts else None
         for fn in sorted(filenames):
             if Path(fn).suffix.lower() in IMAGE_EXTENSIONS and not fn.startswith("."):
                 found.append((os.path.join(dirpath, fn), label))
@@ -159,7 +210,8 @@ def _folder(root: str) -> ImageSource:
 def _list_file(path: str) -> ImageSource:
     base = os.path.dirname(os.path.abspath(path))
     paths, labels = [], []
-    with open(path, encoding="utf-8") as f:
+    # surrogateescape: a listed name that is not valid UTF-8 keeps its exact bytes
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             line = line.rstrip("\n")
             if not line.strip() or line.lstrip().startswith("#"):
@@ -167,10 +219,41 @@ def _list_file(path: str) -> ImageSource:
             p, _, lab = line.partition("\t")
             p = p.strip()
             paths.append(p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p)))
-            labels.append(lab.strip() or None)
+            labels.append(display_text(lab.strip()) or None)
     if not paths:
         raise FileNotFoundError(f"{path}: no paths listed")
     return ImageSource("list", path, paths, labels)
+
+
+def display_text(s: str) -> str:
+    """``s`` as valid UTF-8 text: each undecodable byte of an ``os.fsdecode`` string (a
+    lone surrogate) written as ``\\xNN``. The identity for ordinary strings."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def path_columns(paths: Sequence[str]) -> dict:
+    """The Parquet columns of ``paths`` (see the module docstring): ``{"path": string
+    (display text), "path_bytes": binary (exact bytes where ``path`` is not exact, else
+    null)}`` as pyarrow arrays of len(paths)."""
+    import pyarrow as pa
+
+    shown = [display_text(p) for p in paths]
+    raw = [None if s is p or s == p else p.encode("utf-8", "surrogateescape")
+           for s, p in zip(shown, paths)]
+    return {"path": pa.array(shown, pa.string()), "path_bytes": pa.array(raw, pa.binary())}
+
+
+def paths_from_columns(path: Sequence[str], path_bytes: Sequence[bytes | None] | None) -> list[str]:
+    """The exact path strings from the columns of :func:`path_columns` (``path_bytes``
+    None: a file written before that column existed, whose paths are exact)."""
+    if path_bytes is None:
+        return list(path)
+    return [p if b is None else b.decode("utf-8", "surrogateescape")
+            for p, b in zip(path, path_bytes)]
 
 
 def expand_braces(pattern: str) -> list[str]:
