@@ -234,7 +234,16 @@ def prompt_attention(
             backend that cannot take the call (with every reason).
 
     Non-finite inputs are not scanned for (that would cost a device sync per
-    layer): like SDPA, a NaN/Inf in the inputs gives NaN outputs.
+    layer); they propagate as in IEEE arithmetic, the same on every backend:
+
+    * a NaN or Inf anywhere in ``q[b, i, h]`` makes ``out[b, i, h, :]`` all NaN
+      and no other row (the torch backend restores this on the CPU, where
+      PyTorch's flash kernel would return zeros for a NaN query row);
+    * a NaN in a key of (b, h) makes every output row of (b, h) NaN (a prompt
+      key: every b); an Inf in a key makes NaN the rows whose score with it is
+      +Inf, and gets weight 0 in the rows where it is -Inf;
+    * a NaN in component j of a value of (b, h) makes component j of every
+      output row of (b, h) NaN (an Inf: +-Inf there).
 
     Memory: the triton backend allocates out plus a (B, H, L) float32
     log-sum-exp saved for backward; its backward adds a (B, H, L) float32

@@ -38,6 +38,7 @@ from nolabels.reference.coder import (
     coder_class_scores_reference,
     topk_similarity_reference,
 )
+from nolabels.reference.normalize import normalize_rows
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_K = 256  # the Triton kernel keeps its running top-k in registers
@@ -235,7 +236,7 @@ def prepare_class_bank(
       [slot, class] with P = max n1_c (zeros in unused slots; ``seg`` tells which
       are used), for kernels that loop over slots (Triton). Else None.
     """
-    t = torch.nn.functional.normalize(text_emb.float(), dim=1, eps=1e-12)
+    t = normalize_rows(text_emb.float())  # scale-safe: texts with entries up to 3e38
     cls = text_class.to(device=t.device, dtype=torch.int64)
     kind = text_kind.to(device=t.device, dtype=torch.int64)
     c = num_classes

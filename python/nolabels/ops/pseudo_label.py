@@ -22,6 +22,7 @@ from nolabels.backends import (
     register_op,
     triton_status,
 )
+from nolabels.errors import InputError
 from nolabels.reference.pseudo_label import pseudo_label_reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -245,24 +246,56 @@ def select_per_class(
 
     Returns:
         :class:`Selection` (indices are ``row_ids`` of the selected rows).
+
+    Raises:
+        InputError (a ValueError), naming the argument: k < 1 or not an int;
+            ``pl.classes`` not an integer (N, topk) tensor, or holding a negative
+            class or one >= ``num_classes``; NaN in ``pl.probs``; ``row_ids`` not an
+            integer tensor of shape (N,); ``num_classes`` not an int >= 1.
     """
+    op = "select_per_class"
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"select_per_class: k must be an int >= 1, got {k!r}")
+        raise InputError(f"{op}: k must be an int >= 1, got {k!r}")
     classes, probs = pl.classes, pl.probs
     if classes.dim() != 2 or probs.shape != classes.shape:
-        raise ValueError("select_per_class: pl.classes and pl.probs must both be (N, topk)")
+        raise InputError(f"{op}: pl.classes and pl.probs must both be (N, topk)")
+    if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
+        raise InputError(f"{op}: pl.classes must be an integer tensor, got {classes.dtype}")
     n, kk = classes.shape
     dev = classes.device
     if row_ids is None:
         row_ids = torch.arange(n, device=dev)
-    elif row_ids.shape != (n,):
-        raise ValueError(f"select_per_class: row_ids must be ({n},), got {tuple(row_ids.shape)}")
+    else:
+        if not isinstance(row_ids, torch.Tensor):
+            raise InputError(f"{op}: row_ids must be a torch.Tensor, got {type(row_ids).__name__}")
+        if row_ids.is_floating_point() or row_ids.is_complex() or row_ids.dtype == torch.bool:
+            raise InputError(f"{op}: row_ids must be an integer tensor (int64), got {row_ids.dtype}")
+        if row_ids.shape != (n,):
+            raise InputError(f"{op}: row_ids must be ({n},), got {tuple(row_ids.shape)}")
     row_ids = row_ids.to(device=dev, dtype=torch.int64)
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise InputError(f"{op}: num_classes must be an int >= 1, got {num_classes!r}")
     if n == 0:
         empty = torch.empty(0, dtype=torch.int64, device=dev)
         return Selection(empty, empty.clone())
+    # Value checks (one sync each): the sort below is meaningless with NaN
+    # probabilities, and bincount needs classes in [0, num_classes).
+    if probs.is_floating_point() and bool(torch.isnan(probs).any()):
+        rows = torch.isnan(probs).any(dim=1).nonzero().flatten()[:5].tolist()
+        raise InputError(f"{op}: pl.probs contains NaN (rows {rows}...)")
+    lo, hi = int(classes.min()), int(classes.max())
+    if lo < 0:
+        row = int((classes < 0).any(dim=1).nonzero()[0])
+        raise InputError(f"{op}: pl.classes holds a negative class index {lo} (row {row})")
     if num_classes is None:
-        num_classes = int(classes.max()) + 1
+        num_classes = hi + 1
+    elif hi >= num_classes:
+        raise InputError(
+            f"{op}: num_classes={num_classes} but pl.classes holds class {hi} "
+            f"(every class index must be < num_classes)"
+        )
     ranks = min(3, kk) if fallback_ranks else 1
 
     # Which rank each class is selected from: the first rank with any row.

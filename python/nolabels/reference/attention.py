@@ -53,7 +53,8 @@ def prompt_attention_reference(
             float64 first (the test ground truth, also what ``gradcheck`` uses).
 
     Returns:
-        (B, L, H, d) in the input dtype, or float64. Peak memory: the
+        (B, L, H, d) in the input dtype, or float64; a query row holding a NaN
+        gives a NaN output row (on every device). Peak memory: the
         concatenated (B, P + L, H, d) keys and values, plus whatever the SDPA
         kernel picked needs.
     """
@@ -66,8 +67,13 @@ def prompt_attention_reference(
     kk, vv = concat_prompt_kv(k, v, prompt_k, prompt_v)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), scale=scale
-    )
-    return out.transpose(1, 2)
+    ).transpose(1, 2)
+    # IEEE propagation for NaN queries. SDPA's math kernel and the flash-style
+    # kernels on the GPU (and the triton backend) turn a query row holding a NaN
+    # into a NaN output row, but PyTorch's CPU flash kernel finds no finite score
+    # in that row, treats it as fully masked and writes zeros. Restore the NaN.
+    nan_rows = torch.isnan(q).any(dim=-1, keepdim=True)  # (B, L, H, 1)
+    return out.masked_fill(nan_rows, float("nan"))
 
 
 def prompt_attention_naive(

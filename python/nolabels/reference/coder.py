@@ -10,14 +10,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NORM_EPS = 1e-12  # F.normalize's eps: a zero row stays zero
+from nolabels.reference.normalize import NORM_EPS, normalize_rows
+
+# NORM_EPS: F.normalize's eps, a zero row stays zero
 DEFAULT_MAX_ELEMS = 1 << 25  # largest intermediate (rows x cols) block: 32M elements
 
 
 def _work(t: torch.Tensor, normalize: bool, compute_dtype: torch.dtype | None) -> torch.Tensor:
-    dt = torch.float64 if compute_dtype == torch.float64 else torch.float32
-    t = t.to(dt)
-    return F.normalize(t, dim=1, eps=NORM_EPS) if normalize else t
+    # float32: scale-safe normalisation (rows with entries up to 3e38 normalise
+    # exactly); float64 (the ground truth): F.normalize, which cannot overflow there.
+    if compute_dtype == torch.float64:
+        t = t.to(torch.float64)
+        return F.normalize(t, dim=1, eps=NORM_EPS) if normalize else t
+    t = t.to(torch.float32)
+    return normalize_rows(t, NORM_EPS) if normalize else t
 
 
 def _chunk(rows: int, cols: int, max_elems: int) -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NORM_EPS = 1e-12  # same eps as F.normalize; zero rows stay zero -> uniform probabilities
+from nolabels.reference.normalize import NORM_EPS, normalize_rows
+
+# NORM_EPS: same eps as F.normalize; zero rows stay zero -> uniform probabilities
 
 
 def reference_logits(
@@ -16,9 +18,11 @@ def reference_logits(
 ) -> torch.Tensor:
     """Scaled cosine (or inner-product) logits, (N, C) float32 or float64.
 
-    ``compute_dtype=None`` normalises in float32, multiplies in the input dtype
-    (what a user would write) and returns float32; ``torch.float64`` does
-    everything in float64 (the test ground truth).
+    ``compute_dtype=None`` normalises in float32 (scale-safe: rows whose squared
+    norm overflows float32 normalise exactly, see ``reference.normalize``),
+    multiplies in the input dtype (what a user would write) and returns float32;
+    ``torch.float64`` does everything in float64 with ``F.normalize`` (the test
+    ground truth: no float32-range input can overflow it).
     """
     if compute_dtype == torch.float64:
         x, w = image_emb.double(), class_emb.double()
@@ -28,7 +32,7 @@ def reference_logits(
     mm_dtype = torch.promote_types(image_emb.dtype, class_emb.dtype)
     x, w = image_emb.float(), class_emb.float()
     if normalize:
-        x, w = F.normalize(x, dim=1, eps=NORM_EPS), F.normalize(w, dim=1, eps=NORM_EPS)
+        x, w = normalize_rows(x, NORM_EPS), normalize_rows(w, NORM_EPS)
     return logit_scale * (x.to(mm_dtype) @ w.to(mm_dtype).T).float()
 
 
