@@ -82,7 +82,8 @@ double load_row_any(const Tensor& t, int64_t r, float* dst) {
 
 // Load rows [r0, r1) into a contiguous float32 buffer with leading dim D,
 // multiply each row by mul / max(|row|, eps) (or by mul alone), and mark
-// non-finite rows in `bad` (their result is forced to NaN later).
+// non-finite rows in `bad` (their result is forced to NaN later). Exact for
+// every finite float32 row, up to entries of 3e38 (norm and factor in double).
 void load_block(const Tensor& src, int64_t r0, int64_t r1, float* dst,
                 bool normalize, float mul, uint8_t* bad) {
   const int64_t D = src.size(1);
@@ -92,13 +93,18 @@ void load_block(const Tensor& src, int64_t r0, int64_t r1, float* dst,
       double ss = load_row_any(src, r, row);
       bool finite = std::isfinite(ss);
       if (bad) bad[r - r0] = finite ? 0 : 1;
-      float f = mul;
-      if (normalize) {
-        float nrm = static_cast<float>(std::sqrt(ss));
-        f = mul / std::max(nrm, kNormEps);
+      // The factor in double: the sum of squares (double) never overflows for
+      // float32 input, but the norm of a row with entries near 3e38 exceeds
+      // float32's range and its inverse is a float32 denormal.
+      double f = mul;
+      if (normalize) f = mul / std::max(std::sqrt(ss), static_cast<double>(kNormEps));
+      if (!finite) f = 1.0;
+      const float ff = static_cast<float>(f);
+      if (std::fabs(f) >= std::numeric_limits<float>::min() && std::isfinite(ff)) {
+        for (int64_t d = 0; d < D; ++d) row[d] *= ff;
+      } else {  // rare: scale in double, round once
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(row[d] * f);
       }
-      if (!finite) f = 1.0f;
-      for (int64_t d = 0; d < D; ++d) row[d] *= f;
     }
   });
 }
