@@ -130,7 +130,7 @@ def main() -> int:
     from nolabels.commands.predict import load_predictor
     from nolabels.data import open_source
     from nolabels.methods import lafter, nola
-    from nolabels.methods.common import class_index, load_tune_data
+    from nolabels.methods.common import class_index, load_run, load_tune_data
     from nolabels.methods.students import (
         ConSEStudent,
         build_prefix_cache,
@@ -138,6 +138,7 @@ def main() -> int:
         prefix_cache_key,
         strong_transform,
     )
+    from nolabels.methods.trainer import checkpoint_path, load_checkpoint_file
     from nolabels.methods.zeroshot import class_embeddings, read_descriptions
     from nolabels.models import load_encoder
 
@@ -240,7 +241,7 @@ def main() -> int:
                             quiet=True)
             tune_s = time.perf_counter() - t0
             acc = student_test_acc(run)
-            txt = torch.load(run / "checkpoints" / "lafter_text.final.pt", weights_only=False)
+            txt = load_checkpoint_file(checkpoint_path(run, "lafter_text", "final"), "final")
             w_pl = txt["state"]["classifier.weight"]
             acc_txt = accuracy((emb_test @ w_pl.T).argmax(1), truth_test)
             rows.append(tuned_row("LaFTer", seed, acc, s, t0, tune_s,
@@ -259,7 +260,7 @@ def main() -> int:
                           quiet=True)
             tune_s = time.perf_counter() - t0
             acc = student_test_acc(run)
-            lab = torch.load(run / "model.pt", weights_only=False)["labeller"]
+            lab = load_run(run)[1]["labeller"]
             mlp = torch.nn.Sequential(torch.nn.Linear(dino_test.shape[1], 256), torch.nn.ReLU(),
                                       torch.nn.Linear(256, len(classes)))
             mlp.load_state_dict(lab)

@@ -14,6 +14,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 from _methods_helpers import tiny_setup  # noqa: E402
 from nolabels.cli import main  # noqa: E402
 from nolabels.commands.evaluate import evaluate  # noqa: E402
+from nolabels.methods.common import load_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +72,12 @@ def test_tune_predict_eval(env, method, capsys):
 def test_rerun_resumes_without_training(env):
     d, t = env
     run = d / "lafter"
-    if not (run / "model.pt").is_file():
+    if not (run / "model.safetensors").is_file():
         pytest.skip("needs test_tune_predict_eval[lafter]")
-    before = torch.load(run / "model.pt", weights_only=False)
+    before = load_run(run)[1]
     assert main(["tune", "--method", "lafter", str(t.store), "--classes", str(d / "classes.txt"),
                  "--out", str(run), "--num-prompts", "2", "--text-steps", "10", *TRAIN]) == 0
-    after = torch.load(run / "model.pt", weights_only=False)
+    after = load_run(run)[1]
     torch.testing.assert_close(before["head"]["weight"], after["head"]["weight"], atol=0, rtol=0)
     # different settings on the same run directory are refused
     assert main(["tune", "--method", "lafter", str(t.store), "--classes", str(d / "classes.txt"),
@@ -144,8 +145,8 @@ def test_tune_under_torchrun_equals_single_process(env, tmp_path):
                          timeout=300, cwd=tmp_path, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    a = torch.load(tmp_path / "ddp" / "model.pt", weights_only=False)
-    b = torch.load(tmp_path / "one" / "model.pt", weights_only=False)
+    a = load_run(tmp_path / "ddp")[1]
+    b = load_run(tmp_path / "one")[1]
     torch.testing.assert_close(a["head"]["weight"], b["head"]["weight"], atol=1e-5, rtol=1e-4)
     for k in b["student"]:
         torch.testing.assert_close(a["student"][k], b["student"][k], atol=1e-5, rtol=1e-4)

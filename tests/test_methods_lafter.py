@@ -12,7 +12,7 @@ pytest.importorskip("pyarrow")
 
 from _methods_helpers import tiny_setup
 from nolabels.methods import lafter
-from nolabels.methods.common import load_tune_data
+from nolabels.methods.common import load_run, load_tune_data
 from nolabels.methods.students import PromptedViTStudent
 from nolabels.methods.trainer import TrainConfig, TrainingInterrupted, fit
 
@@ -120,9 +120,9 @@ def test_lafter_tune_writes_run(tiny, tmp_path):
     s = lafter.tune(tiny.encoder, data, tiny.classes, tmp_path / "run",
                     config=lafter.LaFTerConfig(text_steps=10, epochs=2, batch_size=8,
                                                num_prompts=2), quiet=True)
-    assert (tmp_path / "run" / "model.pt").is_file()
+    assert (tmp_path / "run" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "logs" / "lafter.jsonl").read_text().count("\n") == 2
     assert s["selection"].startswith("heldout_agreement") and s["train_images"] == 19
-    model = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    model = load_run(tmp_path / "run")[1]
     assert set(model["student"]) == {n for n, _ in PromptedViTStudent(
         tiny.encoder, 2).named_trainable_parameters()}

@@ -18,7 +18,7 @@ pytest.importorskip("pyarrow")
 
 from _methods_helpers import tiny_setup
 from nolabels.methods import latteclip as lc
-from nolabels.methods.common import load_tune_data
+from nolabels.methods.common import load_run, load_tune_data
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +222,7 @@ def test_latteclip_loss_falls_and_prototypes_move(tiny, tmp_path, bug):
     assert losses[-1] < losses[0] - 0.05, losses
     assert s["captions"] == 12 and s["group_caption_classes"] == 2
     assert s["selection"].startswith("heldout_confidence")
-    model = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    model = load_run(tmp_path / "run")[1]
     P0 = lc.zero_shot_labels(tiny.encoder, data.emb, tiny.classes, cfg.template)[0]
     Pt = model["head"]["weight"]
     assert not torch.allclose(Pt, P0, atol=1e-4)  # moved by the EMA rule

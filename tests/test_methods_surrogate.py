@@ -13,7 +13,7 @@ pytest.importorskip("pyarrow")
 
 from _pipeline_helpers import cifar_images  # noqa: E402
 from nolabels.methods import lafter, nola  # noqa: E402
-from nolabels.methods.common import load_tune_data  # noqa: E402
+from nolabels.methods.common import load_run, load_tune_data  # noqa: E402
 from nolabels.methods.students import (  # noqa: E402
     ConSEStudent,
     build_prefix_cache,
@@ -79,7 +79,7 @@ def test_lafter_through_the_tower_logs_norms(sur, tmp_path):
     text = "\n".join(lines)
     assert "NOT CLIP" in text and "no ViT, so no prompts" in text and "BatchNorm" in text
     assert s["student"].startswith("surrogate has no ViT")
-    m = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    m = load_run(tmp_path / "run")[1]
     assert len(m["student"]) == 98
     assert m["student_config"] == {"kind": "conse-norm", "norms": "all", "feature_scale": 10.0}
 

@@ -6,12 +6,18 @@
         [--shots SHOTS] [--dataset NAME] [--model SPEC | --encoder MOD:FACTORY] --out preds.parquet
 
 STORE is an embedding store directory (``manifest.json``, ``emb_*.npy``, ``meta_*.parquet``;
-design.md §8), or a ``.pt`` / ``.npy`` file of image embeddings (a ``.pt`` may hold a dict with
-"emb" and "paths"; otherwise pass ``--paths``, one path per line). SHOTS (few-shot) is a store
-or a ``.pt`` dict with "emb" and "labels" (ints or class names); a store's labels are the
-parent folder names of its paths. Texts are encoded by ``--model`` (``nolabels.models``
-spec; default: the store's model id) or ``--encoder module:factory``, and cached in
-``--cache-dir``; with a warm cache no encoder is loaded at all.
+design.md §8), or a ``.safetensors`` / ``.npy`` / ``.pt`` file of image embeddings (see
+:func:`read_embeddings`: a dict with "emb" and optionally "paths", "labels", "model_id";
+otherwise pass ``--paths``, one path per line). SHOTS (few-shot) is a store or such a file
+with "emb" and "labels" (ints or class names); a store's labels are the parent folder names
+of its paths. No input file can run code: ``.npy`` is read with ``allow_pickle=False``, a
+``.pt`` only with ``torch.load(weights_only=True)`` (tensors and plain containers).
+
+Texts are encoded by ``--model`` (``nolabels.models`` spec; default: the store's model) or
+``--encoder module:factory``, and cached in ``--cache-dir`` under the id of the model that
+embeds them plus a hash of the texts, so a cache warmed by one encoder is never used for
+another. Without ``--encoder`` and ``--model`` (or with the store's own spec) a warm cache of
+the store's model id needs no encoder at all.
 
     nolabels coder-knowledge --classes classes.txt --out knowledge.json \\
         --base-url URL --llm-model NAME [--api-key-env OPENAI_API_KEY] [--pairs auto:2]
@@ -39,7 +45,14 @@ from nolabels.commands._common import (
     nonneg_int,
     positive_int,
 )
-from nolabels.errors import InputError, MissingDependencyError
+from nolabels.data.safe_io import (
+    TREE_FORMAT,
+    load_npy,
+    load_safetensors,
+    load_torch_file,
+    load_tree,
+)
+from nolabels.errors import CorruptFileError, InputError, MissingDependencyError
 
 
 # --------------------------------------------------------------------------- inputs
@@ -65,7 +78,14 @@ class Embeddings:
 def read_store_dir(path: Path) -> Embeddings:
     """An embedding store directory (``nolabels.data.store.EmbeddingStore``; failed images
     are skipped); without that module, a minimal reader of the same layout."""
-    manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").exists() else {}
+    manifest = {}
+    if (path / "manifest.json").exists():
+        try:
+            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptFileError(path / "manifest.json", f"not valid JSON ({e})") from None
+        if not isinstance(manifest, dict):
+            raise CorruptFileError(path / "manifest.json", "not a JSON object")
     model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
     model_id = model.get("model_id") or manifest.get("model_id")
     spec = model.get("spec")
@@ -88,11 +108,14 @@ def read_store_dir(path: Path) -> Embeddings:
         raise MissingDependencyError("reading an embedding store needs pyarrow: pip install 'nolabels[data]'") from e
     arrays, paths = [], []
     for e in embs:
-        arr = np.load(e)
+        arr = load_npy(e)
         meta = e.with_name(e.name.replace("emb_", "meta_").replace(".npy", ".parquet"))
         if not meta.exists():
             raise InputError(f"{path}: {e.name} has no {meta.name}")
-        table = pq.read_table(meta).to_pydict()
+        try:
+            table = pq.read_table(meta).to_pydict()
+        except Exception as err:  # noqa: BLE001 - pyarrow's errors vary by version
+            raise CorruptFileError(meta, f"not a readable Parquet file ({type(err).__name__})") from None
         rows = table.get("row", list(range(len(table["path"]))))
         good = [(r, p) for r, p in zip(rows, table["path"]) if r is not None and r >= 0]
         good.sort()
@@ -102,29 +125,83 @@ def read_store_dir(path: Path) -> Embeddings:
     return Embeddings(emb, paths, model_id, spec)
 
 
+def _read_embedding_file(p: Path):
+    """What a ``.safetensors`` / ``.npy`` / ``.pt`` embeddings file holds (a dict or an
+    array), read without executing anything; CorruptFileError naming the file otherwise."""
+    if p.suffix == ".npy":
+        return load_npy(p)
+    if p.suffix in (".pt", ".pth"):
+        return load_torch_file(p)
+    tensors, meta = load_safetensors(p)
+    if meta.get("nolabels.format") == TREE_FORMAT:
+        return load_tree(p)
+    if len(tensors) == 1 and not ({"emb", "embeddings"} & set(tensors)):
+        return next(iter(tensors.values()))
+    obj: dict = dict(tensors)
+    for key in ("model_id", "spec"):
+        if key in meta:
+            obj[key] = meta[key]
+    for key in ("paths", "labels"):
+        if key in meta and key not in obj:
+            try:
+                obj[key] = json.loads(meta[key])
+            except json.JSONDecodeError:
+                raise CorruptFileError(p, f"metadata {key!r} is not a JSON list") from None
+    return obj
+
+
+def _as_matrix(p: Path, x) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(x)
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"dtype {t.dtype}")
+        return t.float()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CorruptFileError(p, f"the embeddings are not a numeric array ({e})") from None
+
+
+def _str_or_none(p: Path, key: str, v):
+    if v is not None and not isinstance(v, str):
+        raise CorruptFileError(p, f"{key!r} must be a string")
+    return v
+
+
 def read_embeddings(spec: str, paths_file: str | None = None) -> Embeddings:
-    """Image embeddings from a store directory, a ``.pt`` or a ``.npy`` file."""
+    """Image embeddings from a store directory or a ``.safetensors`` / ``.npy`` / ``.pt`` file.
+
+    A file holds an (N, D) array, or a dict with ``emb`` (or ``embeddings``) and optionally
+    ``paths`` (N strings), ``labels`` (N ints or class names), ``model_id``, ``spec``. In a
+    plain ``.safetensors`` file the dict's strings are its metadata (``paths`` and ``labels``
+    as JSON lists; ``labels`` may also be an int tensor). ``.npy`` is read with
+    ``allow_pickle=False`` and ``.pt`` with ``torch.load(weights_only=True)``: no file can
+    run code. Anything else raises :class:`~nolabels.errors.CorruptFileError` naming the file.
+    """
     p = Path(spec)
     if p.is_dir():
         out = read_store_dir(p)
-    elif p.suffix == ".npy":
-        out = Embeddings(torch.from_numpy(np.load(p).astype(np.float32)), [])
-    elif p.suffix in (".pt", ".pth"):
-        obj = torch.load(p, map_location="cpu", weights_only=False)
+    elif p.suffix in (".npy", ".pt", ".pth", ".safetensors"):
+        obj = _read_embedding_file(p)
         if isinstance(obj, dict):
             emb = obj.get("emb", obj.get("embeddings"))
             if emb is None:
                 raise InputError(f"{p}: a dict needs an 'emb' entry")
-            out = Embeddings(torch.as_tensor(emb).float(), list(obj.get("paths", [])),
-                             obj.get("model_id"), obj.get("spec"), obj.get("labels"))
+            paths = obj.get("paths", [])
+            if not isinstance(paths, (list, tuple)) or not all(isinstance(x, str) for x in paths):
+                raise CorruptFileError(p, "'paths' must be a list of strings")
+            labels = obj.get("labels")
+            if labels is not None and not isinstance(labels, (list, tuple, torch.Tensor)):
+                raise CorruptFileError(p, "'labels' must be a list of ints / class names")
+            out = Embeddings(_as_matrix(p, emb), list(paths),
+                             _str_or_none(p, "model_id", obj.get("model_id")),
+                             _str_or_none(p, "spec", obj.get("spec")), labels)
         else:
-            out = Embeddings(torch.as_tensor(obj).float(), [])
+            out = Embeddings(_as_matrix(p, obj), [])
     else:
-        raise InputError(f"{spec}: expected an embedding store directory, .pt or .npy")
+        raise InputError(f"{spec}: expected an embedding store directory, .safetensors, .npy or .pt")
     if paths_file:
         out.paths = read_lines(paths_file)
     if not out.paths:
-        out.paths = [str(i) for i in range(out.emb.shape[0])]
+        out.paths = [str(i) for i in range(out.emb.shape[0])] if out.emb.dim() else []
     if out.emb.dim() != 2 or out.emb.shape[0] != len(out.paths):
         raise InputError(f"{spec}: embeddings {tuple(out.emb.shape)} do not match {len(out.paths)} paths")
     return out
@@ -224,8 +301,12 @@ def run_coder(args: argparse.Namespace) -> int:
     unknown = knowledge.unknown_classes(class_names)
     if unknown:
         print(f"coder: warning: knowledge names not in the class list: {unknown[:10]}", file=sys.stderr)
-    model_id = store_model or args.model  # text must come from the model that embedded the images
+    # The text cache is keyed by the model that embeds the texts. Without --encoder, and
+    # with --model absent or the store's own spec, that is the store's model: a warm cache
+    # of its id needs no encoder. Otherwise the encoder is loaded to learn its model id.
+    text_model = store_model if args.encoder is None and args.model in (None, src.spec) else None
     encoder = None
+    warned = False
 
     def enc():
         nonlocal encoder
@@ -238,17 +319,23 @@ def run_coder(args: argparse.Namespace) -> int:
     cache = args.cache_dir
 
     def encode(bank):
-        try:
-            return bank.encode(None, model_id=model_id, cache_dir=cache, batch_size=args.batch_size)
-        except ValueError:
-            e = enc()
-            mid = model_id or getattr(e, "model_id", None)
-            return bank.encode(e, model_id=mid, cache_dir=cache if mid else None, batch_size=args.batch_size)
+        nonlocal warned
+        if cache and text_model is not None and bank.load_cached(cache, text_model):
+            return bank
+        e = enc()
+        mid = getattr(e, "model_id", None)
+        if not warned:
+            warned = True
+            if mid is None:
+                print("coder: warning: the text encoder has no model_id; its text embeddings "
+                      "are not cached", file=sys.stderr)
+            elif store_model is not None and mid != store_model:
+                print(f"coder: warning: texts are embedded by {mid} but the images by "
+                      f"{store_model}", file=sys.stderr)
+        return bank.encode(e, cache_dir=cache if mid else None, batch_size=args.batch_size)
 
-    if model_id is None and args.encoder is None and src.spec is None:
+    if store_model is None and args.encoder is None and args.model is None and src.spec is None:
         raise InputError("coder: unknown model: pass --model (the store has no model id) or --encoder")
-    if model_id is None:
-        model_id = getattr(enc(), "model_id", None)
 
     bank = encode(C.TextBank.build(class_names, knowledge, templates=args.templates or dataset))
     scores, rr = C.coder_zero_shot(emb, bank, rerank=not args.no_rerank, tau=args.tau, dataset=dataset,
@@ -360,12 +447,16 @@ def register(subparsers) -> None:
     """Add ``coder`` and ``coder-knowledge`` to the ``nolabels`` command line."""
     p = subparsers.add_parser("coder", help="CODER zero-shot / CODER* / few-shot CODER from an embedding store",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("store", help="embedding store directory, or a .pt/.npy file of image embeddings")
+    p.add_argument("store", help="embedding store directory, or a .safetensors/.npy/.pt file of "
+                                 "image embeddings (.npy read without pickle, .pt only with "
+                                 "torch.load(weights_only=True): no file can run code)")
     p.add_argument("--classes", help="class names, one per line (label order)")
     p.add_argument("--knowledge", help="knowledge JSON (schema: nolabels.methods.coder.Knowledge)")
     p.add_argument("--out", required=True, help="predictions: .parquet (default) or .csv")
     p.add_argument("--paths", help="paths file for a .pt/.npy STORE (one per line)")
-    p.add_argument("--shots", help="labelled few-shot embeddings (store dir or .pt): few-shot CODER")
+    p.add_argument("--shots", help="labelled few-shot embeddings (store dir, or .safetensors/.pt "
+                                   "with 'emb' and 'labels'; .pt read with weights_only=True): "
+                                   "few-shot CODER")
     p.add_argument("--dataset", help="dataset name: template variant, CODER* τ and few-shot init")
     p.add_argument("--templates", help="template set name (default: from --dataset)")
     p.add_argument("--tau", type=nonneg_float,

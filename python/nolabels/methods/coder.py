@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from nolabels import ops
-from nolabels.errors import InputError
+from nolabels.errors import CorruptFileError, InputError
 
 # =========================================================================== templates
 #: Template sets by name (methods.md §5.2, the authors' ``CODER/template.py``). Each maps a
@@ -339,6 +339,7 @@ class TextEncoder(Protocol):
 
 KIND_MEAN, KIND_MAX = 0, 1  # ops.coder_class_scores' text kinds
 TEXT_TYPES = ("att", "ana", "name", "syno")
+TEXT_CACHE_KIND = "nolabels.coder-text-cache"  # safe_io kind of the text-embedding cache
 
 
 @dataclass
@@ -467,9 +468,44 @@ class TextBank:
         return h.hexdigest()
 
     def cache_path(self, cache_dir: str | os.PathLike, model_id: str) -> Path:
+        """``CACHE_DIR/coder-text-<model>-<key>.safetensors``, ``key`` a hash of the
+        producing model id and :meth:`texts_hash` (the exact texts)."""
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)[:80]
         key = hashlib.sha256(f"{model_id}\x00{self.texts_hash()}".encode()).hexdigest()[:24]
-        return Path(cache_dir) / f"coder-text-{safe}-{key}.pt"
+        return Path(cache_dir) / f"coder-text-{safe}-{key}.safetensors"
+
+    def load_cached(self, cache_dir: str | os.PathLike, model_id: str) -> bool:
+        """Take the embeddings from the cache if the model ``model_id`` embedded exactly
+        these texts before; True on a hit.
+
+        A hit needs the stored producer id, text hash and texts to equal this bank's and
+        ``model_id``, and the shapes to fit. Raises
+        :class:`~nolabels.errors.CorruptFileError` (naming the file) if the cache file is
+        not a nolabels text cache (nothing in it is executed).
+        """
+        from nolabels.data.safe_io import load_tree
+
+        path = self.cache_path(cache_dir, model_id)
+        if not path.is_file():
+            return False
+        try:
+            blob = load_tree(path, kind=TEXT_CACHE_KIND)
+        except CorruptFileError as e:
+            raise CorruptFileError(path, f"{str(e)[len(e.path) + 2:]}; delete it to recompute "
+                                         "the text embeddings") from None
+        if not isinstance(blob, dict) or not {"producer", "texts_hash", "emb", "ovo_emb"} <= set(blob):
+            raise CorruptFileError(path, "a text cache without producer / texts_hash / emb / ovo_emb")
+        emb, ovo = blob["emb"], blob["ovo_emb"]
+        if (blob["producer"] != model_id or blob["texts_hash"] != self.texts_hash()
+                or blob.get("texts") != self.texts or blob.get("ovo_texts") != self.ovo_texts):
+            return False
+        if not (isinstance(emb, torch.Tensor) and isinstance(ovo, torch.Tensor) and emb.dim() == 2
+                and emb.shape[0] == len(self.texts) and ovo.dim() == 2
+                and ovo.shape == (len(self.ovo_texts), emb.shape[1])
+                and emb.dtype == ovo.dtype == torch.float32):
+            raise CorruptFileError(path, "text embeddings of the wrong shape or dtype")
+        self.emb, self.ovo_emb, self.model_id = emb, ovo, model_id
+        return True
 
     def encode(
         self,
@@ -482,19 +518,25 @@ class TextBank:
         """Embed every text (general and one-vs-one), L2-normalised, float32, in batches.
 
         Identical strings are encoded once. With ``cache_dir`` the embeddings are read
-        from / written to ``cache_path(cache_dir, model_id)`` (atomic write); a cache hit
-        needs no encoder. ``model_id`` defaults to ``encoder.model_id``.
+        from / written to ``cache_path(cache_dir, model_id)`` (safetensors + JSON, atomic
+        write); a cache hit needs no encoder. The cache is keyed by the model that
+        embeds the texts: ``model_id`` defaults to ``encoder.model_id`` and must equal it
+        when both are given (``model_id`` alone, without an encoder: a cache lookup).
         """
+        from nolabels.data.safe_io import save_tree
+
+        producer = getattr(encoder, "model_id", None) if encoder is not None else None
         if model_id is None:
-            model_id = getattr(encoder, "model_id", None)
+            model_id = producer
+        elif producer is not None and producer != model_id:
+            raise InputError(
+                f"TextBank.encode: model_id {model_id!r} is not the encoder's ({producer!r}); "
+                "text embeddings are cached under the model that computes them")
         if cache_dir is not None and model_id is None:
             raise InputError("TextBank.encode: a cache needs a model_id")
         path = self.cache_path(cache_dir, model_id) if cache_dir is not None else None
-        if path is not None and path.exists():
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            if blob.get("texts_hash") == self.texts_hash() and blob.get("model_id") == model_id:
-                self.emb, self.ovo_emb, self.model_id = blob["emb"], blob["ovo_emb"], model_id
-                return self
+        if path is not None and self.load_cached(cache_dir, model_id):
+            return self
         if encoder is None:
             raise InputError(
                 f"TextBank.encode: no cached embeddings for model {model_id!r} "
@@ -520,11 +562,11 @@ class TextBank:
         self.emb, self.ovo_emb = emb[: len(self.texts)].contiguous(), emb[len(self.texts):].contiguous()
         self.model_id = model_id
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            torch.save({"model_id": model_id, "texts_hash": self.texts_hash(), "emb": self.emb,
-                        "ovo_emb": self.ovo_emb, "texts": self.texts, "ovo_texts": self.ovo_texts}, tmp)
-            os.replace(tmp, path)
+            h = self.texts_hash()
+            save_tree(path, {"producer": model_id, "texts_hash": h, "emb": self.emb,
+                             "ovo_emb": self.ovo_emb, "texts": list(self.texts),
+                             "ovo_texts": list(self.ovo_texts)},
+                      kind=TEXT_CACHE_KIND, meta={"producer": model_id, "texts_hash": h})
         return self
 
     def _need_emb(self) -> None:

@@ -1,6 +1,6 @@
 """What every tuned method shares: its input (:class:`TuneData`), the label-free /
 oracle boundary (:class:`Oracle`), batched evaluation under torchrun, and the run
-directory (``RUN/config.json``, ``RUN/model.pt``, ``RUN/summary.json``).
+directory (``RUN/config.json``, ``RUN/model.safetensors``, ``RUN/summary.json``).
 
 Label boundary: the class folders of the inputs are turned into an :class:`Oracle`
 when the data is loaded; a method only ever calls ``oracle.report(rows, pred)`` to
@@ -11,13 +11,18 @@ Run directory (written by every ``tune``; read by :func:`nolabels.commands.predi
 ================  ==========================================================
 config.json       method, model spec / id / checkpoint, classes, templates,
                   descriptions, hyper-parameters, student, selection criterion
-model.pt          the tuned state: ``{"method", "head": {"weight", "scale",
-                  "normalize"}, "student": {...} | None, "visual": {...} | None}``
+model.safetensors the tuned state: ``{"method", "head": {"weight", "scale",
+                  "normalize"}, "student": {...} | None, "visual": {...} | None}``,
+                  a tensor tree (:mod:`nolabels.data.safe_io`: safetensors + JSON
+                  structure; nothing in a run directory is a pickle)
 summary.json      selected epochs and criterion values, stage timings, the
                   oracle numbers (marked), notes (e.g. the surrogate is not CLIP)
 logs/*.jsonl      one JSON object per epoch and stage (the trainer's log)
-checkpoints/      resumable trainer checkpoints (a re-run resumes)
+checkpoints/      resumable trainer checkpoints (a re-run resumes; safetensors)
 ================  ==========================================================
+
+A run directory from an older nolabels (a pickled ``model.pt``) is refused with a
+one-line error, never unpickled: re-run ``nolabels tune``.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 
 from nolabels import dist
-from nolabels.errors import IncompleteError, InputError
+from nolabels.errors import CorruptFileError, IncompleteError, InputError
 from nolabels.methods.selection import DEFAULT_HELDOUT_FRACTION, holdout_split, oracle_accuracy
 from nolabels.methods.trainer import TrainConfig
 
@@ -220,28 +225,55 @@ def map_rows(fn: Callable[[Any], torch.Tensor], dataset, positions: Sequence[int
 
 
 # --------------------------------------------------------------------------- run dir
+RUN_MODEL_FILE = "model.safetensors"
+RUN_MODEL_KIND = "nolabels.run-model"
+_LEGACY_RUN_MODEL = "model.pt"
+
+
 def save_run(out: str | os.PathLike, config: dict, model: dict, summary: dict) -> None:
-    """Write ``config.json``, ``model.pt`` and ``summary.json`` (rank 0, atomically)."""
+    """Write ``config.json``, ``model.safetensors`` and ``summary.json`` (rank 0, atomically).
+
+    ``model`` is a tensor tree (see :func:`nolabels.data.safe_io.save_tree`)."""
     if dist.get_rank() != 0:
         return
+    from nolabels.data.safe_io import save_tree
     from nolabels.data.store import atomic_write_json
-    from nolabels.methods.trainer import atomic_torch_save
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(model, out / "model.pt")
+    save_tree(out / RUN_MODEL_FILE, model, kind=RUN_MODEL_KIND)
     atomic_write_json(out / "config.json", _jsonable(config))
     atomic_write_json(out / "summary.json", _jsonable(summary))
 
 
 def load_run(run: str | os.PathLike) -> tuple[dict, dict]:
-    """``(config, model state)`` of a run directory."""
+    """``(config, model state)`` of a run directory (nothing in it is executed).
+
+    Raises:
+        FileNotFoundError: not a finished run (config.json / model.safetensors missing).
+        CorruptFileError: a run of an older nolabels (pickled model.pt), or a damaged
+            config.json / model.safetensors.
+    """
+    from nolabels.data.safe_io import load_tree
+
     run = Path(run)
-    if not (run / "config.json").is_file() or not (run / "model.pt").is_file():
+    model_p, config_p = run / RUN_MODEL_FILE, run / "config.json"
+    if not model_p.is_file() and (run / _LEGACY_RUN_MODEL).is_file():
+        raise CorruptFileError(run / _LEGACY_RUN_MODEL,
+                               "a run directory of an older nolabels (a pickled model.pt is "
+                               "never loaded: it could run code); re-run `nolabels tune`")
+    if not config_p.is_file() or not model_p.is_file():
         raise FileNotFoundError(f"{run} is not a finished `nolabels tune` run "
-                                "(config.json / model.pt missing)")
-    config = json.loads((run / "config.json").read_text())
-    model = torch.load(run / "model.pt", map_location="cpu", weights_only=False)
+                                f"(config.json / {RUN_MODEL_FILE} missing)")
+    try:
+        config = json.loads(config_p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(config_p, f"not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CorruptFileError(config_p, "not a JSON object")
+    model = load_tree(model_p, kind=RUN_MODEL_KIND)
+    if not isinstance(model, dict):
+        raise CorruptFileError(model_p, "does not hold a model dict")
     return config, model
 
 

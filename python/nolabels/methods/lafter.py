@@ -305,7 +305,7 @@ class _Rows:
 
         arr = d["arr"]
         if isinstance(arr, tuple) and arr[0] == "npy":
-            arr = np.load(arr[1], mmap_mode="r")
+            arr = np.load(arr[1], mmap_mode="r", allow_pickle=False)
         self.arr, self.rows = arr, d["rows"]
 
     def __len__(self) -> int:

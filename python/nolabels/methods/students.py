@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nolabels.commands._common import progress
+from nolabels.data.safe_io import load_npy
 from nolabels.errors import InputError
 from nolabels.methods.trainer import sample_seed, seeded
 
@@ -385,7 +386,7 @@ def build_prefix_cache(student: Student, source, items: Sequence[int], views: di
     for v, (name, tf) in enumerate(views.items()):
         path = root / f"{name}.npy"
         if path.is_file():
-            out[name] = np.load(path, mmap_mode="r")
+            out[name] = load_npy(path, mmap_mode="r")  # no pickle; CorruptFileError names it
             continue
         for stale in root.glob(f".{name}.tmp-*.npy"):  # left by a killed run
             stale.unlink(missing_ok=True)
@@ -412,7 +413,7 @@ def build_prefix_cache(student: Student, source, items: Sequence[int], views: di
         del arr
         os.replace(tmp, path)
         log(f"cached the frozen prefix of the {name} view of {len(items)} images in {path}")
-        out[name] = np.load(path, mmap_mode="r")
+        out[name] = load_npy(path, mmap_mode="r")
     return out
 
 

@@ -14,11 +14,14 @@ A method describes *what* to train as a :class:`TrainTask`; :func:`fit` does the
   sync only on the last one) and **bf16 autocast** on CUDA (``amp="auto"``);
 * **checkpoint and resume**: every ``checkpoint_every`` steps and at each epoch end
   (atomic writes) the trainable state, optimizer, scheduler, task state, position
-  and log go to ``OUT/checkpoints/NAME.pt``; a re-run resumes there. Because
+  and log go to ``OUT/checkpoints/NAME.safetensors`` (a tensor tree of
+  :mod:`nolabels.data.safe_io`: safetensors + JSON, never a pickle, so a checkpoint
+  someone hands you cannot run code); a re-run resumes there. Because
   data order, augmentations and step noise depend only on the seed and the
   position, an interrupted run resumed gives exactly the same parameters as an
   uninterrupted one (float32 on CPU; tested). A finished stage leaves
-  ``OUT/checkpoints/NAME.final.pt`` and is not re-run;
+  ``OUT/checkpoints/NAME.final.safetensors`` and is not re-run (see
+  :func:`checkpoint_path`); pickled ``.pt`` checkpoints of older versions are ignored;
 * **DDP under torchrun** (``torch.distributed`` already initialised, e.g. by
   :func:`nolabels.dist.dist_session`): the module is wrapped in
   ``DistributedDataParallel`` and each rank takes its share of every global batch.
@@ -48,7 +51,7 @@ from torch import nn
 
 from nolabels import dist
 from nolabels.commands._common import progress
-from nolabels.errors import InputError
+from nolabels.errors import CorruptFileError, InputError
 from nolabels.methods.selection import Selector
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -295,17 +298,45 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- io
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same directory, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+CHECKPOINT_KINDS = {"resume": "nolabels.trainer-checkpoint", "final": "nolabels.trainer-final",
+                    "best": "nolabels.trainer-best"}
+_CHECKPOINT_SUFFIX = {"resume": ".safetensors", "final": ".final.safetensors",
+                      "best": ".best.safetensors"}
+_CHECKPOINT_KEYS = {
+    "resume": ("state", "optimizer", "step", "epoch", "step_in_epoch", "history", "epoch_sums",
+               "selector", "config_key"),
+    "final": ("state", "result", "config_key"),
+    "best": ("epoch", "state"),
+}
+
+
+def checkpoint_path(out: str | os.PathLike, name: str, which: str = "resume") -> Path:
+    """``OUT/checkpoints/NAME{.safetensors,.final.safetensors,.best.safetensors}``: the
+    resumable checkpoint, the finished stage, or the best epoch's state of stage ``name``."""
+    return Path(out) / "checkpoints" / f"{name}{_CHECKPOINT_SUFFIX[which]}"
+
+
+def save_checkpoint_file(path: str | os.PathLike, which: str, tree: dict) -> None:
+    """Write a trainer checkpoint ``tree`` (see :func:`checkpoint_path`) atomically."""
+    from nolabels.data.safe_io import save_tree
+
+    save_tree(path, tree, kind=CHECKPOINT_KINDS[which])
+
+
+def load_checkpoint_file(path: str | os.PathLike, which: str) -> dict:
+    """A trainer checkpoint written by :func:`save_checkpoint_file` (tensors on the CPU).
+
+    Raises:
+        CorruptFileError: not such a checkpoint (a pickle, truncated, another kind,
+            entries missing); nothing in the file is executed.
+    """
+    from nolabels.data.safe_io import load_tree
+
+    tree = load_tree(path, kind=CHECKPOINT_KINDS[which])
+    missing = [k for k in _CHECKPOINT_KEYS[which] if not isinstance(tree, dict) or k not in tree]
+    if missing:
+        raise CorruptFileError(path, f"a trainer checkpoint without {missing}")
+    return tree
 
 
 def _write_log(path: Path, history: list[dict]) -> None:
@@ -355,16 +386,23 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     main = dist.get_rank() == 0
     say = (log if (log is not None and main and not cfg.quiet) else (lambda _m: None))
     out_p = Path(out) if out is not None else None
-    ckpt_path = out_p / "checkpoints" / f"{task.name}.pt" if out_p else None
-    final_path = out_p / "checkpoints" / f"{task.name}.final.pt" if out_p else None
+    ckpt_path = checkpoint_path(out_p, task.name) if out_p else None
+    final_path = checkpoint_path(out_p, task.name, "final") if out_p else None
     log_path = out_p / "logs" / f"{task.name}.jsonl" if out_p else None
 
     module = task.module
     result = TrainResult(task.name, criterion=task.criterion)
 
+    if out_p is not None and main:
+        old = [f"{task.name}{x}.pt" for x in ("", ".final", ".best")
+               if (out_p / "checkpoints" / f"{task.name}{x}.pt").is_file()]
+        if old:
+            say(f"{task.name}: ignoring {old} in {out_p / 'checkpoints'} (pickled checkpoints of "
+                "an older nolabels are never loaded)")
+
     # A finished stage: load its selected state and return.
     if resume and final_path is not None and final_path.is_file():
-        fin = torch.load(final_path, map_location="cpu", weights_only=False)
+        fin = load_checkpoint_file(final_path, "final")
         if fin.get("config_key") != _config_key(cfg, task.num_samples(), settings):
             raise InputError(
                 f"{final_path} was written by a run with different settings "
@@ -387,7 +425,7 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     acc: dict[str, Any] = {"loss_sum": 0.0, "n": 0, "metrics": {}}  # running epoch sums
 
     if resume and ckpt_path is not None and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = load_checkpoint_file(ckpt_path, "resume")
         if ck.get("config_key") != _config_key(cfg, n, settings):
             raise InputError(
                 f"{ckpt_path} was written by a run with different settings "
@@ -417,19 +455,19 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     def save_checkpoint() -> None:
         if ckpt_path is None or not main:
             return
-        atomic_torch_save({
+        save_checkpoint_file(ckpt_path, "resume", {
             "state": task.trainable_state(), "optimizer": opt.state_dict(),
             "scheduler": None if sched is None else sched.state_dict(),
             "extra": task.extra_state(), "step": step, "epoch": epoch,
             "step_in_epoch": step_in_epoch, "history": history, "epoch_sums": acc,
             "selector": selector.state_dict(), "config": asdict(cfg),
             "config_key": _config_key(cfg, n, settings),
-        }, ckpt_path)
+        })
 
-    best_path = out_p / "checkpoints" / f"{task.name}.best.pt" if out_p else None
+    best_path = checkpoint_path(out_p, task.name, "best") if out_p else None
     best_state: dict | None = None
     if best_path is not None and best_path.is_file() and selector.best_epoch is not None:
-        best_state = torch.load(best_path, map_location="cpu", weights_only=False)["state"]
+        best_state = load_checkpoint_file(best_path, "best")["state"]
 
     dataset = task.dataset() if n else None
     steps_this_call = 0
@@ -518,7 +556,7 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
             if selector.update(epoch + 1, ev.get(task.criterion)):
                 best_state = task.trainable_state()
                 if best_path is not None and main:
-                    atomic_torch_save({"epoch": epoch + 1, "state": best_state}, best_path)
+                    save_checkpoint_file(best_path, "best", {"epoch": epoch + 1, "state": best_state})
             rec["selected_so_far"] = selector.best_epoch
         history.append(rec)
         epoch += 1
@@ -547,10 +585,10 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     result.steps = step
     result.seconds = time.perf_counter() - t0
     if final_path is not None and main:
-        atomic_torch_save({"state": task.trainable_state(),
-                           "result": {k: v for k, v in result.as_dict().items() if k != "seconds"},
-                           "config": asdict(cfg), "config_key": _config_key(cfg, n, settings)},
-                          final_path)
+        save_checkpoint_file(final_path, "final", {
+            "state": task.trainable_state(),
+            "result": {k: v for k, v in result.as_dict().items() if k != "seconds"},
+            "config": asdict(cfg), "config_key": _config_key(cfg, n, settings)})
     if task.criterion is not None and cfg.epochs:
         say(f"{task.name}: kept epoch {selected} ({task.criterion} "
             f"{selector.best_score if selector.best_score is None else round(selector.best_score, 4)}"

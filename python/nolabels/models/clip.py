@@ -78,9 +78,11 @@ class OpenCLIPEncoder(Encoder):
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     arch, pretrained=str(path), weights_only=True)
             except Exception as e:
-                raise InputError(
+                from nolabels.data.safe_io import error_summary
+
+                raise InputError(  # one line: a pickle's refusal by weights_only is long
                     f"{self.spec}: could not load checkpoint {str(path)!r} into {arch}: "
-                    f"{type(e).__name__}: {e}"
+                    f"{error_summary(e)}"
                 ) from e
             self.model_id = f"openclip:{arch}{suffix}@sha256:{file_sha256(path)[:16]}"
         elif tag == "random":

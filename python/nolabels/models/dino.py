@@ -27,14 +27,19 @@ from nolabels.models.base import (
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state_dict from .safetensors or a torch file, unwrapped and de-prefixed."""
+    """A state_dict from .safetensors or a torch file (``weights_only=True``: nothing in it
+    is executed; CorruptFileError naming the file otherwise), unwrapped and de-prefixed."""
+    from nolabels.data.safe_io import load_safetensors, load_torch_file
+
     path = str(path)
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
+        sd = load_safetensors(path)[0]
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = load_torch_file(path)
+    if not isinstance(sd, dict):
+        from nolabels.errors import CorruptFileError
+
+        raise CorruptFileError(path, f"holds a {type(sd).__name__}, not a state_dict")
     for key in ("state_dict", "model", "teacher", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

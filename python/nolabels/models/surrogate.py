@@ -77,7 +77,12 @@ def load_efficientnet_lite0(checkpoint: str | os.PathLike | None = None) -> torc
     ir = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
           "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
     out = {}
-    for k, v in torch.load(path, map_location="cpu", weights_only=True).items():
+    from nolabels.data.safe_io import load_torch_file
+
+    sd = load_torch_file(path)  # weights_only=True; CorruptFileError naming the file
+    if not isinstance(sd, dict):
+        raise InputError(f"{path}: holds a {type(sd).__name__}, not a state_dict")
+    for k, v in sd.items():
         if k.endswith("num_batches_tracked"):
             continue
         m = re.match(r"_blocks\.(\d+)\.(\w+)\.(\w+)$", k)
@@ -192,7 +197,7 @@ class ConSESurrogate(Encoder):
         cache = Path(os.environ.get("NOLABELS_CACHE", Path.home() / ".cache" / "nolabels"))
         path = cache / f"conse_imagenet_minilm_{key}.npy"
         try:
-            arr = np.load(path)
+            arr = np.load(path, allow_pickle=False)
             if arr.shape == (len(texts), self.dim):
                 return torch.from_numpy(arr).float()
         except (OSError, ValueError):
