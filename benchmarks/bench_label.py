@@ -120,7 +120,8 @@ def _run_bare(store: str, threads: int, backend: str, q) -> None:
         from nolabels.pipeline.label import CHUNK_ROWS
 
         st = EmbeddingStore(store)
-        emb = np.concatenate([np.load(st.emb_path(i)) for i in range(st.num_shards)])
+        emb = np.concatenate([np.load(st.emb_path(i), allow_pickle=False)
+                              for i in range(st.num_shards)])
         w = class_embeddings(HashTextEncoder(), class_names())
         x16 = torch.from_numpy(emb)
         ops.pseudo_label(x16[:CHUNK_ROWS].float(), w, logit_scale=100.0, topk=3,
