@@ -253,7 +253,7 @@ def tuning_student(encoder, cfg, prefix: Mapping | None, say: Callable[[str], No
 
 
 def tuned_model(method: str, student: Student, classifier: nn.Linear) -> dict:
-    """``model.pt`` content of a tuned student with a linear head (see methods.common)."""
+    """``model.safetensors`` content of a tuned student with a linear head (see methods.common)."""
     return {
         "method": method,
         "student": {k: v.detach().cpu() for k, v in student.named_trainable_parameters()},
