@@ -360,3 +360,32 @@ def test_bounded_selection_equals_global_selection(flush_rows, gen):
     o = torch.argsort(ref.indices)
     assert torch.equal(got_ids, ref.indices[o]) and torch.equal(got_for, ref.labels[o])
     assert int((torch.bincount(full.labels, minlength=c) == 0).sum()) >= 1
+
+
+def test_killed_run_is_recognised_and_resumed(tmp_path, monkeypatch):
+    """A run that dies after some parts leaves a folder ``label`` recognises as its own
+    (manifest written up front) and finishes without recomputing the committed parts."""
+    import nolabels.pipeline.label as lab
+
+    root, _ = make_store(tmp_path / "store")
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    real_put = lab._Writer.put
+
+    def dying_put(self, path, table):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        real_put(self, path, table)
+
+    monkeypatch.setattr(lab._Writer, "put", dying_put)
+    kw = dict(select_per_class=3, encoder=HashTextEncoder(24), device="cpu", quiet=True)
+    with pytest.raises(KeyboardInterrupt):
+        label(root, CLASSES, out, **kw)
+    monkeypatch.setattr(lab._Writer, "put", real_put)
+    assert len(list(out.glob("part-*.parquet"))) == 2
+    assert not json.loads((out / MANIFEST).read_text())["complete"]
+    rep = label(root, CLASSES, out, **kw)
+    assert rep.computed == rep.parts - 2
+    label(root, CLASSES, tmp_path / "fresh", **kw)
+    _same_output(out, tmp_path / "fresh")

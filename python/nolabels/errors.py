@@ -32,8 +32,11 @@ class CorruptFileError(InputError):
     """A file is not what it claims to be (truncated, wrong format, a pickle...)."""
 
     def __init__(self, path: str | os.PathLike, why: str) -> None:
-        self.path = os.fspath(path)
+        self.path, self.why = os.fspath(path), why
         super().__init__(f"{self.path}: {why}")
+
+    def __reduce__(self):  # picklable (torchrun broadcasts errors from rank 0)
+        return (type(self), (self.path, self.why))
 
 
 class StoreMismatchError(InputError):

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nolabels.errors import InputError, OutputExistsError, StoreMismatchError
+from nolabels.errors import InputError, StoreMismatchError
 from nolabels.progress import Log, progress
 
 DEFAULT_TOPK = 5
@@ -122,35 +122,38 @@ def _read_manifest(out: Path) -> dict | None:
     return m
 
 
-def _claim_dir(out: Path, info: dict, overwrite: bool) -> dict | None:
-    """Make ``out`` ours: absent/empty -> created; our labels with the same settings ->
-    resume (returns the old manifest); ours with other settings -> error, or with
-    ``overwrite`` delete exactly the files the manifest lists; anything else -> refuse."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a directory")
-    old = _read_manifest(out) if out.is_dir() else None
-    entries = [p for p in out.iterdir()] if out.is_dir() else []
+def _claim_dir(out: Path, info: dict, num_parts: int, overwrite: bool) -> None:
+    """Make ``out`` ours (rank 0 only).
+
+    Absent or empty: created, with a manifest saying which parts it will hold (so a killed
+    run is recognised and resumed). Our labels with the same settings: resumed. Ours with
+    other settings: :class:`StoreMismatchError`, or with ``overwrite`` exactly the files the
+    old manifest lists are deleted. Anything else (a folder of the user's): refused,
+    nothing touched (:func:`nolabels.data.outputs.check_output_dir`).
+    """
+    from nolabels.data.outputs import check_output_dir, is_temp_name
+    from nolabels.data.store import atomic_write_json
+
+    state = check_output_dir(out, "dataset")  # raises OutputExistsError if not ours
+    old = _read_manifest(out) if state == "ours" else None
+    if old is not None and _settings(old) != _settings(info):
+        if not overwrite:
+            diff = [k for k, v in _settings(info).items() if _settings(old).get(k) != v]
+            raise StoreMismatchError(
+                f"{out} holds labels made with different settings ({', '.join(diff)}); "
+                "use another --out, or --overwrite to replace them")
+        for i in range(int(old.get("num_parts", 0))):
+            part_path(out, i).unlink(missing_ok=True)
+        (out / SELECTED).unlink(missing_ok=True)
+        for n in os.listdir(out):
+            if is_temp_name(n):
+                (out / n).unlink(missing_ok=True)
+        (out / MANIFEST).unlink()
+        old = None
     if old is None:
-        if entries:
-            raise OutputExistsError(
-                f"{out} is not empty and holds no nolabels labels ({MANIFEST} missing): "
-                "refusing to write into it; choose an empty or new --out")
         out.mkdir(parents=True, exist_ok=True)
-        return None
-    if _settings(old) == _settings(info):
-        return old
-    if not overwrite:
-        diff = [k for k, v in _settings(info).items() if _settings(old).get(k) != v]
-        raise StoreMismatchError(
-            f"{out} holds labels made with different settings ({', '.join(diff)}); "
-            "use another --out, or --overwrite to replace them")
-    for name in [*old.get("parts", {}).values()]:
-        (out / name["file"]).unlink(missing_ok=True)
-    (out / SELECTED).unlink(missing_ok=True)
-    for p in out.glob(".*.tmp-*"):
-        p.unlink(missing_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    return None
+        atomic_write_json(out / MANIFEST, {**info, "num_parts": num_parts, "parts": {},
+                                           "complete": False})
 
 
 def _part_ok(path: Path, rows: int) -> bool:
@@ -425,23 +428,16 @@ def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[s
         info_json = json.dumps({kk: v for kk, v in info.items() if kk != "format_version"})
 
         if single_file:
-            if out_arg.exists():
-                _check_file_is_ours(out_arg, overwrite)
+            from nolabels.data.outputs import claim_output_file
+
+            claim_output_file(out_arg)  # an existing file is replaced only if it is ours
             out_dir = out_arg.with_name(f".{out_arg.name}.parts")
         else:
             out_dir = out_arg
-        # Rank 0 claims the output, everyone waits for it (no two ranks mkdir/delete).
-        err = None
-        if ctx.is_main:
-            try:
-                _claim_dir(out_dir, info, overwrite)
-            except BaseException as e:  # noqa: BLE001 - re-raised after telling the peers
-                err = e
-        failed = dist.broadcast_object(err is not None)
-        if err is not None:
-            raise err
-        if failed:
-            raise InputError(f"{out_dir}: rank 0 could not claim the output (see its error)")
+        # Rank 0 claims the output; every rank raises its error (no two ranks mkdir/delete).
+        from nolabels.data.outputs import on_main_rank
+
+        on_main_rank(_claim_dir, out_dir, info, src.num_shards, overwrite)
 
         mine = [s for s in range(src.num_shards) if s % ctx.world_size == ctx.rank]
         todo = [s for s in mine if not _part_ok(part_path(out_dir, s), src.shard_rows(s))]
@@ -516,7 +512,8 @@ def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[s
                     raise RuntimeError(f"internal error: part {p} is missing after labelling")
                 parts_done[str(s)] = {"file": p.name, "rows": pq.ParquetFile(p).metadata.num_rows,
                                       "bytes": p.stat().st_size}
-            manifest = {**info, "parts": parts_done, "num_rows": rows, "selected": (
+            manifest = {**info, "num_parts": src.num_shards, "parts": parts_done,
+                        "num_rows": rows, "selected": (
                 {"file": SELECTED, "rows": n_sel} if cand is not None else None),
                 "complete": True}
             from nolabels.data.store import atomic_write_json
@@ -560,20 +557,6 @@ def _selected_table(out_dir: Path, final: _Candidates, names_arr, num_parts: int
         raise RuntimeError("internal error: selected rows not found in the parts")
     t = t.append_column("selected_for", pa.array(sel_for.numpy(), pa.int64()))
     return t.replace_schema_metadata({"nolabels": info_json})
-
-
-def _check_file_is_ours(path: Path, overwrite: bool) -> None:
-    """An existing ``.parquet`` --out is replaced only if ``label`` wrote it."""
-    import pyarrow.parquet as pq
-
-    try:
-        md = pq.ParquetFile(path).schema_arrow.metadata or {}
-        ours = b"nolabels" in md and json.loads(md[b"nolabels"]).get("classes") is not None
-    except Exception:
-        ours = False
-    if not ours:
-        raise OutputExistsError(f"{path} exists and was not written by `nolabels label`: "
-                                "refusing to overwrite it; choose another --out")
 
 
 def _concat_to_file(out_dir: Path, out_file: Path, num_parts: int, with_selected: bool) -> None:
