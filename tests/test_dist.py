@@ -143,5 +143,5 @@ def test_torchrun_embed_label_equals_single_process(tmp_path):
     assert sum(c1["selected"]) >= 3
     m1 = json.loads(t1.schema.metadata[b"nolabels"])
     m2 = json.loads(t2.schema.metadata[b"nolabels"])
-    m1.pop("store"), m2.pop("store")
+    m1.pop("input"), m2.pop("input")
     assert m1 == m2

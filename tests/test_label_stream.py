@@ -389,3 +389,22 @@ def test_killed_run_is_recognised_and_resumed(tmp_path, monkeypatch):
     assert rep.computed == rep.parts - 2
     label(root, CLASSES, tmp_path / "fresh", **kw)
     _same_output(out, tmp_path / "fresh")
+
+
+def test_eval_reads_a_dataset_like_the_file(tmp_path):
+    """``evaluate`` streams a labels directory and gives the file's numbers."""
+    from nolabels.pipeline.evaluate import evaluate
+
+    root, _ = make_store(tmp_path / "store")
+    kw = dict(select_per_class=3, encoder=HashTextEncoder(24), device="cpu", quiet=True)
+    label(root, CLASSES, tmp_path / "d", **kw)
+    label(root, CLASSES, tmp_path / "f.parquet", **kw)
+    a, b = evaluate(tmp_path / "d"), evaluate(tmp_path / "f.parquet")
+    a.pop("labels"), b.pop("labels")
+    assert a == b
+    t = pds.dataset(tmp_path / "d").to_table()
+    truth = [CLASSES.index(c) for c in t.column("true_class").to_pylist()]
+    pred = t.column("label").to_pylist()
+    assert a["accuracy"] == sum(p == y for p, y in zip(pred, truth)) / len(pred)
+    assert a["selected"]["rows"] == pq.read_table(tmp_path / "d" / SELECTED).num_rows
+    assert sum(map(sum, a["confusion"])) == 230

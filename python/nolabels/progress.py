@@ -1,7 +1,8 @@
 """Log lines and progress bars for long work, below every layer that runs long loops.
 
 Log lines go through the stdlib logger ``nolabels`` (one stderr handler with the elapsed
-time, installed on first use unless the application configured its own); progress bars
+time, installed on first use unless the application gave that logger handlers of its own,
+and not propagated to the root logger); progress bars
 are tqdm bars on stderr, disabled (``disable=True``) when quiet or not the main rank.
 """
 from __future__ import annotations
@@ -34,7 +35,8 @@ class _StderrHandler(logging.Handler):
 
 
 def _ensure_handler() -> None:
-    if not logger.handlers and not logging.getLogger().handlers:
+    # Our own stderr handler unless the application configured the "nolabels" logger.
+    if not logger.handlers:
         h = _StderrHandler()
         h.setFormatter(_Elapsed())
         logger.addHandler(h)

@@ -147,12 +147,12 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
 
     from nolabels import ops
     from nolabels.commands.embed import default_workers
-    from nolabels.commands.label import _table
     from nolabels.data import EmbeddingStore, ImageDataset, collate, open_source
     from nolabels.data.outputs import claim_output_file
     from nolabels.data.store import atomic_write_parquet
     from nolabels.methods.common import reopen_source
     from nolabels.models.base import parse_device
+    from nolabels.pipeline.label import labels_table
 
     claim_output_file(out)  # an existing --out that nolabels did not write is refused
     t0 = time.perf_counter()
@@ -210,9 +210,8 @@ def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.Pat
             "model_spec": pred.encoder.spec, "method": pred.method, "run": os.fspath(run),
             "topk": k, "logit_scale": pred.scale,
             "note": getattr(pred.encoder, "not_clip", None)}
-    table = _table({"path": paths, "label": labels}, pred.classes,
-                   torch.tensor(items, dtype=torch.int64), pl.classes, pl.probs, pl.entropy,
-                   None, info)
+    table = labels_table(paths, labels, pred.classes, torch.tensor(items, dtype=torch.int64),
+                         pl.classes, pl.probs, pl.entropy, info)
     out_p = os.fspath(out)
     os.makedirs(os.path.dirname(os.path.abspath(out_p)), exist_ok=True)
     atomic_write_parquet(out_p, table)

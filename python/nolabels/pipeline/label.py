@@ -191,8 +191,42 @@ def _part_table(shard, names_arr, pl, info_json: str):
         "entropy": pa.array(pl.entropy.numpy().astype(np.float32, copy=False), pa.float32()),
         "true_class": meta.column("label"),
     }
+    if "path_bytes" in meta.column_names and meta.column("path_bytes").null_count < n:
+        cols["path_bytes"] = meta.column("path_bytes")  # exact bytes of non-UTF-8 names
     t = pa.table(cols)
     return t.replace_schema_metadata({"nolabels": info_json})
+
+
+def labels_table(paths: Sequence[str], true_class: Sequence[str | None], names: Sequence[str],
+                 items: torch.Tensor, classes: torch.Tensor, probs: torch.Tensor,
+                 entropy: torch.Tensor, info: dict, selected_ids: torch.Tensor | None = None):
+    """A labels table (the part schema) from Python lists, for small in-memory results
+    (``predict``): ``items`` (N,) int64, ``classes``/``probs`` (N, k), ``entropy`` (N,)."""
+    import pyarrow as pa
+
+    from nolabels.data.readers import path_columns
+
+    pcols = path_columns(list(paths))
+    n, k = classes.shape
+    cls_np, prob_np = classes.numpy(), probs.numpy().astype(np.float32)
+    cols = {
+        "path": pcols["path"],  # a name that is not UTF-8: \\xNN text, exact in path_bytes
+        "item": pa.array(items.numpy(), pa.int64()),
+        "label": pa.array(cls_np[:, 0] if n else [], pa.int64()),
+        "class_name": pa.array([names[c] for c in cls_np[:, 0]] if n else [], pa.string()),
+        "confidence": pa.array(prob_np[:, 0] if n else [], pa.float32()),
+        "topk_classes": pa.FixedSizeListArray.from_arrays(pa.array(cls_np.reshape(-1), pa.int64()), k)
+        .cast(pa.list_(pa.int64())),
+        "topk_probs": pa.FixedSizeListArray.from_arrays(pa.array(prob_np.reshape(-1), pa.float32()), k)
+        .cast(pa.list_(pa.float32())),
+        "entropy": pa.array(entropy.numpy().astype(np.float32), pa.float32()),
+    }
+    if selected_ids is not None:
+        cols["selected"] = pa.array(np.isin(items.numpy(), selected_ids.numpy()), pa.bool_())
+    cols["true_class"] = pa.array(list(true_class), pa.string())
+    if pcols["path_bytes"].null_count < n:
+        cols["path_bytes"] = pcols["path_bytes"]
+    return pa.table(cols).replace_schema_metadata({"nolabels": json.dumps(info)})
 
 
 class _Writer:
@@ -367,7 +401,8 @@ def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[s
         raise InputError(f"--logit-scale {logit_scale}: must be a finite number > 0")
     t0 = time.perf_counter()
     out_arg = Path(out)
-    single_file = out_arg.suffix == ".parquet"
+    # a .parquet name, or an existing file (replaced only if `label` wrote it), is one file
+    single_file = out_arg.suffix in (".parquet", ".pq") or out_arg.is_file()
     with dist.dist_session(device) as ctx:
         log = Log(quiet, ctx.is_main)
         src = open_embeddings(embeddings, meta=meta, column=column)
@@ -570,15 +605,24 @@ def _concat_to_file(out_dir: Path, out_file: Path, num_parts: int, with_selected
     if with_selected:
         sel = pq.read_table(out_dir / SELECTED, columns=["item"]).column("item").combine_chunks()
 
+    # parts differ only in whether they carry path_bytes (non-UTF-8 names): union schema
+    has_bytes = any("path_bytes" in pq.read_schema(part_path(out_dir, s)).names
+                    for s in range(num_parts))
+
     def write(tmp: str) -> None:
+        import pyarrow as pa
+
         writer = None
         try:
             for s in range(num_parts):
                 t = pq.read_table(part_path(out_dir, s))
+                if has_bytes and "path_bytes" not in t.column_names:
+                    t = t.append_column("path_bytes", pa.nulls(t.num_rows, pa.binary()))
                 if sel is not None:
                     t = t.append_column("selected", pc.is_in(t.column("item"), value_set=sel))
-                    # keep true_class last, as before
-                    t = t.select([c for c in t.column_names if c != "true_class"] + ["true_class"])
+                    # selected before true_class (and path_bytes), as the file had it
+                    tail = [c for c in ("true_class", "path_bytes") if c in t.column_names]
+                    t = t.select([c for c in t.column_names if c not in tail] + tail)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, t.schema)
                 writer.write_table(t)
@@ -592,4 +636,4 @@ def _concat_to_file(out_dir: Path, out_file: Path, num_parts: int, with_selected
     _atomic_write_with(out_file, write)
 
 
-__all__ = ["LabelReport", "label", "part_path", "MANIFEST", "SELECTED"]
+__all__ = ["LabelReport", "label", "labels_table", "part_path", "MANIFEST", "SELECTED"]
