@@ -73,6 +73,8 @@ class Encoder(abc.ABC):
     model_id: str
     dim: int
     has_text: bool = True
+    #: a convolutional image tower that runs faster on channels-last tensors on CUDA
+    channels_last: bool = False
     logit_scale: float = 100.0
     transform: ImageTransform
     checkpoint: str | None = None
