@@ -96,6 +96,17 @@ def test_zeroshot_predict_from_store_equals_label(env):
     p, lab = pq.read_table(d / "p.parquet").to_pydict(), pq.read_table(d / "l.parquet").to_pydict()
     assert p["label"] == lab["label"] and p["path"] == lab["path"]
     torch.testing.assert_close(torch.tensor(p["confidence"]), torch.tensor(lab["confidence"]))
+    # streamed into a labels directory: the same rows, one part per store shard, and
+    # `eval` reads it
+    import pyarrow.dataset as pds
+
+    from nolabels.pipeline.evaluate import evaluate
+
+    assert main(["predict", str(run), str(t.store), "--out", str(d / "pdir"), "-q"]) == 0
+    pd_ = pds.dataset(d / "pdir").to_table().to_pydict()
+    assert pd_["label"] == p["label"] and pd_["path"] == p["path"]
+    assert evaluate(d / "pdir")["rows"] == len(p["label"])
+    assert main(["predict", str(run), str(t.images), "--out", str(d / "pdir2"), "-q"]) == 2
 
 
 def test_tune_from_images_and_errors(env, tmp_path, capsys):

@@ -103,7 +103,7 @@ def part_path(out: Path, i: int) -> Path:
 def _settings(info: dict) -> dict:
     """The manifest fields that must agree for a resume to be valid."""
     keys = ("classes_sha256", "model_id", "templates", "descriptions_sha256", "logit_scale",
-            "topk", "select_per_class", "source")
+            "topk", "select_per_class", "source", "classifier_sha256", "normalize")
     return {k: info.get(k) for k in keys}
 
 
@@ -382,7 +382,7 @@ def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[s
     Returns:
         a :class:`LabelReport`.
     """
-    from nolabels import dist, ops
+    from nolabels import dist
     from nolabels.data.sources import open_embeddings
     from nolabels.methods.zeroshot import (
         class_embeddings,
@@ -401,8 +401,6 @@ def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[s
         raise InputError(f"--logit-scale {logit_scale}: must be a finite number > 0")
     t0 = time.perf_counter()
     out_arg = Path(out)
-    # a .parquet name, or an existing file (replaced only if `label` wrote it), is one file
-    single_file = out_arg.suffix in (".parquet", ".pq") or out_arg.is_file()
     with dist.dist_session(device) as ctx:
         log = Log(quiet, ctx.is_main)
         src = open_embeddings(embeddings, meta=meta, column=column)
@@ -459,110 +457,145 @@ def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[s
             "source": {key: v for key, v in src.describe().items() if key != "root"},
             "input": os.fspath(embeddings), "backend": backend,
             "note": getattr(encoder, "not_clip", None),
+            "how": (f"{len(tmpl)} templates" + (" + CDE descriptions" if desc else "")),
         }
-        info_json = json.dumps({kk: v for kk, v in info.items() if kk != "format_version"})
+        return label_source(src, cls_emb.to(ctx.device), out_arg, info, scale=scale, topk=k,
+                            normalize=True, select_per_class=select_per_class,
+                            backend=backend, overwrite=overwrite, quiet=quiet,
+                            prefetch=prefetch, t0=t0)
 
-        if single_file:
-            from nolabels.data.outputs import claim_output_file
 
-            claim_output_file(out_arg)  # an existing file is replaced only if it is ours
-            out_dir = out_arg.with_name(f".{out_arg.name}.parts")
-        else:
-            out_dir = out_arg
-        # Rank 0 claims the output; every rank raises its error (no two ranks mkdir/delete).
-        from nolabels.data.outputs import on_main_rank
+def label_source(src: Any, weight: torch.Tensor, out: str | os.PathLike, info: dict, *,
+                 scale: float, topk: int, normalize: bool = True,
+                 select_per_class: int | None = None, backend: str = "auto",
+                 overwrite: bool = False, quiet: bool = False, prefetch: int = 2,
+                 t0: float | None = None) -> LabelReport:
+    """Label every shard of an open :class:`~nolabels.data.sources.EmbeddingSource` with a
+    given class matrix and write ``label``'s output (directory or ``.parquet``).
 
-        on_main_rank(_claim_dir, out_dir, info, src.num_shards, overwrite)
+    Call inside :func:`nolabels.dist.dist_session` (every rank). ``weight`` (C, D) on the
+    compute device; ``scale``/``normalize`` as in ``ops.pseudo_label``; ``topk`` (<= C)
+    classes kept per row; ``info``: the run settings (at least ``classes``, ``model_id``;
+    the keys of ``_settings`` decide whether an existing output can be resumed).
+    ``predict`` uses this with a tuned classifier.
+    """
+    from nolabels import dist, ops
 
-        mine = [s for s in range(src.num_shards) if s % ctx.world_size == ctx.rank]
-        todo = [s for s in mine if not _part_ok(part_path(out_dir, s), src.shard_rows(s))]
-        where = f" on rank {ctx.rank} of {ctx.world_size}" if ctx.distributed else ""
-        log(f"labelling {src.num_rows} rows in {src.num_shards} shards ({src.kind}){where} x "
-            f"{C} classes (D={src.dim}, templates={len(tmpl)}"
-            f"{', CDE descriptions' if desc else ''}, logit_scale={scale:g}); "
-            f"{len(mine) - len(todo)} of my {len(mine)} parts already done")
+    t0 = time.perf_counter() if t0 is None else t0
+    ctx_rank, ctx_world = dist.get_rank(), dist.get_world_size()
+    is_main = ctx_rank == 0
+    device = weight.device
+    names = list(info["classes"])
+    C = len(names)
+    k = topk
+    log = Log(quiet, is_main)
+    out_arg = Path(out)
+    # a .parquet name, or an existing file (replaced only if `label` wrote it), is one file
+    single_file = out_arg.suffix in (".parquet", ".pq") or out_arg.is_file()
+    info = {"format": FORMAT, "format_version": FORMAT_VERSION, **info}
+    info_json = json.dumps({kk: v for kk, v in info.items() if kk != "format_version"})
 
-        import pyarrow as pa
+    if single_file:
+        from nolabels.data.outputs import claim_output_file
 
-        names_arr = pa.array(names, pa.string())
-        cand = _Candidates(select_per_class, C) if select_per_class else None
-        w = cls_emb.to(ctx.device)
-        writer = _Writer()
-        bar = progress(sum(src.shard_rows(s) for s in todo), "labelling", quiet=quiet,
-                       main=ctx.is_main, unit="row")
-        try:
-            for shard in src.iter_shards(todo, prefetch=prefetch):
-                parts = []
-                for a in range(0, shard.rows, CHUNK_ROWS):
-                    # float32 on every device: the class matrix is float32, and float16
-                    # storage is only a storage format (rows were rounded once already)
-                    x = torch.from_numpy(shard.emb[a:a + CHUNK_ROWS]).to(ctx.device).float()
-                    parts.append(ops.pseudo_label(x, w, logit_scale=scale, topk=k,
-                                                  backend=backend))
-                    bar.update(x.shape[0])
-                if parts:
-                    pl = ops.PseudoLabels(*(torch.cat(f).cpu() for f in zip(*parts)))
-                else:
-                    pl = ops.PseudoLabels(torch.empty(0, dtype=torch.int64), torch.empty(0, k),
-                                          torch.empty(0, k, dtype=torch.int64), torch.empty(0),
-                                          torch.empty(0))
-                writer.put(part_path(out_dir, shard.index),
-                           _part_table(shard, names_arr, pl, info_json))
-                if cand is not None:
-                    ids = torch.from_numpy(shard.meta.column("item").to_numpy().copy())
-                    cand.add(ids, pl.classes, pl.probs)
-                del shard, parts, pl
-        finally:
-            bar.close()
-            writer.close()
-        if cand is not None:  # parts done by an earlier run contribute from their columns
-            for s in mine:
-                if s not in todo:
-                    cand.merge(*_candidates_from_part(part_path(out_dir, s)))
+        claim_output_file(out_arg)  # an existing file is replaced only if it is ours
+        out_dir = out_arg.with_name(f".{out_arg.name}.parts")
+    else:
+        out_dir = out_arg
+    # Rank 0 claims the output; every rank raises its error (no two ranks mkdir/delete).
+    from nolabels.data.outputs import on_main_rank
 
-        n_sel = None
-        if cand is not None:
-            cand.flush()
-            g_ids = dist.all_gather_variable(cand.ids)
-            g_cls = dist.all_gather_variable(cand.cls)
-            g_prob = dist.all_gather_variable(cand.prob)
-            final = _Candidates(select_per_class, C)
-            final.add(g_ids, g_cls, g_prob)
-            final.flush()
-            n_sel = int(final.ids.numel())
-        dist.barrier()
-        rows = sum(src.shard_rows(s) for s in range(src.num_shards))
-        if ctx.is_main:
-            import pyarrow.parquet as pq
+    on_main_rank(_claim_dir, out_dir, info, src.num_shards, overwrite)
 
+    mine = [s for s in range(src.num_shards) if s % ctx_world == ctx_rank]
+    todo = [s for s in mine if not _part_ok(part_path(out_dir, s), src.shard_rows(s))]
+    where = f" on rank {ctx_rank} of {ctx_world}" if ctx_world > 1 else ""
+    how = info.get("how") or "a given classifier"
+    log(f"labelling {src.num_rows} rows in {src.num_shards} shards ({src.kind}){where} x "
+        f"{C} classes ({how}, D={src.dim}, logit_scale={scale:g}); "
+        f"{len(mine) - len(todo)} of my {len(mine)} parts already done")
+
+    import pyarrow as pa
+
+    names_arr = pa.array(names, pa.string())
+    cand = _Candidates(select_per_class, C) if select_per_class else None
+    w = weight
+    writer = _Writer()
+    bar = progress(sum(src.shard_rows(s) for s in todo), "labelling", quiet=quiet,
+                   main=is_main, unit="row")
+    try:
+        for shard in src.iter_shards(todo, prefetch=prefetch):
+            parts = []
+            for a in range(0, shard.rows, CHUNK_ROWS):
+                # float32 on every device: the class matrix is float32, and float16
+                # storage is only a storage format (rows were rounded once already)
+                x = torch.from_numpy(shard.emb[a:a + CHUNK_ROWS]).to(device).float()
+                parts.append(ops.pseudo_label(x, w, logit_scale=scale, topk=k,
+                                              normalize=normalize, backend=backend))
+                bar.update(x.shape[0])
+            if parts:
+                pl = ops.PseudoLabels(*(torch.cat(f).cpu() for f in zip(*parts)))
+            else:
+                pl = ops.PseudoLabels(torch.empty(0, dtype=torch.int64), torch.empty(0, k),
+                                      torch.empty(0, k, dtype=torch.int64), torch.empty(0),
+                                      torch.empty(0))
+            writer.put(part_path(out_dir, shard.index),
+                       _part_table(shard, names_arr, pl, info_json))
             if cand is not None:
-                sel_table = _selected_table(out_dir, final, names_arr, src.num_shards, info_json)
-                from nolabels.data.store import atomic_write_parquet
+                ids = torch.from_numpy(shard.meta.column("item").to_numpy().copy())
+                cand.add(ids, pl.classes, pl.probs)
+            del shard, parts, pl
+    finally:
+        bar.close()
+        writer.close()
+    if cand is not None:  # parts done by an earlier run contribute from their columns
+        for s in mine:
+            if s not in todo:
+                cand.merge(*_candidates_from_part(part_path(out_dir, s)))
 
-                atomic_write_parquet(out_dir / SELECTED, sel_table)
-            parts_done = {}
-            for s in range(src.num_shards):
-                p = part_path(out_dir, s)
-                if not _part_ok(p, src.shard_rows(s)):
-                    raise RuntimeError(f"internal error: part {p} is missing after labelling")
-                parts_done[str(s)] = {"file": p.name, "rows": pq.ParquetFile(p).metadata.num_rows,
-                                      "bytes": p.stat().st_size}
-            manifest = {**info, "num_parts": src.num_shards, "parts": parts_done,
-                        "num_rows": rows, "selected": (
-                {"file": SELECTED, "rows": n_sel} if cand is not None else None),
-                "complete": True}
-            from nolabels.data.store import atomic_write_json
+    n_sel = None
+    if cand is not None:
+        cand.flush()
+        g_ids = dist.all_gather_variable(cand.ids)
+        g_cls = dist.all_gather_variable(cand.cls)
+        g_prob = dist.all_gather_variable(cand.prob)
+        final = _Candidates(select_per_class, C)
+        final.add(g_ids, g_cls, g_prob)
+        final.flush()
+        n_sel = int(final.ids.numel())
+    dist.barrier()
+    rows = sum(src.shard_rows(s) for s in range(src.num_shards))
+    if is_main:
+        import pyarrow.parquet as pq
 
-            atomic_write_json(out_dir / MANIFEST, manifest)
-            if single_file:
-                _concat_to_file(out_dir, out_arg, src.num_shards, cand is not None)
-                shutil.rmtree(out_dir)
-            log(f"wrote {rows} labels to {out_arg}"
-                + (f" ({n_sel} selected, at most {select_per_class} per class)"
-                   if n_sel is not None else ""))
-        dist.barrier()
-        return LabelReport(os.fspath(out_arg), rows, C, n_sel, encoder.model_id, src.num_shards,
-                           len(todo), time.perf_counter() - t0)
+        if cand is not None:
+            sel_table = _selected_table(out_dir, final, names_arr, src.num_shards, info_json)
+            from nolabels.data.store import atomic_write_parquet
+
+            atomic_write_parquet(out_dir / SELECTED, sel_table)
+        parts_done = {}
+        for s in range(src.num_shards):
+            p = part_path(out_dir, s)
+            if not _part_ok(p, src.shard_rows(s)):
+                raise RuntimeError(f"internal error: part {p} is missing after labelling")
+            parts_done[str(s)] = {"file": p.name, "rows": pq.ParquetFile(p).metadata.num_rows,
+                                  "bytes": p.stat().st_size}
+        manifest = {**info, "num_parts": src.num_shards, "parts": parts_done,
+                    "num_rows": rows, "selected": (
+            {"file": SELECTED, "rows": n_sel} if cand is not None else None),
+            "complete": True}
+        from nolabels.data.store import atomic_write_json
+
+        atomic_write_json(out_dir / MANIFEST, manifest)
+        if single_file:
+            _concat_to_file(out_dir, out_arg, src.num_shards, cand is not None)
+            shutil.rmtree(out_dir)
+        log(f"wrote {rows} labels to {out_arg}"
+            + (f" ({n_sel} selected, at most {select_per_class} per class)"
+               if n_sel is not None else ""))
+    dist.barrier()
+    return LabelReport(os.fspath(out_arg), rows, C, n_sel, info["model_id"], src.num_shards,
+                       len(todo), time.perf_counter() - t0)
 
 
 def _selected_table(out_dir: Path, final: _Candidates, names_arr, num_parts: int, info_json: str):
