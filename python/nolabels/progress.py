@@ -1,8 +1,9 @@
 """Log lines and progress bars for long work, below every layer that runs long loops.
 
 Log lines go through the stdlib logger ``nolabels`` (one stderr handler with the elapsed
-time, installed on first use unless the application gave that logger handlers of its own,
-and not propagated to the root logger); progress bars
+time, installed on first use unless the application gave that logger handlers of its own;
+records also propagate to the root logger, and our handler stays silent when the root
+logger already prints to the console); progress bars
 are tqdm bars on stderr, disabled (``disable=True``) when quiet or not the main rank.
 """
 from __future__ import annotations
@@ -24,10 +25,22 @@ class _Elapsed(logging.Formatter):
 _WALL0 = time.time() - (time.perf_counter() - _T0)
 
 
+def _root_prints() -> bool:
+    """Whether the application configured console logging on the root logger (then our
+    records, which propagate, are printed there and not twice)."""
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (
+                sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__):
+            return True
+    return False
+
+
 class _StderrHandler(logging.Handler):
     """Writes to whatever ``sys.stderr`` is at the time (test capture, redirection)."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if _root_prints():
+            return
         try:
             print(self.format(record), file=sys.stderr, flush=True)
         except Exception:  # noqa: BLE001 - logging must never raise
@@ -35,13 +48,14 @@ class _StderrHandler(logging.Handler):
 
 
 def _ensure_handler() -> None:
-    # Our own stderr handler unless the application configured the "nolabels" logger.
+    # Our own stderr handler unless the application configured the "nolabels" logger; INFO
+    # unless a level was set for it.
     if not logger.handlers:
         h = _StderrHandler()
         h.setFormatter(_Elapsed())
         logger.addHandler(h)
+    if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 class Log:
