@@ -145,3 +145,22 @@ def test_torchrun_embed_label_equals_single_process(tmp_path):
     m2 = json.loads(t2.schema.metadata[b"nolabels"])
     m1.pop("input"), m2.pop("input")
     assert m1 == m2
+
+
+def test_cuda_kernels_refused_on_an_old_driver_or_gpu(monkeypatch):
+    """A driver older than the static CUDA runtime, or a GPU below the built SMs, makes the
+    cuda backend unavailable with the reason (auto falls back) instead of failing at launch."""
+    from nolabels import backends
+
+    info = {"cuda_compiler_version": "13.0.88", "cuda_archs": "80-real;90"}
+    monkeypatch.setattr(backends, "_driver_cuda_version", lambda: 12040)
+    why = backends.cuda_runtime_problem(info, device=0)
+    assert "driver supports CUDA 12.4 < 13.0" in why
+    monkeypatch.setattr(backends, "_driver_cuda_version", lambda: 13000)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    why = backends.cuda_runtime_problem(info, device=0)
+    assert "compute capability 7.5 < 8.0" in why and "T4" in why
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    assert backends.cuda_runtime_problem(info, device=0) is None
+    assert backends._min_arch("90;80-real;100") == (8, 0)

@@ -51,6 +51,53 @@ def library_cuda_status() -> str | None:
         return st.cuda_error or "the CUDA library did not load"
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
+    return cuda_runtime_problem(st.build_info)
+
+
+def _driver_cuda_version() -> int | None:
+    """The CUDA version the installed driver supports (e.g. 12040 for 12.4), or None."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        v = ctypes.c_int(0)
+        if lib.cuDriverGetVersion(ctypes.byref(v)) != 0:
+            return None
+    except (OSError, AttributeError):  # no driver installed
+        return None
+    return v.value or None
+
+
+def _min_arch(archs: str) -> tuple[int, int] | None:
+    """The lowest real SM of a CMake arch list such as "80-real;90" -> (8, 0)."""
+    nums = [int(a.split("-")[0]) for a in archs.replace(",", ";").split(";")
+            if a.split("-")[0].isdigit()]
+    return (min(nums) // 10, min(nums) % 10) if nums else None
+
+
+def cuda_runtime_problem(build_info: dict, device: int | None = None) -> str | None:
+    """Why the CUDA kernels cannot run on this machine's driver / GPU, or None.
+
+    The kernels are built with CUDA's static runtime of ``cuda_compiler_version`` (needs a
+    driver supporting that CUDA major version: minor-version compatibility) for the SMs of
+    ``cuda_archs`` (a GPU below the lowest one cannot run them). Checked before a launch,
+    so ``auto`` falls back to Triton / torch instead of failing."""
+    nvcc = str(build_info.get("cuda_compiler_version") or "")
+    if nvcc and nvcc.split(".")[0].isdigit():
+        need = int(nvcc.split(".")[0]) * 1000
+        have = _driver_cuda_version()
+        if have is not None and have < need:
+            return (f"unavailable: the driver supports CUDA {have // 1000}.{have % 1000 // 10} "
+                    f"< {need // 1000}.0 required by the CUDA kernels (built with nvcc {nvcc}; "
+                    "CUDA 13 needs driver >= 580 on Linux)")
+    low = _min_arch(str(build_info.get("cuda_archs") or ""))
+    if low is not None:
+        dev = torch.cuda.current_device() if device is None else device
+        cap = torch.cuda.get_device_capability(dev)
+        if tuple(cap) < low:
+            return (f"unavailable: GPU {torch.cuda.get_device_name(dev)} has compute capability "
+                    f"{cap[0]}.{cap[1]} < {low[0]}.{low[1]} (kernels built for "
+                    f"{build_info.get('cuda_archs')})")
     return None
 
 
