@@ -166,13 +166,34 @@ def load_tune_data(store_dir: str | os.PathLike, classes: Sequence[str], *,
     if pending:
         raise IncompleteError(f"{st.root}: {len(pending)} shards are not embedded yet; re-run "
                            "`nolabels embed` to finish")
-    emb, meta = st.load()
+    emb, meta = _read_store_rows(store_dir)
     source = reopen_source(st) if need_pixels else None
     train, held = holdout_split(len(meta["item"]), heldout_fraction, seed)
-    return TuneData(source=source, items=list(meta["item"]), paths=list(meta["path"]),
-                    emb=torch.from_numpy(np.asarray(emb, np.float32)),
+    return TuneData(source=source, items=meta["item"], paths=meta["path"], emb=emb,
                     model_id=st.model["model_id"], train=train, heldout=held,
                     oracle=Oracle(class_index(meta["label"], classes)), store=str(st.root))
+
+
+def _read_store_rows(store_dir: str | os.PathLike) -> tuple[torch.Tensor, dict[str, list]]:
+    """All rows of a store as one (N, D) float32 tensor, filled shard by shard (peak: the
+    tensor + one float16 shard; no float16 copy of the whole store), and their metadata."""
+    from nolabels.data.readers import paths_from_columns
+    from nolabels.data.sources import StoreSource
+
+    src = StoreSource(store_dir)
+    emb = torch.empty(src.num_rows, src.dim, dtype=torch.float32)
+    meta: dict[str, list] = {"item": [], "path": [], "label": []}
+    at = 0
+    for sh in src.iter_shards(prefetch=1):
+        emb[at:at + sh.rows] = torch.from_numpy(sh.emb)
+        at += sh.rows
+        m = sh.meta
+        meta["item"] += m.column("item").to_pylist()
+        meta["path"] += paths_from_columns(
+            m.column("path").to_pylist(),
+            m.column("path_bytes").to_pylist() if "path_bytes" in m.column_names else None)
+        meta["label"] += m.column("label").to_pylist()
+    return emb, meta
 
 
 def aligned_store_features(store_dir: str | os.PathLike, items: Sequence[int]) -> torch.Tensor:
@@ -180,14 +201,14 @@ def aligned_store_features(store_dir: str | os.PathLike, items: Sequence[int]) -
     from nolabels.data import EmbeddingStore
 
     st = EmbeddingStore(store_dir)
-    emb, meta = st.load()
+    emb, meta = _read_store_rows(store_dir)
     pos = {int(i): j for j, i in enumerate(meta["item"])}
     missing = [i for i in items if int(i) not in pos]
     if missing:
         raise InputError(f"{st.root}: no embedding for items {missing[:5]} (failed or "
                          "embedded from other images)")
-    idx = np.asarray([pos[int(i)] for i in items], np.int64)
-    return torch.from_numpy(np.asarray(emb[idx], np.float32))
+    idx = torch.as_tensor([pos[int(i)] for i in items], dtype=torch.int64)
+    return emb[idx]
 
 
 # --------------------------------------------------------------------------- evaluation
