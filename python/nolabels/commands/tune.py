@@ -122,6 +122,7 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
 
         on_main_rank(claim_output_dir, out, "run")  # create (and mark) it, or resume ours
         # the store
+        tap = None  # the weak view's other tower outputs, collected while embedding it
         if _is_store(images):
             store_dir = Path(images)
             st = EmbeddingStore(store_dir)
@@ -138,8 +139,16 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
                 raise InputError("--model is required when IMAGES is not an embedding store")
             encoder = load_encoder(model, checkpoint=checkpoint, device=ctx.device)
             store_dir = out / "store"
-            embed(images, encoder, store_dir, batch_size=embed_batch_size, workers=embed_workers,
-                  device=ctx.device, quiet=quiet)
+            # the surrogate: the weak view's prefix / DINO stand-in come from this same pass
+            from nolabels.methods.nola import own_tower_stand_in
+            from nolabels.methods.students import weak_outputs, weak_tap
+
+            want = weak_outputs(encoder, pooled=method == "nola" and own_tower_stand_in(
+                encoder, dino_model, dino_checkpoint), prefix_norms=hyper.get(
+                "surrogate_norms") if cache_views and method in ("lafter", "nola") else None)
+            with weak_tap(encoder, want) as tap:
+                embed(images, encoder, store_dir, batch_size=embed_batch_size,
+                      workers=embed_workers, device=ctx.device, quiet=quiet)
         if not encoder.has_text:
             raise InputError(f"{encoder.spec} has no text encoder: these methods need a "
                              "CLIP-like model")
@@ -165,12 +174,16 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
         data = load_tune_data(store_dir, names, heldout_fraction=heldout, seed=seed,
                               need_pixels=method in PIXEL_METHODS)
 
+        weak_files = {}  # outputs of the weak view's one pass besides the store embedding
+        if method == "nola" and nola.own_tower_stand_in(encoder, dino_model, dino_checkpoint):
+            weak_files["pooled"] = nola.stand_in_file(out, encoder, data)
         prefix = None
         if cache_views:
             if method not in ("lafter", "nola"):
                 raise InputError("--cache-views applies to lafter and nola")
             prefix = _prefix_cache(encoder, data, cfg, cache_views, out, embed_batch_size,
-                                   log, quiet)
+                                   log, quiet, tap=tap, weak_files=weak_files,
+                                   workers=embed_workers)
 
         if method in ("zeroshot", "cde"):
             summary = _zero_shot(method, encoder, data, names, desc, templates or "simple", out,
@@ -188,17 +201,21 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
                     raise InputError("--method nola needs --dino-model (e.g. "
                                      "timm:vit_base_patch16_224.dino, with --dino-checkpoint "
                                      "FILE offline)")
-            dino_store = out / "dino_store"
-            src = data.source
-            embed(src, dino_model, dino_store, checkpoint=dino_checkpoint,
-                  batch_size=embed_batch_size, workers=embed_workers, device=ctx.device,
-                  quiet=quiet)
-            dino = aligned_store_features(dino_store, data.items)
-            dst = EmbeddingStore(dino_store)
+            if weak_files:  # the encoder's own tower: no second model, no second pass
+                dino, dino_info = nola.own_tower_features(
+                    encoder, data, weak_files, tap=tap, batch_size=embed_batch_size,
+                    workers=embed_workers, log=log, quiet=quiet)
+            else:
+                dino_store = out / "dino_store"
+                embed(data.source, dino_model, dino_store, checkpoint=dino_checkpoint,
+                      batch_size=embed_batch_size, workers=embed_workers, device=ctx.device,
+                      quiet=quiet)
+                dino = aligned_store_features(dino_store, data.items)
+                dst = EmbeddingStore(dino_store)
+                dino_info = {"model_id": dst.model["model_id"], "spec": dst.model["spec"]}
             summary = nola.tune(encoder, data, names, out, dino=dino, descriptions=desc,
-                                config=cfg, dino_info={"model_id": dst.model["model_id"],
-                                                       "spec": dst.model["spec"]},
-                                prefix=prefix, log=log, quiet=quiet)
+                                config=cfg, dino_info=dino_info, prefix=prefix, log=log,
+                                quiet=quiet)
         else:  # latteclip
             files = list(captions)
             if caption_endpoint:
@@ -226,14 +243,17 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
         return summary
 
 
-def _prefix_cache(encoder, data, cfg, views: int, out: Path, batch_size: int, log, quiet):
+def _prefix_cache(encoder, data, cfg, views: int, out: Path, batch_size: int, log, quiet,
+                  tap=None, weak_files=None, workers: int | str = 0):
     from nolabels import dist
     from nolabels.methods.students import (
         build_prefix_cache,
         image_stats,
         make_student,
         prefix_cache_key,
+        prefix_view_path,
         strong_transform,
+        weak_view_outputs,
     )
 
     student = make_student(encoder, surrogate_norms=cfg.surrogate_norms)
@@ -245,6 +265,11 @@ def _prefix_cache(encoder, data, cfg, views: int, out: Path, batch_size: int, lo
     tfs = {"weak": encoder.transform, **{f"strong{a}": strong for a in range(views)}}
     key = prefix_cache_key(student, encoder.model_id, data.source.fingerprint(), data.items,
                            list(tfs), 0)
+    # the weak view (and the DINO stand-in) in one pass, or from the store's pass (tap)
+    weak_view_outputs(encoder, data.source, data.items, {
+        f"prefix:{cfg.surrogate_norms}": prefix_view_path(out / "prefix_cache", key, "weak"),
+        **(weak_files or {})}, tap=tap, store_emb=data.emb, batch_size=batch_size,
+        workers=workers, log=log, quiet=quiet)
     if dist.get_rank() == 0:
         build_prefix_cache(student, data.source, data.items, tfs, out / "prefix_cache", key=key,
                            batch_size=batch_size, log=log, quiet=quiet)

@@ -182,6 +182,14 @@ class LaFTerModule(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.student.features(x, cached=self.cached).float())
 
+    @torch.no_grad()
+    def predict_both(self, weak: torch.Tensor) -> torch.Tensor:
+        """(B, 2) int64: ``[argmax logits(weak), teacher(weak)]``; one pass of the tower when
+        the teacher is the student's own normalised feature (the surrogate)."""
+        f, t = self.student.features_and_teacher(weak, cached=self.cached)
+        return torch.stack([self.classifier(f.float()).argmax(1),
+                            (t @ self.teacher_weight.T).argmax(1)], 1)
+
     def forward(self, batch):
         yhat = self.teacher(batch["weak"])
         logits = self.logits(batch["strong"])
@@ -222,9 +230,8 @@ class LaFTerTask(ViewTuningTask):
         if held.numel() == 0:
             return {}
         m = self.module
-        both = map_rows(lambda b: torch.stack([m.logits(b["weak"]).argmax(1), m.teacher(b["weak"])], 1),
-                        self.heldout_ds, range(len(held)), batch_size=self.eval_batch_size,
-                        workers=self.workers, device=self.device)
+        both = map_rows(lambda b: m.predict_both(b["weak"]), self.heldout_ds, range(len(held)),
+                        batch_size=self.eval_batch_size, workers=self.workers, device=self.device)
         student, teacher = both[:, 0], both[:, 1]
         out = {"heldout_agreement": agreement(student, teacher)}
         acc = self.data.oracle.report(held, student)

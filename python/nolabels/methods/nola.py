@@ -23,15 +23,24 @@ classes are enumerated as ``range(C)``, not ``set(ground_truth_labels)``; the DI
 features come from an embedding store, so they are L2-normalised (the code uses the
 raw CLS token). On the offline surrogate (no ViT) the BatchNorm affine parameters
 are tuned instead of prompts + LayerNorms; the logs say so.
+
+On the surrogate, the default "DINO" stand-in is the encoder's own image tower
+(``surrogate:effnet-lite0``, supervised, NOT DINO): its pooled features come from the
+pass that embeds the weak view anyway (:func:`own_tower_features`), not from a second
+model and a second pass.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -95,6 +104,63 @@ def confident_subset(emb: torch.Tensor, class_emb: torch.Tensor, k: int, *,
     pl = ops.pseudo_label(emb, class_emb.to(emb.device), logit_scale=logit_scale,
                           topk=min(3, class_emb.shape[0]))
     return ops.select_per_class(pl, k, num_classes=class_emb.shape[0])
+
+
+# --------------------------------------------------------------------------- DINO stand-in
+def own_tower_stand_in(encoder, dino_model: str | None,
+                       dino_checkpoint: str | os.PathLike | None = None) -> bool:
+    """Whether NoLA's DINO features are the surrogate encoder's own tower's pooled features
+    (``dino_model`` ``surrogate:effnet-lite0`` or None, with the same weights), so they
+    can come from the encoder's pass over the weak view."""
+    from nolabels.models.base import file_sha256
+    from nolabels.models.surrogate import IMAGE_ONLY_SPEC
+
+    mine = getattr(encoder, "image_only_model_id", None)
+    if mine is None or not hasattr(encoder, "image_features"):
+        return False
+    if dino_model not in (None, IMAGE_ONLY_SPEC):
+        return False
+    if dino_checkpoint is None:
+        return mine == IMAGE_ONLY_SPEC
+    if not Path(dino_checkpoint).expanduser().is_file():
+        return False  # the separate model's loader says what is wrong
+    return mine == f"{IMAGE_ONLY_SPEC}@sha256:{file_sha256(Path(dino_checkpoint).expanduser())[:16]}"
+
+
+def stand_in_file(out: str | os.PathLike, encoder, data: TuneData) -> Path:
+    """``RUN/dino_features/pooled-KEY.npy``: the stand-in features of ``data``'s rows, keyed
+    by the weights, the preprocessing, the images and the rows (a resumed run reuses it)."""
+    key = hashlib.sha256(json.dumps({
+        "model": encoder.image_only_model_id, "preprocessing": encoder.preprocessing,
+        "source": data.source.fingerprint(),
+        "items": hashlib.sha256(np.asarray(data.items, np.int64).tobytes()).hexdigest(),
+        "v": 1}, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(out) / "dino_features" / f"pooled-{key}.npy"
+
+
+def own_tower_features(encoder, data: TuneData, files: Mapping[str, str | os.PathLike], *,
+                       tap=None, batch_size: int = 64, workers: int | str = 0,
+                       log: Callable[[str], None] = lambda _m: None, quiet: bool = True
+                       ) -> tuple[torch.Tensor, dict]:
+    """The DINO stand-in features of ``data``'s rows from the encoder's own pass.
+
+    Args:
+        files: :func:`nolabels.methods.students.weak_view_outputs` files; ``"pooled"``
+            (:func:`stand_in_file`) is required.
+        tap: the store's embedding pass (see ``weak_view_outputs``).
+    Returns:
+        ((N, 1280) float32 L2-normalised rows, rounded to float16 exactly as a
+        ``surrogate:effnet-lite0`` embedding store holds them; the ``dino_info`` record).
+    """
+    from nolabels.methods.students import weak_view_outputs
+    from nolabels.models.surrogate import IMAGE_ONLY_SPEC
+
+    got = weak_view_outputs(encoder, data.source, data.items, files, tap=tap,
+                            store_emb=data.emb, batch_size=batch_size, workers=workers,
+                            log=log, quiet=quiet)
+    feats = torch.from_numpy(np.asarray(got["pooled"], np.float32))
+    return feats, {"model_id": encoder.image_only_model_id, "spec": IMAGE_ONLY_SPEC,
+                   "features": "the encoder's own tower, pooled, from its weak-view pass"}
 
 
 # --------------------------------------------------------------------------- labeller

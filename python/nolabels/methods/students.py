@@ -27,17 +27,24 @@ image and epoch (instead of a fresh augmentation). That is what makes the
 surrogate affordable on a CPU; it changes the augmentation distribution (A views,
 not infinitely many) and the logs say so.
 
+One backbone pass per image and view: the weak view's store embedding, its frozen prefix
+and the pooled features of NoLA's surrogate "DINO" stand-in all come from one pass of the
+surrogate's tower (:func:`weak_view_outputs`; taken from the store's own embedding pass
+with :func:`weak_tap` when ``tune`` embeds the images itself), and each strong view goes
+through the prefix once.
+
 Views (methods.md §1.6): ``weak`` = the encoder's own evaluation transform;
 ``strong`` = LaFTer's or NoLA's augmentation with the encoder's size and
 normalisation. Each view of each image is seeded by ``(seed, epoch, image, view)``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nolabels.commands._common import progress
 from nolabels.data.safe_io import load_npy
 from nolabels.errors import InputError
 from nolabels.methods.trainer import sample_seed, seeded
+from nolabels.progress import progress
 
 # --------------------------------------------------------------------------- views
 
@@ -173,6 +180,12 @@ class Student(nn.Module):
         """L2-normalised features *without prompts* but with the current trainable norms."""
         return F.normalize(self.features(x, cached=cached).float(), dim=-1)
 
+    def features_and_teacher(self, x: torch.Tensor, *, cached: bool = False
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features(x), teacher_features(x))``, (B, D) each; students whose teacher is
+        their own normalised feature compute both from one pass."""
+        return self.features(x, cached=cached), self.teacher_features(x, cached=cached)
+
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{self.kind}: no frozen prefix to cache")
 
@@ -282,6 +295,12 @@ class ConSEStudent(Student):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self._conse(self.net(images))
 
+    def features_and_teacher(self, x: torch.Tensor, *, cached: bool = False
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        # no prompts, so the teacher is the student's own feature, normalised: one pass
+        f = self.features(x, cached=cached)
+        return f, F.normalize(f.float(), dim=-1)
+
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen part below the first trainable norm: ``norms="last"``: up to
         ``conv_head`` (B, 1280, h, w); ``"block"``: up to the last block (B, 192, h, w)."""
@@ -368,6 +387,11 @@ def prefix_cache_key(student: Student, model_id: str, source_fingerprint: str,
     return h.hexdigest()[:20]
 
 
+def prefix_view_path(cache_dir: str | os.PathLike, key: str, view: str) -> Path:
+    """Where :func:`build_prefix_cache` keeps view ``view`` of the cache ``key``."""
+    return Path(cache_dir) / f"prefix-{key}" / f"{view}.npy"
+
+
 @torch.no_grad()
 def build_prefix_cache(student: Student, source, items: Sequence[int], views: dict[str, Callable],
                        cache_dir: str | os.PathLike, *, key: str, view_seed: int = 0,
@@ -379,7 +403,7 @@ def build_prefix_cache(student: Student, source, items: Sequence[int], views: di
     Returns ``{view name: (N, ...) float16 memmap}``. Views already cached under
     ``cache_dir/key`` are reused; each view file is written atomically.
     """
-    root = Path(cache_dir) / f"prefix-{key}"
+    root = prefix_view_path(cache_dir, key, "weak").parent
     root.mkdir(parents=True, exist_ok=True)
     dev = device or next(student.parameters()).device
     out = {}
@@ -438,3 +462,135 @@ class CachedViews(torch.utils.data.Dataset):
             a = sample_seed(self.seed, epoch, pos, 4242) % len(self.strong)
             out["strong"] = torch.from_numpy(np.asarray(self.strong[a][pos], np.float32))
         return out
+
+
+# --------------------------------------------------------------------------- weak view, one pass
+def weak_outputs(encoder, *, prefix_norms: str | None = None, pooled: bool = False) -> list[str]:
+    """The surrogate tower outputs of the weak view a tuning run needs besides the store
+    embedding: ``"prefix:block"`` / ``"prefix:last"`` (a prefix cache for that student),
+    ``"pooled"`` (NoLA's DINO stand-in). Empty for encoders without
+    :meth:`~nolabels.models.surrogate.ConSESurrogate.tap` (CLIP, timm)."""
+    if not hasattr(encoder, "tap"):
+        return []
+    out = [f"prefix:{prefix_norms}"] if prefix_norms in ("block", "last") else []
+    return out + (["pooled"] if pooled else [])
+
+
+@contextlib.contextmanager
+def weak_tap(encoder, outputs: Sequence[str]) -> Iterator[Any]:
+    """``encoder.tap(outputs)`` (a :class:`~nolabels.models.surrogate.FeatureTap` that
+    collects those outputs from the pass an ``embed`` runs anyway), or None when
+    ``outputs`` is empty."""
+    if not outputs:
+        yield None
+        return
+    with encoder.tap(outputs) as tap:
+        yield tap
+
+
+def _store_rows(x: np.ndarray) -> np.ndarray:
+    """(N, D) features -> float16 L2-normalised rows, computed as ``encode_image`` and
+    :meth:`nolabels.data.EmbeddingStore.write_shard` do (torch normalisation, then the
+    store's), so they equal what an embedding store of the same features holds."""
+    e = F.normalize(torch.from_numpy(np.asarray(x, np.float32)), dim=-1).numpy()
+    return (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)).astype(np.float16)
+
+
+def _weak_pass(encoder, source, items: Sequence[int], files: Mapping[str, Path], *,
+               batch_size: int, workers: int, quiet: bool) -> None:
+    """ONE pass of the surrogate tower over the weak view of ``items``, writing every
+    output of ``files`` (atomically: temp file, then rename)."""
+    ds = ImageViews(source, items, {"x": encoder.transform})
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                                         sampler=[(0, p) for p in range(len(items))])
+    for p in files.values():
+        for stale in p.parent.glob(f".{p.stem}.tmp-*.npy"):  # left by a killed run
+            stale.unlink(missing_ok=True)
+    tmp = {w: p.parent / f".{p.stem}.tmp-{os.getpid()}.npy" for w, p in files.items()}
+    arrs: dict[str, np.ndarray] = {}
+    bar = progress(len(items), "weak view, one pass", quiet=quiet, unit="img")
+    pos = 0
+    for b in loader:
+        outs = encoder.image_features(b["x"], list(files))
+        for w, t in outs.items():
+            a = t.float().cpu().numpy()
+            a = _store_rows(a) if w == "pooled" else a.astype(np.float16)
+            if w not in arrs:
+                files[w].parent.mkdir(parents=True, exist_ok=True)
+                arrs[w] = np.lib.format.open_memmap(tmp[w], mode="w+", dtype=np.float16,
+                                                    shape=(len(items), *a.shape[1:]))
+            arrs[w][pos:pos + len(a)] = a
+        pos += len(b["x"])
+        bar.update(len(b["x"]))
+    bar.close()
+    if pos != len(items) or not arrs:
+        raise InputError(f"the weak-view pass saw {pos} of {len(items)} images")
+    for a in arrs.values():
+        a.flush()
+    names = list(arrs)
+    arrs.clear()  # closes the memmaps
+    for w in names:
+        os.replace(tmp[w], files[w])
+
+
+def weak_view_outputs(encoder, source, items: Sequence[int],
+                      files: Mapping[str, str | os.PathLike], *, tap=None,
+                      store_emb: np.ndarray | torch.Tensor | None = None, batch_size: int = 64,
+                      workers: int | str = 0, log: Callable[[str], None] = lambda _m: None,
+                      quiet: bool = True) -> dict[str, np.ndarray]:
+    """Surrogate tower outputs of the weak view of every item, each kept in a ``.npy``
+    file, computed by at most ONE pass over the images.
+
+    Args:
+        encoder: a :class:`~nolabels.models.surrogate.ConSESurrogate`.
+        source, items: the images (rows in this order).
+        files: output -> ``.npy`` path. ``"prefix:block"`` / ``"prefix:last"``: (N, C, h, w)
+            float16 (as :func:`build_prefix_cache` stores a view: pass
+            :func:`prefix_view_path` ``(..., "weak")`` and it is reused there);
+            ``"pooled"``: (N, 1280) float16 L2-normalised rows, what an embedding store
+            of ``surrogate:effnet-lite0`` holds for these images.
+        tap: a :class:`~nolabels.models.surrogate.FeatureTap` from the pass that embedded
+            the store; used, with no further pass, when its rows verify against
+            ``store_emb`` (the store's (N, D) embeddings of the same rows).
+        batch_size, workers: of the pass (``workers`` "auto": as ``embed``).
+    Returns:
+        ``{output: (N, ...) float16 memmap}``. Files that already exist (a resumed run)
+        are loaded. Under torchrun rank 0 computes and the other ranks load.
+    """
+    from nolabels import dist
+    from nolabels.data.safe_io import load_npy
+    from nolabels.data.store import atomic_write_npy
+
+    files = {w: Path(p) for w, p in files.items()}
+    n = len(items)
+
+    def present(p: Path) -> bool:
+        if not p.is_file():
+            return False
+        try:
+            return load_npy(p, mmap_mode="r").shape[0] == n
+        except (OSError, ValueError):  # CorruptFileError is a ValueError: redo it
+            return False
+
+    missing = {w: p for w, p in files.items() if not present(p)}
+    if missing and dist.get_rank() == 0:
+        got = None
+        if tap is not None and store_emb is not None and set(missing) <= set(tap.which):
+            got = tap.aligned(store_emb)
+        if got is not None:
+            for w, p in missing.items():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_npy(p, _store_rows(got[w]) if w == "pooled"
+                                 else got[w].astype(np.float16, copy=False))
+            log(f"weak view: {', '.join(missing)} of {n} images taken from the store's "
+                "embedding pass (no further pass over the images)")
+        else:
+            if workers == "auto":
+                from nolabels.commands.embed import default_workers
+
+                workers = default_workers(encoder.device.type)
+            _weak_pass(encoder, source, items, missing, batch_size=batch_size,
+                       workers=int(workers), quiet=quiet)
+            log(f"weak view: {', '.join(missing)} of {n} images from one pass of the tower")
+    dist.barrier()  # every rank: whether a file was missing can differ between ranks
+    return {w: load_npy(p, mmap_mode="r") for w, p in files.items()}

@@ -22,15 +22,25 @@ classes that overlap ImageNet were seen by the image tower's supervision.
 
 ``surrogate:effnet-lite0`` is the image tower alone (1280-d pooled features, no text):
 a supervised stand-in for DINO features.
+
+One pass, several features: the ConSE embedding, the pooled 1280-d features (what
+``surrogate:effnet-lite0`` embeds) and the frozen prefixes LaFTer / NoLA cache all come
+from the same forward pass of the tower (:func:`tower_outputs`,
+:meth:`ConSESurrogate.image_features`), so a caller that needs several of them runs the
+tower once per image; :meth:`ConSESurrogate.tap` collects them while an ``embed`` runs.
 """
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from nolabels.errors import InputError
 from nolabels.models.base import Encoder, check_checkpoint, file_sha256, require
@@ -98,6 +108,94 @@ def load_efficientnet_lite0(checkpoint: str | os.PathLike | None = None) -> torc
     return model.eval()
 
 
+#: What one pass of the tower can return (:func:`tower_outputs`).
+TOWER_OUTPUTS = ("prefix:block", "prefix:last", "pooled", "logits")
+
+
+def tower_outputs(model: torch.nn.Module, images: torch.Tensor,
+                  which: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Several outputs of ONE forward pass of a timm EfficientNet (in eval mode).
+
+    The pass is exactly ``model(images)`` (``forward_features`` then ``forward_head``),
+    split where the requested outputs are taken; it stops after the deepest one.
+
+    Args:
+        model: the tower (:func:`load_efficientnet_lite0`).
+        images: (B, 3, H, W) float32 on the model's device.
+        which: any of :data:`TOWER_OUTPUTS`: ``"prefix:block"`` (B, 192, H/32, W/32), the
+            input of the last block (the frozen prefix of ``ConSEStudent(norms="block")``);
+            ``"prefix:last"`` (B, 1280, H/32, W/32), the ``conv_head`` output (the prefix of
+            ``norms="last"``); ``"pooled"`` (B, 1280), the pre-logits feature (what
+            ``surrogate:effnet-lite0`` embeds, before L2 normalisation); ``"logits"``
+            (B, 1000) ImageNet logits.
+    Returns:
+        ``{name: tensor}`` for each requested name (float32 for a float32 model).
+    """
+    unknown = [w for w in which if w not in TOWER_OUTPUTS]
+    if unknown:
+        raise InputError(f"unknown tower output(s) {unknown}: use {list(TOWER_OUTPUTS)}")
+    if not which:
+        return {}
+    deepest = max(TOWER_OUTPUTS.index(w) for w in which)
+    m, out = model, {}
+    x = m.blocks[:-1](m.bn1(m.conv_stem(images)))
+    out["prefix:block"] = x
+    if deepest >= 1:
+        x = m.conv_head(m.blocks[-1](x))
+        out["prefix:last"] = x
+    if deepest >= 2:
+        x = m.forward_head(m.bn2(x), pre_logits=True)
+        out["pooled"] = x
+    if deepest >= 3:
+        out["logits"] = m.classifier(x)
+    return {w: out[w] for w in which}
+
+
+class FeatureTap:
+    """Tower outputs collected, batch by batch, while :meth:`ConSESurrogate.tap` is active.
+
+    Every image the encoder embeds in that time adds one row: its ConSE embedding
+    (L2-normalised float32, to check the alignment with a store) and each requested
+    output, on the CPU (prefixes as float16, as the prefix cache stores them; the
+    pooled feature float32). Memory: a float16 prefix is 18.8 KB per image for
+    ``prefix:block`` and 125 KB for ``prefix:last``.
+    """
+
+    def __init__(self, which: Sequence[str]) -> None:
+        self.which = tuple(which)
+        self._emb: list[np.ndarray] = []
+        self._out: dict[str, list[np.ndarray]] = {w: [] for w in self.which}
+
+    def add(self, emb: torch.Tensor, outs: dict[str, torch.Tensor]) -> None:
+        self._emb.append(F.normalize(emb.float(), dim=-1).cpu().numpy())
+        for w in self.which:
+            t = outs[w].detach().float().cpu()
+            self._out[w].append(t.numpy().astype(np.float16 if w.startswith("prefix")
+                                                 else np.float32))
+
+    @property
+    def rows(self) -> int:
+        return sum(len(e) for e in self._emb)
+
+    def aligned(self, store_emb: np.ndarray | torch.Tensor, atol: float = 1e-3
+                ) -> dict[str, np.ndarray] | None:
+        """The collected outputs, if they are the rows of ``store_emb`` in order.
+
+        ``store_emb`` (N, D) are a store's embeddings (float16 rounding of the same
+        L2-normalised vectors). The tap's rows belong to the store's rows only when a
+        fresh, single-process embed made all of them in store order; anything else
+        (a resumed store, one rank of several, another source) does not verify and
+        gives None, and the caller runs the pass again.
+        """
+        ref = np.asarray(store_emb, dtype=np.float32)
+        if self.rows != len(ref) or not self._emb:
+            return None
+        mine = np.concatenate(self._emb)
+        if mine.shape != ref.shape or not np.allclose(mine, ref, rtol=0, atol=atol):
+            return None
+        return {w: np.concatenate(v) for w, v in self._out.items()}
+
+
 class EffNetTransform:
     """PIL RGB -> (3, 224, 224) float32 in [-1, 1] (EfficientNet-Lite0's input).
 
@@ -154,6 +252,8 @@ class ConSESurrogate(Encoder):
     the image's top-``top_k`` ImageNet classes. ``encode_text``: MiniLM, (T, 384).
     """
 
+    channels_last = True  # EfficientNet: convolutions
+
     not_clip = NOT_CLIP
 
     def __init__(self, *, checkpoint: str | os.PathLike | None = None,
@@ -174,6 +274,9 @@ class ConSESurrogate(Encoder):
         extra = "" if (top_k, template) == (CONSE_TOP_K, IMAGENET_TEMPLATE) else f"#k={top_k}"
         self.checkpoint = None if checkpoint is None else str(Path(checkpoint).resolve())
         self.model_id = SURROGATE_SPEC + weights + extra
+        #: the ``model_id`` of ``surrogate:effnet-lite0`` with the same tower weights
+        self.image_only_model_id = IMAGE_ONLY_SPEC + weights
+        self._tap: FeatureTap | None = None
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.image_model, self.text_model]
@@ -217,10 +320,63 @@ class ConSESurrogate(Encoder):
         self.imagenet_emb = self.imagenet_emb.to(self.device)
         return self
 
-    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
-        probs = self.image_model(images).float().softmax(-1)
+    def _conse(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = logits.float().softmax(-1)
         v, i = probs.topk(self.top_k, dim=1)
         return (v[..., None] * self.imagenet_emb[i]).sum(1)
+
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        tap = self._tap
+        which = ("logits",) if tap is None else tuple(dict.fromkeys((*tap.which, "logits")))
+        outs = tower_outputs(self.image_model, images, which)
+        emb = self._conse(outs["logits"])
+        if tap is not None:
+            tap.add(emb, outs)
+        return emb
+
+    @torch.inference_mode()
+    def image_features(self, images: torch.Tensor,
+                       which: Sequence[str] = ("embedding", "pooled")) -> dict[str, torch.Tensor]:
+        """Several features of a batch from ONE pass of the image tower.
+
+        Args:
+            images: (B, 3, 224, 224) float32 in [-1, 1] (``transform``'s output, any device).
+            which: ``"embedding"`` (B, 384) float32, the L2-normalised ConSE embedding
+                (equal to :meth:`encode_image`), and any of :data:`TOWER_OUTPUTS`
+                (``"pooled"``: (B, 1280) float32 pre-logits features, what
+                ``surrogate:effnet-lite0`` embeds once L2-normalised; the prefixes).
+        Returns:
+            ``{name: tensor on self.device}`` for each requested name.
+        """
+        if images.dim() != 4:
+            raise InputError(f"image_features: expected (B, 3, H, W), got {tuple(images.shape)}")
+        tower = [w for w in which if w != "embedding"]
+        if "embedding" in which:
+            tower = list(dict.fromkeys((*tower, "logits")))
+        outs = tower_outputs(self.image_model,
+                             images.to(self.device, torch.float32, non_blocking=True), tower)
+        if "embedding" in which:
+            outs["embedding"] = F.normalize(self._conse(outs["logits"]).float(), dim=-1)
+        return {w: outs[w] for w in which}
+
+    def encode_image_with_features(self, images: torch.Tensor
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ConSE embedding (B, 384) L2-normalised, pooled features (B, 1280)) of one pass."""
+        d = self.image_features(images, ("embedding", "pooled"))
+        return d["embedding"], d["pooled"]
+
+    @contextmanager
+    def tap(self, which: Sequence[str]) -> Iterator[FeatureTap]:
+        """While active, every image :meth:`encode_image` embeds (e.g. by ``embed``) also
+        leaves the requested :data:`TOWER_OUTPUTS` of the same pass in the yielded
+        :class:`FeatureTap`, so a later stage does not run the tower again."""
+        if self._tap is not None:
+            raise RuntimeError("ConSESurrogate.tap is not reentrant")
+        self._tap = FeatureTap(which)
+        try:
+            yield self._tap
+        finally:
+            self._tap = None
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
         return self.text_model.encode(texts, convert_to_tensor=True, normalize_embeddings=True,
@@ -237,6 +393,8 @@ class EffNetLite0Features(Encoder):
 
     A supervised ImageNet stand-in for DINO features (not self-supervised, not DINO).
     """
+
+    channels_last = True  # EfficientNet: convolutions
 
     has_text = False
     logit_scale = 100.0
