@@ -30,9 +30,11 @@
 // coder_affinity: normalize_rows_kernel, rowdot_inv_kernel (1/|x̂ T̂ᵀ| from
 //   U = x̂ G) and scale_clamp_kernel around three cuBLAS GEMMs.
 //
-// Non-finite inputs: normalize_rows_kernel flags rows whose sum of squares is
-// not finite (per-row flag and/or one any-flag); topk_poison_kernel then
-// writes NaN values so that the Python caller raises.
+// Non-finite inputs: normalize_rows_kernel flags rows with NaN/Inf entries
+// (and, for raw inner products, rows whose sum of squares overflows) (per-row
+// flag and/or one any-flag); topk_poison_kernel then writes NaN values so that
+// the Python caller raises. Finite rows up to 3e38 normalise exactly (see the
+// kernel's comment).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -62,7 +64,17 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 // One warp per row: dst[r] = src[r] / max(|src[r]|, eps) (or a plain copy).
+// Scale-safe: a finite row whose fp32 sum of squares overflows (entries from
+// ~1e19 up to 3e38) is summed again pre-scaled by p = 2^-floor(log2 max|x|)
+// (exact), and dst = (x p) / max(|x p|, eps p): the same unit row, no overflow.
+// Only NaN/Inf entries make a row bad (with normalize; without, an overflowing
+// row is bad too: its raw inner products would overflow as well).
 __global__ void normalize_rows_kernel(const void* __restrict__ src, int dtype, int64_t rows,
                                       int64_t D, int64_t s0, int64_t s1, float* __restrict__ dst,
                                       bool normalize, int* row_bad, int* any_bad) {
@@ -75,10 +87,34 @@ __global__ void normalize_rows_kernel(const void* __restrict__ src, int dtype, i
     ss += v * v;
   }
   ss = warp_sum(ss);
-  const bool bad = !isfinite(ss);
-  const float f = (normalize && !bad) ? 1.0f / fmaxf(sqrtf(ss), kNormEps) : 1.0f;
+  bool bad = !isfinite(ss);
+  float pre = 1.0f;
+  if (bad && normalize) {  // warp-uniform, rare: NaN/Inf entries, or fp32 overflow
+    float amax = 0.f;
+    bool nonfinite = false;
+    for (int64_t d = lane; d < D; d += 32) {
+      const float v = load_as_float(src, dtype, r * s0 + d * s1);
+      nonfinite |= !isfinite(v);
+      amax = fmaxf(amax, fabsf(v));
+    }
+    bad = __any_sync(0xffffffffu, nonfinite);
+    amax = warp_max(amax);
+    if (!bad) {
+      // amax > 2^63 / sqrt(D) >= 1 here; 2^-floor(log2 amax) from the exponent bits
+      // (exact, and at least 2^-126: fast math flushes denormals).
+      const int eb = (__float_as_int(amax) >> 23) & 0xff;
+      pre = __int_as_float(max(254 - eb, 1) << 23);
+      ss = 0.f;
+      for (int64_t d = lane; d < D; d += 32) {
+        const float v = load_as_float(src, dtype, r * s0 + d * s1) * pre;
+        ss += v * v;
+      }
+      ss = warp_sum(ss);
+    }
+  }
+  const float f = (normalize && !bad) ? 1.0f / fmaxf(sqrtf(ss), kNormEps * pre) : 1.0f;
   float* out = dst + r * D;
-  for (int64_t d = lane; d < D; d += 32) out[d] = load_as_float(src, dtype, r * s0 + d * s1) * f;
+  for (int64_t d = lane; d < D; d += 32) out[d] = (load_as_float(src, dtype, r * s0 + d * s1) * pre) * f;
   if (lane == 0) {
     if (row_bad) row_bad[r] = bad ? 1 : 0;
     if (bad && any_bad) atomicExch(any_bad, 1);

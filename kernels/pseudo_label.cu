@@ -44,17 +44,26 @@
 //    in shared memory during the first n-tile (no extra global traffic);
 //    a row whose sum of squares is Inf/NaN is re-examined from global memory
 //    (NaN/Inf entries -> NaN outputs; mere fp32 overflow -> rescaled norm).
+// 5. Range (normalize=True). The raw dot products are formed before
+//    normalisation; they cannot overflow while every max-abs entry is below
+//    2^32 (all sums < D * 2^64). fp32 (exact for every finite input, up to
+//    3e38): colscale_kernel gives each class with an entry >= 2^32 a
+//    power-of-two pre-scale colpre[c] (exact), applied when its rows are
+//    staged; image rows: the row owner also reduces max |x| in n-tile 0, and
+//    a CTA holding such a row restarts once with its rows staged times a power
+//    of two (rowpre, shared memory). Both cost nothing when no row is that
+//    large (one compare per row and per class; the B multiply by colpre = 1).
+//    fp16 cannot get there; bf16 is not pre-scaled: a bf16 row of norm >= 2^96
+//    or class of norm >= 2^30 (|x| |w| could overflow) is reported with NaN
+//    lse (a class: every row), and nolabels.ops.pseudo_label recomputes those
+//    rows from float32 unit rows.
 //
 // Shared memory per CTA: fp16/bf16 3 * 16 KB (pipeline) + 18 KB (epilogue)
-// = 67,584 B (opt-in above 48 KB; 2 CTAs/SM on A100 and H100); fp32 44,032 B.
-// Peak device memory beyond inputs and outputs: the colscale buffer, C floats.
+// = 67,584 B (opt-in above 48 KB; 2 CTAs/SM on A100 and H100); fp32 44,544 B.
+// Peak device memory beyond inputs and outputs: the colscale/colpre buffer, 2 C floats.
 //
-// Known limits: the raw dot products are formed before normalisation, so
-// inputs with |x| * |w| beyond the fp32 range (~3e38, e.g. bf16 rows of norm
-// > 1e19) overflow to a NaN/Inf lse (the Python wrapper then raises), where the
-// CPU kernel, which normalises first, would not. Tuning knobs not explored
-// without a GPU: stages (4 fits H100 at 2 CTAs/SM, not A100), BN = 256 with
-// 8 warps, a wgmma (sm_90a) main loop.
+// Tuning knobs not explored without a GPU: stages (4 fits H100 at 2 CTAs/SM,
+// not A100), BN = 256 with 8 warps, a wgmma (sm_90a) main loop.
 // The inline PTX (cp.async, ldmatrix, mma.sync, ex2) is in kernels/ptx.cuh. Tests run
 // this file's unchanged source on the CPU (tests/emulators/cuda_sim: one thread per CUDA
 // thread, ptx.cuh's instructions modelled from the PTX ISA; tests/test_pseudo_label_cuda_sim.py).
@@ -77,6 +86,14 @@ namespace {
 using namespace ptx;  // NOLINT: cp_async_16, ldmatrix_x4, mma_16816_*, fast_exp2, ...
 
 constexpr float kNormEps = 1e-12f;  // torch.nn.functional.normalize's eps
+// Rows whose max-abs entry is below 2^32 cannot overflow any fp32 sum of squares
+// or dot product (D * 2^64 < 2^128); larger float32 rows are pre-scaled by a
+// power of two (exact) in the fp32 kernel. See "Range" in the header comment.
+constexpr float kScaleLimit = 4294967296.f;
+// bf16 (not pre-scaled): rows of norm below 2^96 and classes below 2^30 keep
+// |x| |w| < 2^126; beyond, the result is reported as NaN (see 5. above).
+constexpr float kBf16RowLimit = 79228162514264337593543950336.f;  // 2^96
+constexpr float kBf16ClassLimit = 1073741824.f;                    // 2^30
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -117,6 +134,13 @@ __device__ __forceinline__ float sq2(uint32_t w, float acc, F16) {
   return fmaf(hi, hi, fmaf(lo, lo, acc));
 }
 
+// 2^-floor(log2 amax) for amax >= 1, at least 2^-126 (a normal number: fast
+// math flushes denormals), built from the exponent bits, so exact.
+__device__ __forceinline__ float pow2_down(float amax) {
+  const int eb = (__float_as_int(amax) >> 23) & 0xff;
+  return __int_as_float(max(254 - eb, 1) << 23);
+}
+
 // Norm of one row by one thread, for rows whose fp32 sum of squares was not
 // finite: NaN/Inf entries -> *bad; otherwise a rescaled, overflow-free norm.
 struct NormResult {
@@ -151,6 +175,7 @@ struct Params {
   int64_t b_s0, b_s1;
   int C, D;
   const float* colscale;  // C floats: log2(e) * scale / max(|w_c|, eps)
+  const float* colpre;    // C floats: power-of-two pre-scale of class rows (fp32 kernel)
   float* probs;
   int64_t* classes;
   float* entropy;
@@ -281,10 +306,13 @@ struct RowState {
   }
 };
 
-// Row norm -> multiplier, with the slow re-check for non-finite sums.
+// Row norm -> multiplier, with the slow re-check for non-finite sums. `pre`:
+// the power of two the row was multiplied by before ss was summed (1 if none);
+// 1 / max(|x|, eps) = pre / max(|x pre|, eps pre), and the pre in the numerator
+// is carried by the pre-scaled dot products.
 template <typename T>
 __device__ __forceinline__ float row_multiplier(const Params& p, int64_t row, float ss,
-                                                bool* bad) {
+                                                bool* bad, float pre = 1.f) {
   float norm;
   *bad = false;
   if (finite_f(ss)) {
@@ -293,13 +321,22 @@ __device__ __forceinline__ float row_multiplier(const Params& p, int64_t row, fl
     const NormResult r = row_norm_slow<T>(p.A, row, p.a_s0, p.a_s1, p.D);
     norm = r.norm;
     *bad = r.bad;
+    // 16-bit rows are not pre-scaled: out of range -> NaN multiplier (NaN lse, the
+    // op recomputes the row). fp32 rows reach this branch only if non-finite.
+    if (!std::is_same<T, F32>::value && p.normalize && !r.bad && !(norm < kBf16RowLimit))
+      return __int_as_float(0x7fffffff);
   }
-  return p.normalize ? 1.f / fmaxf(norm, kNormEps) : 1.f;
+  return p.normalize ? 1.f / fmaxf(norm, kNormEps * pre) : 1.f;
 }
 
 // ---------------------------------------------------------------- pre-pass
-// colscale[c] = log2(e) * scale / max(|w_c|, eps)  (normalize) or log2(e) * scale.
-// One warp per class row, any strides.
+// colscale[c] = log2(e) * scale / max(|w_c|, eps)  (normalize) or log2(e) * scale,
+// colpre[c] = 1. fp32 classes with an entry >= 2^32 are pre-scaled instead: the
+// fp32 kernel multiplies class row c by colpre[c] = 2^-floor(log2 max|w_c|) when
+// staging it, and colscale[c] = log2(e) * scale / max(|w_c colpre[c]|, eps colpre[c]).
+// 16-bit kernels stage raw rows: a class of norm >= 2^30 gets colscale NaN (its
+// products with a large row could overflow; see 5. above). One warp per class row,
+// any strides.
 template <typename T>
 __global__ void __launch_bounds__(256) colscale_kernel(const void* B, int C, int D, int64_t s0,
                                                        int64_t s1, float scale, int normalize,
@@ -308,40 +345,52 @@ __global__ void __launch_bounds__(256) colscale_kernel(const void* B, int C, int
   const int c = blockIdx.x * 8 + (threadIdx.x >> 5);
   if (c >= C) return;  // whole warp leaves together
   const int64_t base = static_cast<int64_t>(c) * s0;
-  float ss = 0.f;
+  float ss = 0.f, amax = 0.f;
   for (int k = lane; k < D; k += 32) {
     const float x = load_elem(B, base + k * s1, T{});
     ss = fmaf(x, x, ss);
+    amax = fmaxf(amax, fabsf(x));  // fmaxf drops NaN; an Inf makes ss Inf anyway
   }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  float norm = sqrtf(ss);
-  if (!finite_f(ss)) {  // warp-uniform: Inf/NaN entries or fp32 overflow
-    float amax = 0.f;
+  for (int o = 16; o > 0; o >>= 1) {
+    ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  }
+  float norm = sqrtf(ss), pre = 1.f;  // |w_c| = norm / pre
+  const bool big = std::is_same<T, F32>::value && normalize && finite_f(amax) && amax >= kScaleLimit;
+  if (!finite_f(ss) || big) {  // warp-uniform: Inf/NaN entries, fp32 overflow, or a big fp32 row
     bool nonfinite = false;
-    for (int k = lane; k < D; k += 32) {
-      const float x = load_elem(B, base + k * s1, T{});
-      if (!finite_f(x)) nonfinite = true;
-      else amax = fmaxf(amax, fabsf(x));
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    for (int k = lane; k < D; k += 32) nonfinite |= !finite_f(load_elem(B, base + k * s1, T{}));
     nonfinite = __any_sync(0xffffffffu, nonfinite);
     if (nonfinite) {
       norm = __int_as_float(0x7fffffff);  // NaN class: caller rejects these anyway
     } else {
-      const float inv = amax > 0.f ? 1.f / amax : 0.f;
+      pre = pow2_down(amax);  // amax >= 2^32 here (an overflowing ss needs amax > 2^63 / sqrt(D))
       float s = 0.f;
       for (int k = lane; k < D; k += 32) {
-        const float y = load_elem(B, base + k * s1, T{}) * inv;
+        const float y = load_elem(B, base + k * s1, T{}) * pre;
         s = fmaf(y, y, s);
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      norm = amax * sqrtf(s);
+      norm = sqrtf(s);
     }
   }
-  if (lane == 0) out[c] = kLog2e * (normalize ? scale / fmaxf(norm, kNormEps) : scale);
+  if (lane == 0) {
+    if (!normalize) {
+      out[c] = kLog2e * scale;
+      out[C + c] = 1.f;
+    } else if (big) {  // the kernel stages w_c * pre
+      out[c] = kLog2e * scale / fmaxf(norm, kNormEps * pre);
+      out[C + c] = pre;
+    } else if (!std::is_same<T, F32>::value && !(norm < kBf16ClassLimit * pre)) {
+      out[c] = __int_as_float(0x7fffffff);  // 16-bit class out of range: NaN, every row is redone
+      out[C + c] = 1.f;
+    } else {  // raw w_c: scale / max(norm / pre, eps), pre folded into the numerator
+      out[c] = kLog2e * (scale * pre) / fmaxf(norm, kNormEps * pre);
+      out[C + c] = 1.f;
+    }
+  }
 }
 
 // ================================================================ tensor cores
@@ -564,7 +613,7 @@ constexpr int F_LDA = F_BM + 4;  // k-major tiles; pitch keeps float4 reads alig
 constexpr int F_LDB = F_BN + 4;
 constexpr int F_A_FLOATS = F_BK * F_LDA;
 constexpr int F_B_FLOATS = F_BK * F_LDB;
-constexpr int F_SMEM = (2 * F_A_FLOATS + 2 * F_B_FLOATS) * 4 + EPI_BYTES;  // 44,032 B
+constexpr int F_SMEM = (2 * F_A_FLOATS + 2 * F_B_FLOATS) * 4 + EPI_BYTES + F_BM * 4;  // 44,544 B
 static_assert(F_BM == F_THREADS && F_BN / EPI_COLS == 2, "fp32 layout assumptions");
 
 template <int K>
@@ -573,6 +622,7 @@ __global__ void __launch_bounds__(F_THREADS, 2) pseudo_label_f32_kernel(const Pa
   float* As = reinterpret_cast<float*>(smem);  // [2][F_BK][F_LDA]
   float* Bs = As + 2 * F_A_FLOATS;             // [2][F_BK][F_LDB]
   float* ebuf = Bs + 2 * F_B_FLOATS;           // [128][EPI_LD]
+  float* rowpre = ebuf + 128 * EPI_LD;         // [128] row pre-scales (scaled pass only)
   const int tid = threadIdx.x;
   const int ty = tid >> 3, tx = tid & 7;       // micro-tile: rows ty*4+{0..3}, 64+ty*4+{0..3};
                                                // cols tx*4+{0..3}, 32+tx*4+{0..3}
@@ -588,8 +638,12 @@ __global__ void __launch_bounds__(F_THREADS, 2) pseudo_label_f32_kernel(const Pa
   const bool row_ok = row < p.N;
   RowState<K> st;
   st.init();
-  float ss = 0.f, rowmul = 0.f;
+  float ss = 0.f, amax = 0.f, rowmul = 0.f;
   bool bad = false;
+  // Scaled pass (rare, CTA-uniform): some row of this CTA has an entry >= 2^32.
+  // Found from its max-abs entry, reduced with |x|^2 during n-tile 0; the CTA
+  // then restarts with every row staged times rowpre[row] (a power of two).
+  bool scaled = false;
 
   float acc[8][8];
 #pragma unroll
@@ -607,10 +661,17 @@ __global__ void __launch_bounds__(F_THREADS, 2) pseudo_label_f32_kernel(const Pa
       const int64_t gr = m0 + lr + 8 * i;
       ra[i] = (kok && gr < p.N) ? __ldg(Ag + gr * p.a_s0 + static_cast<int64_t>(k) * p.a_s1) : 0.f;
     }
+    if (scaled) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) ra[i] *= rowpre[lr + 8 * i];
+    }
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int64_t gc = static_cast<int64_t>(nt) * F_BN + lr + 8 * i;
-      rb[i] = (kok && gc < p.C) ? __ldg(Bg + gc * p.b_s0 + static_cast<int64_t>(k) * p.b_s1) : 0.f;
+      // colpre: 1, or a power of two for a class with entries >= 2^32 (exact).
+      rb[i] = (kok && gc < p.C)
+                  ? __ldg(Bg + gc * p.b_s0 + static_cast<int64_t>(k) * p.b_s1) * __ldg(p.colpre + gc)
+                  : 0.f;
     }
   };
   auto store_regs = [&](int buf) {
@@ -650,13 +711,34 @@ __global__ void __launch_bounds__(F_THREADS, 2) pseudo_label_f32_kernel(const Pa
       for (int k = 0; k < F_BK; ++k) {
         const float x = a[k * F_LDA + tid];
         ss = fmaf(x, x, ss);
+        amax = fmaxf(amax, fabsf(x));  // drops NaN; Inf is caught by ss below
       }
     }
     if (it + 1 < total) store_regs(cur ^ 1);  // buffer cur^1 was last read in iteration it-1
     __syncthreads();
 
     if (kt == kTiles - 1) {  // CTA-uniform
-      if (nt == 0 && row_ok) rowmul = row_multiplier<F32>(p, row, ss, &bad);
+      if (nt == 0 && !scaled) {
+        const bool big = row_ok && p.normalize && finite_f(amax) && amax >= kScaleLimit;
+        if (__syncthreads_or(big)) {
+          // Restart with the rows pre-scaled. Every thread is past the barrier
+          // above, so no stage is being read: overwrite stage 0 with tile 0.
+          scaled = true;
+          rowpre[tid] = big ? pow2_down(amax) : 1.f;
+          ss = 0.f;
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+          __syncthreads();  // rowpre visible to the loaders
+          load_regs(0);
+          store_regs(0);
+          __syncthreads();
+          it = -1;
+          continue;
+        }
+      }
+      if (nt == 0 && row_ok) rowmul = row_multiplier<F32>(p, row, ss, &bad, scaled ? rowpre[tid] : 1.f);
       const int n0 = nt * F_BN;
 #pragma unroll
       for (int r = 0; r < F_BN / EPI_COLS; ++r) {
@@ -765,6 +847,7 @@ int launch_pseudo_label(const PseudoLabelArgs& a, void* stream_ptr) {
   p.C = static_cast<int>(a.C);
   p.D = static_cast<int>(a.D);
   p.colscale = a.colscale;
+  p.colpre = a.colscale + a.C;
   p.probs = a.probs;
   p.classes = a.classes;
   p.entropy = a.entropy;

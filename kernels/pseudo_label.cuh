@@ -25,7 +25,8 @@ struct PseudoLabelArgs {
   float scale = 1.0f;
   int topk = 1;  // 1 <= topk <= min(C, kPseudoLabelMaxTopk)
   bool normalize = true;
-  // Workspace: C float32 (device memory, 16-byte aligned).
+  // Workspace: 2 C float32 (device memory, 16-byte aligned): per-class scales
+  // (colscale) followed by per-class power-of-two pre-scales (colpre).
   float* colscale = nullptr;
   // Outputs (contiguous): probs (N, topk) f32, classes (N, topk) i64,
   // entropy (N,) f32, lse (N,) f32.

@@ -277,3 +277,28 @@ def test_kernels_are_race_free_under_thread_sanitizer():
     unsynchronised shared-memory access between them (compute-sanitizer racecheck's job).
     This is how the flush-decision race of an earlier topk_merge_kernel was found."""
     sim_build.assert_race_free(ROOT / "kernels" / "coder.cu", _RACE_MAIN)
+
+
+@pytest.mark.parametrize("s", [1e19, 1e30, 3e38, 1e-30], ids=lambda s: f"{s:g}")
+def test_rows_of_any_magnitude_normalise_exactly(lib, gen, s):
+    """float32/bfloat16 rows with max-abs entry 1e19 .. 3e38 (fp32 sum of squares or norm
+    overflows) normalise to the float64 unit row, rows below eps to x / eps; only NaN/Inf
+    entries flag a row."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_ops_extreme import mixed, scaled
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.cat([scaled(gen, 5, 70, s, dtype), mixed(gen, 9, 70, dtype)])
+        out = torch.empty(14, 70)
+        bad = torch.full((14,), 7, dtype=torch.int32)
+        anyb = torch.zeros(1, dtype=torch.int32)
+        _normalize_into(lib, x, 0, 14, out, True, row_bad=bad, any_bad=anyb)
+        assert bad.tolist() == [0] * 14 and anyb.item() == 0
+        want = torch.nn.functional.normalize(x.double(), dim=1)
+        torch.testing.assert_close(out.double(), want, atol=2e-7, rtol=0)
+    # topk through the host launcher's tiling, queries and keys at this magnitude
+    q, keys = scaled(gen, 6, 33, s), scaled(gen, 90, 33, s)
+    v, i = topk_similarity_sim(lib, q, keys, 5, True, tm=40)
+    _check_topk(q, keys, 5, True, v, i)

@@ -56,7 +56,7 @@ def lib(request):
 def pseudo_label_sim(lib, x, w, *, scale=100.0, topk=1, normalize=True) -> PseudoLabels:
     n, d = x.shape
     c = w.shape[0]
-    colscale = torch.empty(c + 4)[: c]  # 16-byte aligned (fresh allocation)
+    colscale = torch.empty(2 * c + 4)[: 2 * c]  # workspace: 2 C floats, 16-byte aligned (fresh)
     probs = torch.full((n, topk), -7.0)
     classes = torch.full((n, topk), -7, dtype=torch.int64)
     entropy = torch.full((n,), -7.0)
@@ -132,7 +132,7 @@ int main() {
                                                                : 0x3c003c00u + (i * 40503u % 256);
     const size_t es = dt == 0 ? 4 : 2;
     auto* base = reinterpret_cast<unsigned char*>(buf.data());
-    std::vector<float> colscale(C), probs(N * 4), entropy(N), lse(N);
+    std::vector<float> colscale(2 * C), probs(N * 4), entropy(N), lse(N);
     std::vector<int64_t> classes(N * 4);
     PseudoLabelArgs a;
     a.image = base; a.N = N; a.D = D; a.img_s0 = D; a.img_s1 = 1;
@@ -168,3 +168,63 @@ def test_degenerate_shapes_and_overflowing_norms(lib, gen, dtype):
     pl = pseudo_label_sim(lib, x, w, topk=2)
     assert torch.isfinite(pl.lse).all()
     check_against_reference(pl, x, w, 100.0, 2, True, "cuda")
+
+
+
+@pytest.mark.parametrize("which", ["image", "class", "both"])
+@pytest.mark.parametrize("s", [1e19, 1e30, 3e38, 1e-30], ids=lambda s: f"{s:g}")
+def test_float32_rows_of_any_magnitude(lib, gen, which, s):
+    """float32 rows with max-abs entry 1e19 .. 3e38 (squared norm, norm or dot products
+    beyond float32) or 1e-30 normalise as in float64 inside the kernel: it pre-scales
+    them by powers of two (class rows in the colscale pre-pass, image rows by
+    restarting the CTA)."""
+    from test_ops_extreme import mixed, scaled
+
+    x = scaled(gen, 150, 40, s if which != "class" else 1.0)  # 2 CTAs
+    w = scaled(gen, 70, 40, s if which != "image" else 1.0)  # 2 n-tiles
+    x[7], w[3] = scaled(gen, 2, 40, 1.0)  # ordinary rows next to them
+    pl = pseudo_label_sim(lib, x, w, topk=3)
+    check_against_reference(pl, x, w, 100.0, 3, True, "cuda")
+    if which == "image":  # every magnitude in one CTA
+        x = mixed(gen, 130, 40)
+        check_against_reference(pseudo_label_sim(lib, x, w, topk=2), x, w, 100.0, 2, True, "cuda")
+
+
+def test_bfloat16_rows_out_of_range_are_reported(lib, gen):
+    """bf16 rows are not pre-scaled: a row of norm >= 2^96 gets NaN lse (only that row),
+    a class of norm >= 2^30 NaN in every row; everything below stays exact."""
+    from test_ops_extreme import scaled
+
+    x = scaled(gen, 20, 24, 1.0, torch.bfloat16)
+    w = scaled(gen, 9, 24, 1.0, torch.bfloat16)
+    x[3] = scaled(gen, 1, 24, 3e38, torch.bfloat16)
+    x[5] = scaled(gen, 1, 24, 1e25, torch.bfloat16)  # |x|^2 overflows, the norm does not: exact
+    pl = pseudo_label_sim(lib, x, w, topk=2)
+    assert torch.isnan(pl.lse).tolist() == [r == 3 for r in range(20)]
+    ok = [r for r in range(20) if r != 3]
+    check_against_reference(PseudoLabels(*(t[ok] for t in pl)), x[ok], w, 100.0, 2, True, "cuda")
+    w[4] = scaled(gen, 1, 24, 1e10, torch.bfloat16)
+    assert torch.isnan(pseudo_label_sim(lib, x, w, topk=2).lse).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_op_with_this_kernel_matches_float64_at_any_magnitude(lib, gen, monkeypatch, dtype):
+    """The op (nolabels.ops.pseudo_label) with this kernel as its cuda backend: rows the
+    kernel reports (bf16 out of range) are recomputed from float32 unit rows."""
+    import dataclasses
+    import importlib
+
+    from test_ops_extreme import mixed
+
+    pl_mod = importlib.import_module("nolabels.ops.pseudo_label")  # the module, not the function
+
+    def run(image, cls, scale, topk, normalize):
+        out = pseudo_label_sim(lib, image.contiguous(), cls.contiguous(), scale=scale, topk=topk,
+                               normalize=normalize)
+        return out.probs, out.classes, out.entropy, out.lse
+
+    monkeypatch.setitem(pl_mod._BY_NAME, "cuda", dataclasses.replace(pl_mod._BY_NAME["cuda"], run=run))
+    x, w = mixed(gen, 40, 24, dtype), mixed(gen, 11, 24, dtype)
+    probs, classes, entropy, lse = pl_mod._pseudo_label_op(x, w, 100.0, 3, True, "cuda")
+    got = PseudoLabels(classes[:, 0].clone(), probs, classes, entropy, lse)
+    check_against_reference(got, x, w, 100.0, 3, True, "cuda")

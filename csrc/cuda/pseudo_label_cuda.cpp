@@ -63,8 +63,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pseudo_label_cuda(const Tensor& image
   Tensor lse = torch::stable::empty({N}, ScalarType::Float, std::nullopt, dev);
   if (N == 0) return {probs, classes, entropy, lse};
 
-  // Workspace: per-class scales (C floats), freed stream-ordered by the caching allocator.
-  Tensor colscale = torch::stable::empty({C}, ScalarType::Float, std::nullopt, dev);
+  // Workspace: per-class scales and pre-scales (2 C floats), freed stream-ordered by
+  // the caching allocator.
+  Tensor colscale = torch::stable::empty({2 * C}, ScalarType::Float, std::nullopt, dev);
 
   cuda::PseudoLabelArgs a;
   a.image = image.const_data_ptr();

@@ -38,7 +38,7 @@ from nolabels.reference.coder import (
     coder_class_scores_reference,
     topk_similarity_reference,
 )
-from nolabels.reference.normalize import normalize_rows
+from nolabels.reference.normalize import normalize_rows, unit_big_rows
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_K = 256  # the Triton kernel keeps its running top-k in registers
@@ -109,6 +109,35 @@ def _raise_if_nonfinite(op: str, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{op}: {name} contains NaN or Inf (rows {_nonfinite_rows(t)}...)")
 
 
+# Scale-safe normalisation. The fused backends (triton, cuda) multiply raw rows and
+# normalise afterwards, which is exact while no sum of squares or dot product
+# overflows float32: guaranteed for rows with max-abs entry below 2^32. Rows beyond
+# (float32/bfloat16 entries up to 3e38) are either reported by the kernels (NaN
+# results, recomputed below with those rows made unit vectors) or made unit vectors
+# before the call (coder_affinity, whose finiteness check reads every input anyway):
+# reference.normalize.unit_big_rows, exact at any magnitude, and a no-op for the
+# cosines (a unit row normalises to itself; rows below eps are left alone).
+_RAW_LIMIT = 2.0**32
+
+
+def _check_finite_is_big(op: str, name: str, t: torch.Tensor) -> bool:
+    """Raise if ``t`` has NaN/Inf; return whether an entry reaches 2^32. One reduction."""
+    if t.numel() == 0:
+        return False
+    if bool(torch.linalg.vector_norm(t, ord=float("inf")) < _RAW_LIMIT):  # NaN compares False
+        return False
+    _raise_if_nonfinite(op, **{name: t})
+    return True
+
+
+def _redo_rows(bad: torch.Tensor, outs: tuple[torch.Tensor, ...], run, rows: torch.Tensor, *args) -> None:
+    """Recompute rows ``bad`` (bool (N,)) of ``outs`` as ``run(unit_big_rows(rows[bad]), *args)``."""
+    idx = bad.nonzero().flatten()
+    new = run(unit_big_rows(rows.index_select(0, idx)), *args)
+    for out, n in zip(outs, new if isinstance(new, tuple) else (new,)):
+        out.index_copy_(0, idx, n)
+
+
 # =========================================================================== top-k
 def _topk_torch(q, keys, k, normalize):
     return topk_similarity_reference(q, keys, k, normalize)
@@ -139,11 +168,19 @@ _TOPK_BY_NAME = {b.name: b for b in TOPK_IMPLS}
 def _topk_op(
     queries: torch.Tensor, keys: torch.Tensor, k: int, normalize: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    values, indices = _TOPK_BY_NAME[backend].run(queries, keys, k, normalize)
+    run = _TOPK_BY_NAME[backend].run
+    values, indices = run(queries, keys, k, normalize)
     if not _all_finite(values):
         # Every backend turns a non-finite query row, or any non-finite key,
         # into NaN values; the input scans run only on this error path.
         _raise_if_nonfinite("topk_similarity", queries=queries, keys=keys)
+        if normalize:
+            # Finite rows out of the fused kernels' raw range (see _RAW_LIMIT):
+            # recompute the affected query rows against float32 unit keys.
+            bad = (~torch.isfinite(values)).any(dim=1)
+            _redo_rows(bad, (values, indices), run, queries, unit_big_rows(keys), k, True)
+            if _all_finite(values):
+                return values, indices
         raise ValueError(
             "topk_similarity: similarities overflowed float32 (normalize=False with very "
             "large embeddings)"
@@ -175,7 +212,8 @@ def topk_similarity(
         keys: (M, D), M >= 1, same device; cast to ``queries.dtype`` if different.
         k: 1 <= k <= M (``cpu``: any such k; ``cuda``: k <= 1024; ``triton``: k <= 256).
         normalize: cosine similarity (rows L2-normalised, eps 1e-12: a zero row has
-            similarity 0 with everything) or raw inner product (``False``).
+            similarity 0 with everything; rows of any finite magnitude, up to 3e38,
+            normalise as in float64) or raw inner product (``False``).
         backend: "auto" | "torch" | "cpu" | "triton" | "cuda".
 
     Returns:
@@ -321,10 +359,16 @@ def _scores_op(
         empty = (counts == 0).nonzero().flatten()[:5].tolist()
         raise ValueError(f"{op}: classes {empty}... have no texts (every class needs at least one)")
     _raise_if_nonfinite(op, text_emb=text_emb)
-    out = _SCORES_BY_NAME[backend].run(image_emb, text_emb, text_class, text_kind, num_classes, scale)
+    run = _SCORES_BY_NAME[backend].run
+    out = run(image_emb, text_emb, text_class, text_kind, num_classes, scale)
     if not _all_finite(out):
         _raise_if_nonfinite(op, image_emb=image_emb)
-        raise ValueError(f"{op}: scores overflowed float32 (scale={scale})")
+        # Finite image rows out of the fused kernels' raw range (NaN scores):
+        # recompute them from float32 unit rows (see _RAW_LIMIT).
+        bad = (~torch.isfinite(out)).any(dim=1)
+        _redo_rows(bad, (out,), run, image_emb, text_emb, text_class, text_kind, num_classes, scale)
+        if not _all_finite(out):
+            raise ValueError(f"{op}: scores overflowed float32 (scale={scale})")
     return out
 
 
@@ -372,7 +416,8 @@ def coder_class_scores(
         backend: "auto" | "torch" | "cpu" | "triton" | "cuda".
 
     Returns:
-        (N, C) float32 scores; prediction = argmax over classes.
+        (N, C) float32 scores; prediction = argmax over classes. Image and text
+        rows of any finite magnitude (up to 3e38) are normalised as in float64.
 
     Memory: the fused backends build a (C + M1, D) float32 bank (M1 = number of
     kind-1 texts; Triton: (P, C, D) with P the most kind-1 texts of any class)
@@ -433,8 +478,13 @@ _AFF_BY_NAME = {b.name: b for b in AFFINITY_IMPLS}
 
 @torch.library.custom_op("nolabels::coder_affinity", mutates_args=())
 def _affinity_op(x: torch.Tensor, y: torch.Tensor, text_emb: torch.Tensor, backend: str) -> torch.Tensor:
-    _raise_if_nonfinite("coder_affinity", x=x, y=y, text_emb=text_emb)
-    return _AFF_BY_NAME[backend].run(x, y, text_emb)
+    # One max-abs reduction per input: raises on NaN/Inf, and an input with entries
+    # >= 2^32 goes in as float32 unit rows (what every backend computes from it
+    # anyway, here without overflow; see _RAW_LIMIT).
+    args = []
+    for name, t in (("x", x), ("y", y), ("text_emb", text_emb)):
+        args.append(unit_big_rows(t) if _check_finite_is_big("coder_affinity", name, t) else t)
+    return _AFF_BY_NAME[backend].run(*args)
 
 
 @_affinity_op.register_fake
@@ -463,7 +513,9 @@ def coder_affinity(
 
     Returns:
         (N, K) float32 in [-1, 1]. A row whose CODER vector is zero (a zero
-        embedding) has affinity 0 with everything.
+        embedding) has affinity 0 with everything. Rows of any finite magnitude
+        (up to 3e38) are normalised as in float64: an input with entries >= 2^32
+        enters the backend as float32 unit rows (one extra pass over it).
 
     Numerics: |x̂T̂ᵀ|² is evaluated as x̂ G x̂ᵀ in float32, accurate to about
     D·2^-24·|x̂|²·|G| absolute; rows nearly orthogonal to every text (CODER

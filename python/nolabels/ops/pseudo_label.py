@@ -23,6 +23,7 @@ from nolabels.backends import (
     triton_status,
 )
 from nolabels.errors import InputError
+from nolabels.reference.normalize import unit_big_rows
 from nolabels.reference.pseudo_label import pseudo_label_reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -106,15 +107,26 @@ def _pseudo_label_op(
     # inside torch.compile this body runs eagerly as one opaque node.
     if not bool(torch.isfinite(class_emb).all()):
         raise ValueError("pseudo_label: class_emb contains NaN or Inf")
-    probs, classes, entropy, lse = _BY_NAME[backend].run(
-        image_emb, class_emb, logit_scale, topk, normalize
-    )
+    run = _BY_NAME[backend].run
+    probs, classes, entropy, lse = run(image_emb, class_emb, logit_scale, topk, normalize)
     if lse.numel() and not bool(torch.isfinite(lse).all()):
         # Each backend turns a non-finite input row into a NaN lse; the input
         # scan below runs only on this error path.
         if not bool(torch.isfinite(image_emb).all()):
             bad = (~torch.isfinite(image_emb)).any(dim=1).nonzero().flatten()[:5].tolist()
             raise ValueError(f"pseudo_label: image_emb contains NaN or Inf (rows {bad}...)")
+        if normalize:
+            # The fused GPU kernels multiply raw rows and report a row they cannot
+            # normalise inside float32's range (|x|^2 >= 2^64; a class like that:
+            # every row) as NaN. Recompute those rows with every row of norm >= 2^31
+            # made a unit vector here, without overflow: the same cosines, exactly.
+            redo = (~torch.isfinite(lse)).nonzero().flatten()
+            xs = unit_big_rows(image_emb.index_select(0, redo))
+            ws = unit_big_rows(class_emb)
+            for out, new in zip((probs, classes, entropy, lse), run(xs, ws, logit_scale, topk, True)):
+                out.index_copy_(0, redo, new)
+            if bool(torch.isfinite(lse).all()):
+                return probs, classes, entropy, lse
         raise ValueError(
             "pseudo_label: logits overflowed float32 (normalize=False with very large "
             "embeddings or logit_scale)"
@@ -187,7 +199,9 @@ def pseudo_label(
         normalize: L2-normalise rows of both inputs first (cosine similarity);
             ``False`` uses raw inner products. A zero row stays zero, so its
             logits are all 0: uniform probabilities 1/C, entropy = lse = log C,
-            never NaN.
+            never NaN. Rows of any finite magnitude normalise as in float64
+            (``x / max(|x|, eps)``, eps 1e-12), float32/bfloat16 entries up to
+            3e38 and far below eps included, on every backend.
         backend: "auto" | "torch" | "cpu" | "triton" | "cuda" (see
             ``nolabels info``); ``NOLABELS_BACKEND`` overrides "auto".
 

@@ -47,4 +47,20 @@ def normalize_rows(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     return y / torch.maximum(n, eps * p)
 
 
-__all__ = ["NORM_EPS", "normalize_rows", "pow2_row_scale"]
+def unit_big_rows(x: torch.Tensor, limit: float = 2.0**31) -> torch.Tensor:
+    """float32 copy of ``x`` (N, D) whose rows of norm >= ``limit`` are unit vectors.
+
+    For kernels that multiply raw rows and normalise afterwards: feeding them this
+    instead of ``x`` changes nothing in their result (a row of norm >= limit >= eps
+    normalises to the same unit vector again; the other rows are untouched, so a row
+    below eps keeps its ``x / eps``), but no row's sums can overflow float32 any more.
+    NaN/Inf rows are left as they are.
+    """
+    out = x.float().clone()
+    big = (torch.linalg.vector_norm(out, dim=1) >= limit) & torch.isfinite(out).all(dim=1)
+    if bool(big.any()):
+        out[big] = normalize_rows(out[big])
+    return out
+
+
+__all__ = ["NORM_EPS", "normalize_rows", "pow2_row_scale", "unit_big_rows"]

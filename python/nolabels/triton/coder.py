@@ -19,7 +19,9 @@ Three kernels behind ``nolabels.ops.coder``:
     (N, splits, KP) partial lists are merged on the host with ``torch.topk``
     on the packed int64s (O(N·k·splits) memory, never (N, M)).
     Non-finite inputs: a query row or key with NaN/Inf gets similarity +inf,
-    so the result holds a non-finite value and the caller raises.
+    so the result holds a non-finite value and the caller raises. So does
+    (with normalize) a row with |x|^2 >= 2^64, whose raw products might
+    overflow; the op then recomputes from unit rows (see _SS_LIMIT).
 
 ``coder_class_scores`` — CODER's mean-of-kind-0 + max-of-kind-1 per class
     The host folds the text bank (``prepare_class_bank(padded=True)``): scaled
@@ -52,6 +54,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _NORM_EPS = 1e-12
 _INT64_MIN: tl.constexpr = tl.constexpr(-9223372036854775808)
 _LOW_MASK: tl.constexpr = tl.constexpr(4294967295)  # 2^32 - 1
+# Cosine kernels multiply raw rows and normalise afterwards: exact while every
+# |row|^2 < 2^64 (then every sum is below D * 2^64, far from float32's 2^128). A row
+# beyond (float32/bfloat16 only) is reported like a non-finite one and the op
+# recomputes it from float32 unit rows normalised on the host (scale-safe).
+_SS_LIMIT: tl.constexpr = tl.constexpr(18446744073709551616.0)  # 2^64
 
 
 # =========================================================================== helpers
@@ -131,10 +138,11 @@ def _topk_kernel(
         x = tl.load(q_rows + dd[None, :] * stride_qd,
                     mask=row_ok[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)
         ss += tl.sum(x * x, axis=1)
-    q_bad = ~(ss < float("inf"))  # NaN or Inf anywhere in the row (or overflow)
     if NORMALIZE:
+        q_bad = ~(ss < _SS_LIMIT)  # NaN or Inf in the row, or out of the raw range
         q_fac = 1.0 / tl.maximum(tl.sqrt(ss), 1e-12)
     else:
+        q_bad = ~(ss < float("inf"))  # NaN or Inf anywhere in the row (or overflow)
         q_fac = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
 
     col = tl.arange(0, KP)
@@ -161,7 +169,9 @@ def _topk_kernel(
         sim = acc * q_fac[:, None]
         if NORMALIZE:
             sim = sim * (1.0 / tl.maximum(tl.sqrt(kss), 1e-12))[None, :]
-        k_bad = ~(kss < float("inf"))
+            k_bad = ~(kss < _SS_LIMIT)
+        else:
+            k_bad = ~(kss < float("inf"))
         sim = tl.where(q_bad[:, None] | k_bad[None, :] | (sim != sim), float("inf"), sim)  # noqa: PLR0124
         sim = tl.where(m_ok[None, :], sim, float("-inf"))
         tmax = tl.max(sim, axis=1)
@@ -294,7 +304,8 @@ def _scores_kernel(
     mx = tl.where((n1 > 0)[None, :], mx, 0.0)
     fac = 1.0 / tl.maximum(tl.sqrt(ss), 1e-12)
     out = (acc0 + mx) * fac[:, None]
-    out = tl.where((ss < float("inf"))[:, None], out, float("nan"))
+    # NaN: a non-finite row, or one out of the raw GEMM's range (the op recomputes it).
+    out = tl.where((ss < _SS_LIMIT)[:, None], out, float("nan"))
     tl.store(OUT + rows.to(tl.int64)[:, None] * C + cls[None, :], out,
              mask=row_ok[:, None] & c_ok[None, :])
 

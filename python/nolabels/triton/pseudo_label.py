@@ -55,10 +55,15 @@ Memory: beyond its inputs and the (N, topk) / (N,) outputs the op allocates
 nothing in global memory; each program holds O(BLOCK_N * BLOCK_C +
 BLOCK_N * BLOCK_D + BLOCK_D * BLOCK_C + BLOCK_N * KPAD) values in registers.
 
-Range: with normalize=True the norms and dot products are taken of the raw
-float32 values, so rows whose squared norm over- or underflows float32
-(norms above ~1e19 or below ~1e-19, impossible for float16 inputs) are not
-normalised exactly, unlike the float64 reference.
+Range (normalize=True): the GEMM runs on the raw rows, which is exact as long
+as no sum of squares or dot product overflows float32. That is guaranteed when
+|x|^2 < 2^64 for every image and class row (all sums are then below D * 2^64).
+A row beyond (max-abs entry near 2^32 or more: float32 or bfloat16 rows only)
+is reported like a non-finite row, with NaN lse and entropy, and a class
+beyond makes every row NaN; ``nolabels.ops.pseudo_label`` then recomputes
+those rows from float32 unit rows normalised on the host (scale-safe,
+``reference.normalize``), so the op matches float64 for every finite input.
+The test costs one compare per row and per class: the common path is unchanged.
 """
 from __future__ import annotations
 
@@ -74,6 +79,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _NORM_EPS: tl.constexpr = tl.constexpr(1e-12)  # same eps as torch.nn.functional.normalize and the reference
 _BIG: tl.constexpr = tl.constexpr(2147483647)  # int32 max: "no index" sentinel in index reductions
+# normalize=True: a row with |x|^2 >= 2^64 (max-abs entry possibly >= 2^32) could
+# overflow float32 in the raw GEMM; |x|^2 < 2^64 for both operands bounds every
+# sum by D * 2^64 (see "Range" in the module docstring).
+_SS_LIMIT: tl.constexpr = tl.constexpr(18446744073709551616.0)  # 2^64
 
 
 @triton.jit
@@ -111,6 +120,9 @@ def _fwd(
         nonfinite = tl.maximum(nonfinite, tl.max(tl.where(tl.abs(x) < float("inf"), 0, 1), axis=1))
     bad = nonfinite > 0
     if NORMALIZE:
+        # Out of the raw GEMM's range (or overflowed): reported like a non-finite
+        # row (NaN lse); the op recomputes it from a float32 unit row.
+        bad = bad | ~(ss < _SS_LIMIT)
         # scale folded into the image factor: one multiply less per logit.
         x_fac = scale / tl.maximum(tl.sqrt(ss), _NORM_EPS)
     else:
@@ -129,6 +141,7 @@ def _fwd(
     topv = tl.where(real, float("-inf"), float("inf")) + tl.zeros((BLOCK_N, KPAD), dtype=tl.float32)
     topi = tl.where(real, (col - KPAD)[None, :] + zeros_k, _BIG)
     kth = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    big_class = tl.zeros((BLOCK_N,), dtype=tl.int1)  # a class out of the raw GEMM's range
 
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -156,6 +169,11 @@ def _fwd(
         if NORMALIZE:
             w_fac = 1.0 / tl.maximum(tl.sqrt(wss), _NORM_EPS)
             logit = acc * x_fac[:, None] * w_fac[None, :]
+            # Such a class (|w|^2 >= 2^64, possible in float32/bfloat16) spoils every
+            # row: their lse is set to NaN below and the op recomputes them.
+            w_big = ~(wss < _SS_LIMIT)
+            big_class = big_class | (tl.max(w_big.to(tl.int32), axis=0) > 0)
+            logit = tl.where(w_big[None, :], 0.0, logit)
         else:
             logit = acc * x_fac[:, None]
         logit = tl.where(bad[:, None], 0.0, logit)
@@ -197,6 +215,7 @@ def _fwd(
     log_s = tl.log(s)
     lse = m + log_s
     ent = log_s - t / s
+    bad = bad | big_class
     lse = tl.where(bad, float("nan"), lse)
     ent = tl.where(bad, float("nan"), ent)
     tl.store(L + offs_n, lse, mask=row_ok)
@@ -293,7 +312,8 @@ def pseudo_label_triton(
     Returns:
         probs (N, topk) float32 descending, classes (N, topk) int64 (ties:
         lower class index first), entropy (N,) float32, lse (N,) float32.
-        A row of ``image`` with NaN/Inf gets NaN lse, entropy and probs.
+        A row of ``image`` with NaN/Inf, or with normalize and |x|^2 >= 2^64
+        (or every row, if a class has |w|^2 >= 2^64), gets NaN lse and entropy.
 
     Memory: only the outputs are allocated; the kernel keeps O(tile) state
     in registers and never forms the (N, C) logits.
