@@ -156,9 +156,18 @@ double sumsq(const float* x, int64_t D) {
   return s;
 }
 
+// x *= f, rounded once. f is the double 1 / |x|: for a row of norm above ~8.5e37
+// (entries near float32's maximum) it is below FLT_MIN, where a float32 factor would
+// keep only a few bits; such rows are scaled in double. Either way the stored row is
+// the exactly normalised row rounded to float32, whatever the row's magnitude.
 CODER_MULTIVERSION
-void scale_to_bf16(float* x, float f, uint16_t* bf, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) x[d] *= f;
+void scale_to_bf16(float* x, double f, uint16_t* bf, int64_t D) {
+  const float ff = static_cast<float>(f);
+  if (f >= std::numeric_limits<float>::min() && f <= std::numeric_limits<float>::max()) {
+    for (int64_t d = 0; d < D; ++d) x[d] *= ff;
+  } else {
+    for (int64_t d = 0; d < D; ++d) x[d] = static_cast<float>(x[d] * f);
+  }
   if (bf)
     for (int64_t d = 0; d < D; ++d) bf[d] = bf16_bits(x[d]);
 }
@@ -168,7 +177,7 @@ void load_one_normalized(const Tensor& src, int64_t r, float* dst) {
   const int64_t D = src.size(1);
   row_to_f32(src, r, dst);
   const double nrm = std::sqrt(sumsq(dst, D));
-  scale_to_bf16(dst, static_cast<float>(1.0 / std::max(nrm, static_cast<double>(kNormEps))), nullptr, D);
+  scale_to_bf16(dst, 1.0 / std::max(nrm, static_cast<double>(kNormEps)), nullptr, D);
 }
 
 // Rows [r0, r1) of `src` -> float32 rows of `dst` (leading dim D), optionally
@@ -187,14 +196,14 @@ void load_rows(const Tensor& src, int64_t r0, int64_t r1, float* dst, uint16_t* 
       const bool finite = std::isfinite(ss);
       if (bad) bad[i] = finite ? 0 : 1;
       double nrm = std::sqrt(ss);
-      float f = 1.0f;
+      double f = 1.0;  // in double: see scale_to_bf16
       if (normalize && finite) {
-        f = static_cast<float>(1.0 / std::max(nrm, static_cast<double>(kNormEps)));
+        f = 1.0 / std::max(nrm, static_cast<double>(kNormEps));
         nrm = nrm > 0 ? nrm * f : 0.0;
       }
       if (norm) norm[i] = finite ? static_cast<float>(nrm) : 0.0f;
       if (finite) {
-        if (f != 1.0f || bf) scale_to_bf16(row, f, bf ? bf + i * D : nullptr, D);
+        if (f != 1.0 || bf) scale_to_bf16(row, f, bf ? bf + i * D : nullptr, D);
       } else if (bf) {
         std::memset(bf + i * D, 0, D * sizeof(uint16_t));
       }

@@ -241,3 +241,22 @@ def test_select_per_class_bad_arguments(kw, match):
     with pytest.raises(InputError, match=match):
         select_per_class(pl, k, **args)
 
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpu-exact"])
+def test_cpu_rows_near_float32_max_normalise_to_full_precision(gen, monkeypatch, backend):
+    """A row of norm above ~8.5e37 has 1/|x| below FLT_MIN: a float32 factor keeps only
+    ~18 bits there. The same rows scaled by 2^-100 (an exact power of two, ordinary
+    magnitudes) must give the same similarities and scores to float32 rounding."""
+    if library_cpu_status() is not None:
+        pytest.skip(str(library_cpu_status()))
+    monkeypatch.setenv("NOLABELS_TOPK_FILTER", "off" if backend == "cpu-exact" else "on")
+    big = scaled(gen, 40, 512, 3e38)
+    small = big * 2.0**-100
+    v_big, _ = topk_similarity(big, big, 1, backend="cpu")
+    v_small, _ = topk_similarity(small, small, 1, backend="cpu")
+    assert float((v_big - v_small).abs().max()) <= 5e-7
+    t, cls, kind = text_bank(gen, 30, 6, 512, torch.float32, syn_max=3)
+    s_big = coder_class_scores(big, t, cls, kind, 6, scale=1.0, backend="cpu")
+    s_small = coder_class_scores(small, t, cls, kind, 6, scale=1.0, backend="cpu")
+    assert float((s_big - s_small).abs().max()) <= 5e-7
