@@ -50,9 +50,9 @@ import torch
 from torch import nn
 
 from nolabels import dist
-from nolabels.commands._common import progress
 from nolabels.errors import CorruptFileError, InputError
 from nolabels.methods.selection import Selector
+from nolabels.progress import progress
 
 AMP_MODES = ("auto", "bf16", "off")
 
