@@ -6,7 +6,7 @@ Label boundary: the class folders of the inputs are turned into an :class:`Oracl
 when the data is loaded; a method only ever calls ``oracle.report(rows, pred)`` to
 *log* an accuracy (under an ``oracle_`` key). Nothing else reads them.
 
-Run directory (written by every ``tune``; read by :func:`nolabels.commands.predict`):
+Run directory (written by every ``tune``; read by :func:`nolabels.pipeline.predict.predict`):
 
 ================  ==========================================================
 config.json       method, model spec / id / checkpoint, classes, templates,

@@ -586,7 +586,7 @@ def weak_view_outputs(encoder, source, items: Sequence[int],
                 "embedding pass (no further pass over the images)")
         else:
             if workers == "auto":
-                from nolabels.commands.embed import default_workers
+                from nolabels.data.readers import default_workers
 
                 workers = default_workers(encoder.device.type)
             _weak_pass(encoder, source, items, missing, batch_size=batch_size,

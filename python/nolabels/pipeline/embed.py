@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nolabels.data.readers import default_workers
 from nolabels.progress import Log, progress
 
 DEFAULT_BATCH_SIZE = 64
@@ -30,21 +31,6 @@ def embed_amp_dtype(amp: str, device: Any) -> Any:
     if amp == "bf16":
         return torch.bfloat16
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def default_workers(device_type: str = "cpu") -> int:
-    """DataLoader workers for "auto".
-
-    CPU: one worker per two cores, 1 to 4. Even on 2 cores one worker beats decoding
-    in the main process: there every small tensor op of the preprocessing enters
-    torch's 2-thread OpenMP pool, which is slow when the cores are busy
-    (bench_pipeline.py: surrogate 7.7 vs 5.3 img/s on a loaded 2-core machine;
-    decode alone 133 vs 18 img/s). CUDA: up to 8 workers feed the GPU.
-    """
-    n = os.cpu_count() or 1
-    if device_type == "cuda":
-        return max(1, min(8, n - 1))
-    return max(1, min(4, n // 2))
 
 
 @dataclass
