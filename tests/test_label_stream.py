@@ -408,3 +408,25 @@ def test_eval_reads_a_dataset_like_the_file(tmp_path):
     assert a["accuracy"] == sum(p == y for p, y in zip(pred, truth)) / len(pred)
     assert a["selected"]["rows"] == pq.read_table(tmp_path / "d" / SELECTED).num_rows
     assert sum(map(sum, a["confusion"])) == 230
+
+
+def test_layers_point_down():
+    """Nothing below the command line imports nolabels.commands (the CLI's shims), and the
+    public API is importable on its own."""
+    import ast
+
+    pkg = REPO / "python" / "nolabels"
+    offenders = []
+    for f in pkg.rglob("*.py"):
+        rel = f.relative_to(pkg)
+        if rel.parts[0] == "commands" or rel.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            mod = (node.module if isinstance(node, ast.ImportFrom) else
+                   " ".join(a.name for a in node.names) if isinstance(node, ast.Import) else "")
+            if mod and "nolabels.commands" in mod:
+                offenders.append(f"{rel}: {mod}")
+    assert offenders == []
+    from nolabels import api
+
+    assert callable(api.label) and callable(api.tune) and callable(api.coder)

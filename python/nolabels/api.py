@@ -27,22 +27,13 @@ coder      CODER / CODER* / few-shot CODER predictions
 """
 from __future__ import annotations
 
-from typing import Any
-
 from nolabels.data.sources import EmbeddingSource, open_embeddings
 from nolabels.pipeline.coder import coder, coder_knowledge
 from nolabels.pipeline.embed import EmbedReport, embed
 from nolabels.pipeline.evaluate import evaluate, format_report
 from nolabels.pipeline.label import LabelReport, label
 from nolabels.pipeline.predict import predict
-
-
-def tune(method: str, images: Any, classes: Any, out: Any, **kwargs: Any) -> dict:
-    """Label-free tuning (``nolabels tune``): see :func:`nolabels.pipeline.tune.tune`."""
-    from nolabels.pipeline.tune import tune as _tune
-
-    return _tune(method, images, classes, out, **kwargs)
-
+from nolabels.pipeline.tune import tune
 
 __all__ = ["EmbedReport", "EmbeddingSource", "LabelReport", "coder", "coder_knowledge", "embed",
            "evaluate", "format_report", "label", "open_embeddings", "predict", "tune"]
