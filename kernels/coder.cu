@@ -41,6 +41,7 @@
 
 #include "coder.cuh"
 
+#include <algorithm>
 #include <cfloat>
 #include <cstdint>
 
@@ -395,16 +396,22 @@ __global__ void __launch_bounds__(kThreads) warp_select_kernel(const float* __re
 
 __global__ void topk_poison_kernel(float* vals, int64_t rows, int64_t k, const int* row_bad,
                                    const int* any_bad) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * k) return;
-  if ((any_bad && *any_bad) || (row_bad && row_bad[i / k])) vals[i] = __int_as_float(0x7fc00000);
+  // grid-stride: the grid is capped at 2^31-1 blocks
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * k;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if ((any_bad && *any_bad) || (row_bad && row_bad[i / k])) vals[i] = __int_as_float(0x7fc00000);
+  }
 }
 
+// 1-D grid of rows x cblocks blocks (rows do not go on grid.y: a row block can hold
+// millions of rows); block b covers classes [(b % cblocks) * blockDim.x, ...) of row
+// b / cblocks.
 __global__ void seg_reduce_kernel(const float* __restrict__ tile, int64_t R, int64_t C,
-                                  const int64_t* __restrict__ seg, const int* row_bad,
-                                  float* __restrict__ out) {
-  const int64_t row = blockIdx.y;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+                                  int64_t cblocks, const int64_t* __restrict__ seg,
+                                  const int* row_bad, float* __restrict__ out) {
+  const int64_t b = blockIdx.x;
+  const int64_t row = b / cblocks;
+  const int64_t c = (b - row * cblocks) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const float* t = tile + row * R;
   float v;
@@ -436,23 +443,56 @@ __global__ void rowdot_inv_kernel(const float* __restrict__ U, const float* __re
 
 __global__ void scale_clamp_kernel(float* out, int64_t N, int64_t K, const float* ix,
                                    const float* iy) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= N * K) return;
-  const float v = out[i] * ix[i / K] * iy[i % K];
-  out[i] = fminf(1.0f, fmaxf(-1.0f, v));
+  // grid-stride: the grid is capped at 2^31-1 blocks
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N * K;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float v = out[i] * ix[i / K] * iy[i % K];
+    out[i] = fminf(1.0f, fmaxf(-1.0f, v));
+  }
 }
 
-inline unsigned blocks_for(int64_t n, int per_block) {
-  return static_cast<unsigned>((n + per_block - 1) / per_block);
+inline int64_t blocks_for(int64_t n, int per_block) { return (n + per_block - 1) / per_block; }
+
+LaunchPlan plan_1d(int64_t blocks, int threads) {
+  LaunchPlan p;
+  p.grid_x = blocks;
+  p.block = threads;
+  return p;
+}
+
+dim3 grid_of(const LaunchPlan& p) {
+  return dim3(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y),
+              static_cast<unsigned>(p.grid_z));
 }
 
 }  // namespace
 
+LaunchPlan plan_normalize_rows(int64_t rows) { return plan_1d(blocks_for(rows, kThreads / 32), kThreads); }
+LaunchPlan plan_topk_merge(int64_t rows, int64_t k) {
+  if (k <= 256) return plan_1d(blocks_for(rows, kThreads / 32), kThreads);  // a warp per row
+  return plan_1d(rows, kThreads);                                            // a block per row
+}
+constexpr int64_t kMaxGridX = 0x7fffffffLL;
+LaunchPlan plan_topk_poison(int64_t rows, int64_t k) {
+  return plan_1d(std::min(blocks_for(rows * k, 256), kMaxGridX), 256);  // grid-stride kernel
+}
+LaunchPlan plan_seg_reduce(int64_t rows, int64_t C) { return plan_1d(rows * blocks_for(C, kThreads), kThreads); }
+LaunchPlan plan_rowdot_inv(int64_t rows) { return plan_1d(blocks_for(rows, kThreads / 32), kThreads); }
+LaunchPlan plan_scale_clamp(int64_t N, int64_t K) {
+  return plan_1d(std::min(blocks_for(N * K, 256), kMaxGridX), 256);  // grid-stride kernel
+}
+bool plan_fits(const LaunchPlan& p) {
+  return p.grid_x >= 1 && p.grid_x <= 0x7fffffffLL && p.grid_y >= 1 && p.grid_y <= 65535 &&
+         p.grid_z >= 1 && p.grid_z <= 65535 && p.block >= 1 && p.block <= 1024 && p.smem >= 0 &&
+         p.smem <= 48 * 1024;
+}
+
 int normalize_rows(const void* src, int dtype, int64_t rows, int64_t D, int64_t s0, int64_t s1,
                    float* dst, bool normalize, int* row_bad, int* any_bad, void* stream) {
   if (rows == 0) return 0;
-  const int per_block = kThreads / 32;
-  normalize_rows_kernel<<<blocks_for(rows, per_block), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  const LaunchPlan pl = plan_normalize_rows(rows);
+  if (!plan_fits(pl)) return static_cast<int>(cudaErrorInvalidConfiguration);
+  normalize_rows_kernel<<<grid_of(pl), pl.block, pl.smem, static_cast<cudaStream_t>(stream)>>>(
       src, dtype, rows, D, s0, s1, dst, normalize, row_bad, any_bad);
   return static_cast<int>(cudaGetLastError());
 }
@@ -463,28 +503,26 @@ int topk_merge(const float* S, int64_t rows, int64_t cols, int64_t ld, float* va
   if (k < 1 || k > kMaxK) return static_cast<int>(cudaErrorInvalidValue);
   auto s = static_cast<cudaStream_t>(stream);
   const int ki = static_cast<int>(k);
+  const LaunchPlan pl = plan_topk_merge(rows, k);
+  if (!plan_fits(pl)) return static_cast<int>(cudaErrorInvalidConfiguration);
+  const dim3 grid = grid_of(pl);
   if (k <= 256) {  // warp select in registers, 4 rows per block
-    const dim3 wgrid(blocks_for(rows, kThreads / 32));
     if (k <= 32) {
-      warp_select_kernel<1><<<wgrid, kThreads, 0, s>>>(S, rows, cols, ld, vals, idx, ki, base, first);
+      warp_select_kernel<1><<<grid, pl.block, pl.smem, s>>>(S, rows, cols, ld, vals, idx, ki, base, first);
     } else if (k <= 64) {
-      warp_select_kernel<2><<<wgrid, kThreads, 0, s>>>(S, rows, cols, ld, vals, idx, ki, base, first);
+      warp_select_kernel<2><<<grid, pl.block, pl.smem, s>>>(S, rows, cols, ld, vals, idx, ki, base, first);
     } else if (k <= 128) {
-      warp_select_kernel<4><<<wgrid, kThreads, 0, s>>>(S, rows, cols, ld, vals, idx, ki, base, first);
+      warp_select_kernel<4><<<grid, pl.block, pl.smem, s>>>(S, rows, cols, ld, vals, idx, ki, base, first);
     } else {
-      warp_select_kernel<8><<<wgrid, kThreads, 0, s>>>(S, rows, cols, ld, vals, idx, ki, base, first);
+      warp_select_kernel<8><<<grid, pl.block, pl.smem, s>>>(S, rows, cols, ld, vals, idx, ki, base, first);
     }
     return static_cast<int>(cudaGetLastError());
   }
-  const dim3 grid(static_cast<unsigned>(rows));  // block select in shared memory, a block per row
-  if (k <= 128) {
-    topk_merge_kernel<128><<<grid, kThreads, 0, s>>>(S, cols, ld, vals, idx, ki, base, first);
-  } else if (k <= 256) {
-    topk_merge_kernel<256><<<grid, kThreads, 0, s>>>(S, cols, ld, vals, idx, ki, base, first);
-  } else if (k <= 512) {
-    topk_merge_kernel<512><<<grid, kThreads, 0, s>>>(S, cols, ld, vals, idx, ki, base, first);
+  // block select in shared memory, a block per row (k > 256 here)
+  if (k <= 512) {
+    topk_merge_kernel<512><<<grid, pl.block, pl.smem, s>>>(S, cols, ld, vals, idx, ki, base, first);
   } else {
-    topk_merge_kernel<1024><<<grid, kThreads, 0, s>>>(S, cols, ld, vals, idx, ki, base, first);
+    topk_merge_kernel<1024><<<grid, pl.block, pl.smem, s>>>(S, cols, ld, vals, idx, ki, base, first);
   }
   return static_cast<int>(cudaGetLastError());
 }
@@ -492,7 +530,9 @@ int topk_merge(const float* S, int64_t rows, int64_t cols, int64_t ld, float* va
 int topk_poison(float* vals, int64_t rows, int64_t k, const int* row_bad, const int* any_bad,
                 void* stream) {
   if (rows * k == 0) return 0;
-  topk_poison_kernel<<<blocks_for(rows * k, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+  const LaunchPlan pl = plan_topk_poison(rows, k);
+  if (!plan_fits(pl)) return static_cast<int>(cudaErrorInvalidConfiguration);
+  topk_poison_kernel<<<grid_of(pl), pl.block, pl.smem, static_cast<cudaStream_t>(stream)>>>(
       vals, rows, k, row_bad, any_bad);
   return static_cast<int>(cudaGetLastError());
 }
@@ -500,23 +540,27 @@ int topk_poison(float* vals, int64_t rows, int64_t k, const int* row_bad, const 
 int seg_reduce(const float* tile, int64_t rows, int64_t R, int64_t C, const int64_t* seg,
                const int* row_bad, float* out, void* stream) {
   if (rows == 0) return 0;
-  const dim3 grid(blocks_for(C, kThreads), static_cast<unsigned>(rows));
-  seg_reduce_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(tile, R, C, seg,
-                                                                             row_bad, out);
+  const LaunchPlan pl = plan_seg_reduce(rows, C);
+  if (!plan_fits(pl)) return static_cast<int>(cudaErrorInvalidConfiguration);
+  seg_reduce_kernel<<<grid_of(pl), pl.block, pl.smem, static_cast<cudaStream_t>(stream)>>>(
+      tile, R, C, blocks_for(C, kThreads), seg, row_bad, out);
   return static_cast<int>(cudaGetLastError());
 }
 
 int rowdot_inv(const float* U, const float* X, int64_t rows, int64_t D, float* inv, void* stream) {
   if (rows == 0) return 0;
-  rowdot_inv_kernel<<<blocks_for(rows, kThreads / 32), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  const LaunchPlan pl = plan_rowdot_inv(rows);
+  if (!plan_fits(pl)) return static_cast<int>(cudaErrorInvalidConfiguration);
+  rowdot_inv_kernel<<<grid_of(pl), pl.block, pl.smem, static_cast<cudaStream_t>(stream)>>>(
       U, X, rows, D, inv);
   return static_cast<int>(cudaGetLastError());
 }
 
 int scale_clamp(float* out, int64_t N, int64_t K, const float* ix, const float* iy, void* stream) {
   if (N * K == 0) return 0;
-  scale_clamp_kernel<<<blocks_for(N * K, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(out, N, K,
-                                                                                           ix, iy);
+  const LaunchPlan pl = plan_scale_clamp(N, K);
+  if (!plan_fits(pl)) return static_cast<int>(cudaErrorInvalidConfiguration);
+  scale_clamp_kernel<<<grid_of(pl), pl.block, pl.smem, static_cast<cudaStream_t>(stream)>>>(out, N, K, ix, iy);
   return static_cast<int>(cudaGetLastError());
 }
 

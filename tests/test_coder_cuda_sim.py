@@ -200,9 +200,11 @@ def test_normalize_rows_flags_and_zero_rows(lib, gen):
     assert (out[4] == 0).all()
 
 
-def test_seg_reduce_matches_python(lib, gen):
-    r_rows, c = 5, 6
-    n1 = [2, 0, 3, 1, 0, 4]  # kind-1 texts per class (a class may have none)
+@pytest.mark.parametrize("c", [6, 300], ids=["1-class-block", "3-class-blocks"])
+def test_seg_reduce_matches_python(lib, gen, c):
+    # 300 classes: 3 blocks per row on the 1-D grid (block b -> row b / 3, classes of b % 3)
+    r_rows = 5
+    n1 = [2, 0, 3, 1, 0, 4] if c == 6 else torch.randint(0, 4, (c,), generator=gen).tolist()
     seg = torch.tensor([0] + torch.tensor(n1).cumsum(0).tolist(), dtype=torch.int64)
     r = c + int(seg[-1])
     tile = torch.randn(r_rows, r, generator=gen)

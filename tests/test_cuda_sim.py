@@ -56,6 +56,42 @@ __global__ void divergent_shuffle(int* out) {
   out[threadIdx.x] = v;
 }
 
+__global__ void touch(int* out) {  // launch-limit tests: one write per block
+  extern __shared__ int dyn[];
+  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) {
+    dyn[0] = 1;
+    out[0] = dyn[0];
+  }
+}
+__global__ void touch_optin(int* out) {  // same, for the opt-in attribute (per kernel)
+  extern __shared__ int dyn2[];
+  if (threadIdx.x == 0) {
+    dyn2[0] = 1;
+    out[0] = dyn2[0];
+  }
+}
+
+// which: 0 grid.y, 1 grid.z, 2 grid.x, 3 threads, 4 block.z, 5 smem without attribute,
+// 6 smem with attribute; n: the tested value. Returns the cudaError_t of the launch
+// (or of cudaFuncSetAttribute when it fails).
+extern "C" int launch_limit(int which, long long n, int* out) {
+  switch (which) {
+    case 0: touch<<<dim3(1, static_cast<unsigned>(n)), 1>>>(out); break;
+    case 1: touch<<<dim3(1, 1, static_cast<unsigned>(n)), 1>>>(out); break;
+    case 2: touch<<<dim3(static_cast<unsigned>(n)), 1>>>(out); break;
+    case 3: touch<<<1, dim3(32, static_cast<unsigned>(n / 32))>>>(out); break;  // n threads
+    case 4: touch<<<1, dim3(1, 1, static_cast<unsigned>(n))>>>(out); break;
+    case 5: touch<<<1, 32, static_cast<size_t>(n)>>>(out); break;
+    default: {
+      const cudaError_t e = cudaFuncSetAttribute(touch_optin, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(n));
+      if (e != cudaSuccess) return static_cast<int>(e);
+      touch_optin<<<1, 32, static_cast<size_t>(n)>>>(out);
+    }
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
 extern "C" int run(int which, int* a, int* b) {
   switch (which) {
     case 0: shuffles<<<1, 64>>>(a); break;
@@ -107,3 +143,60 @@ def test_synccheck_fails_the_launch_and_names_both_sites(lib, which, what):
     assert err != 0, "a divergent barrier went unnoticed"
     assert f"divergent {what}" in msg and msg.count("selftest.cu:") == 2, msg
     assert lib.run(0, _ptr(torch.zeros(64 * 7, dtype=torch.int32)), None) == 0  # error was reset
+
+
+# --------------------------------------------------------------------------- launch limits
+_INVALID_CONFIG, _INVALID_VALUE = 9, 1
+
+
+def _launch(lib, which: int, n: int) -> tuple[int, str, torch.Tensor]:
+    out = torch.zeros(1, dtype=torch.int32)
+    err = lib.launch_limit(which, ctypes.c_longlong(n), _ptr(out))
+    return err, lib.nolabels_sim_error_message().decode(), out
+
+
+@pytest.mark.parametrize("which,ok,bad,what", [
+    (0, 65535, 65536, "grid.y = 65536 > 65535"),
+    (1, 65535, 65536, "grid.z = 65536 > 65535"),
+    (2, 1, 2**31, "grid.x = 2147483648 > 2^31-1"),
+    (3, 1024, 1056, "1056 > 1024 threads"),
+    (4, 64, 65, "exceeds (1024, 1024, 64)"),
+    (5, 48 * 1024, 48 * 1024 + 4, "48 KB without cudaFuncSetAttribute"),
+], ids=["grid.y", "grid.z", "grid.x", "threads", "block.z", "smem-no-attr"])
+def test_launch_over_a_limit_fails_and_nothing_runs(lib, which, ok, bad, what):
+    if which in (0, 1):  # 65,535 blocks are slow to run here: a small accepted grid instead
+        ok = 3
+    err, msg, out = _launch(lib, which, bad)
+    assert err in (_INVALID_CONFIG, _INVALID_VALUE) and what in msg, (err, msg)
+    assert int(out) == 0, "a rejected launch ran"
+    err, msg, out = _launch(lib, which, ok)  # at the limit: accepted and run (error reset)
+    assert err == 0 and int(out) == 1, (err, msg)
+
+
+def test_dynamic_smem_above_48k_needs_the_attribute_and_the_device_opt_in(lib):
+    try:
+        lib.nolabels_sim_set_arch(90)
+        err, msg, out = _launch(lib, 6, 227 * 1024)  # sm_90 opt-in maximum
+        assert err == 0 and int(out) == 1, msg
+        assert _launch(lib, 6, 227 * 1024 + 4)[0] == _INVALID_VALUE  # attribute refused
+        lib.nolabels_sim_set_arch(80)  # sm_80: 163 KB
+        assert _launch(lib, 6, 200 * 1024)[0] == _INVALID_VALUE
+        err, msg, out = _launch(lib, 6, 163 * 1024)
+        assert err == 0 and int(out) == 1, msg
+        # the attribute is per kernel: the other kernel still has the 48 KB default
+        err, msg, _ = _launch(lib, 5, 64 * 1024)
+        assert err == _INVALID_VALUE and "48 KB" in msg, msg
+    finally:
+        lib.nolabels_sim_set_arch(90)
+
+
+def test_launch_log_records_every_configuration(lib):
+    lib.nolabels_sim_clear_launch_log()
+    _launch(lib, 3, 96)  # block (32, 3)
+    _launch(lib, 0, 70000)
+    rec = (ctypes.c_longlong * 8)()
+    got = []
+    for i in range(lib.nolabels_sim_launch_count()):
+        assert lib.nolabels_sim_launch_record(i, rec) == 0
+        got.append(list(rec))
+    assert got == [[1, 1, 1, 32, 3, 1, 0, 1], [1, 70000, 1, 1, 1, 1, 0, 0]]

@@ -23,8 +23,20 @@
 //     __syncthreads (warp collective) -- same source line and column; otherwise the
 //     launch fails: cudaGetLastError() returns an error and nolabels_sim_error_message()
 //     names the two call sites.
-// Not modelled: timing, memory-ordering subtleties beyond barriers, the 48 KB shared
-// memory limit, warp-synchronous code without __syncwarp (undefined since Volta), and
+//   * launch limits, checked before a launch runs (a launch a GPU would reject fails
+//     here too, cudaGetLastError() returning cudaErrorInvalidConfiguration or
+//     cudaErrorInvalidValue and nolabels_sim_error_message() saying which limit):
+//     grid.x <= 2^31-1, grid.y/z <= 65535, every grid dim >= 1; block.x/y <= 1024,
+//     block.z <= 64, <= 1024 threads; dynamic shared memory <= 48 KB, or <= the
+//     value a cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, v)
+//     set for that kernel, and that v <= the simulated device's opt-in maximum
+//     (sm_90: 227 KB, sm_80: 163 KB; default sm_90, set by the environment variable
+//     NOLABELS_SIM_ARCH=sm_80|sm_90 or nolabels_sim_set_arch(80|90));
+//   * a launch log (grid, block, dynamic smem of every launch, accepted or not) that
+//     tests read through nolabels_sim_launch_count / nolabels_sim_launch_record.
+// Not modelled: timing, memory-ordering subtleties beyond barriers, static shared
+// memory (the `static` arrays are not counted against the per-block limit), registers
+// per thread, warp-synchronous code without __syncwarp (undefined since Volta), and
 // inline PTX (kernels using it cannot be compiled here).
 #pragma once
 
@@ -32,6 +44,8 @@
 #include <array>
 #include <atomic>
 #include <barrier>
+#include <cstdlib>
+#include <map>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -87,12 +101,71 @@ struct Block {
 inline std::mutex g_error_mu;
 inline std::string g_error_message;
 inline int g_error_code = 0;
-inline void report(const std::string& msg) {
+inline void report(const std::string& msg, int code = 4 /* cudaErrorLaunchFailure */) {
   std::lock_guard<std::mutex> lock(g_error_mu);
   if (g_error_code == 0) {
-    g_error_code = 4;  // cudaErrorLaunchFailure
+    g_error_code = code;
     g_error_message = msg;
   }
+}
+
+// The simulated device's launch limits (CUDA programming guide, "Technical Specifications
+// per Compute Capability"); only the shared-memory opt-in differs between sm_80 and sm_90.
+struct DeviceLimits {
+  int arch;                  // 80 or 90
+  size_t smem_optin;         // cudaDevAttrMaxSharedMemoryPerBlockOptin
+};
+constexpr unsigned kMaxGridX = 0x7fffffffu, kMaxGridYZ = 65535u;
+constexpr unsigned kMaxThreads = 1024u, kMaxBlockXY = 1024u, kMaxBlockZ = 64u;
+constexpr size_t kDefaultDynSmem = 48 * 1024;  // without the opt-in attribute
+inline DeviceLimits limits_for(int arch) {
+  return arch == 80 ? DeviceLimits{80, 163 * 1024} : DeviceLimits{90, 227 * 1024};
+}
+inline DeviceLimits initial_device() {
+  const char* a = std::getenv("NOLABELS_SIM_ARCH");
+  return limits_for(a && std::strcmp(a, "sm_80") == 0 ? 80 : 90);
+}
+inline std::mutex g_attr_mu;
+inline DeviceLimits g_device = initial_device();
+inline std::map<const void*, size_t> g_max_dyn_smem;  // per kernel, set by cudaFuncSetAttribute
+
+// Every launch's configuration, in order (accepted or rejected).
+struct LaunchRecord {
+  unsigned grid[3], block[3];
+  size_t smem;
+  int accepted;
+};
+inline std::vector<LaunchRecord> g_launch_log;
+
+// Why the configuration would be rejected by a GPU ("" when it is accepted); *code: the
+// cudaError_t the CUDA runtime returns for it.
+inline std::string launch_violation(const void* kernel, dim3 grid, dim3 block, size_t smem, int* code) {
+  auto dims = [](dim3 d) {
+    return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
+  };
+  *code = 9;  // cudaErrorInvalidConfiguration
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return "grid " + dims(grid) + " has a zero dimension";
+  if (grid.x > kMaxGridX) return "grid.x = " + std::to_string(grid.x) + " > 2^31-1";
+  if (grid.y > kMaxGridYZ) return "grid.y = " + std::to_string(grid.y) + " > 65535";
+  if (grid.z > kMaxGridYZ) return "grid.z = " + std::to_string(grid.z) + " > 65535";
+  if (block.x == 0 || block.y == 0 || block.z == 0) return "block " + dims(block) + " has a zero dimension";
+  if (block.x > kMaxBlockXY || block.y > kMaxBlockXY || block.z > kMaxBlockZ)
+    return "block " + dims(block) + " exceeds (1024, 1024, 64)";
+  const unsigned long long threads = 1ull * block.x * block.y * block.z;
+  if (threads > kMaxThreads) return "block " + dims(block) + " has " + std::to_string(threads) + " > 1024 threads";
+  size_t allowed = kDefaultDynSmem;
+  {
+    std::lock_guard<std::mutex> lock(g_attr_mu);
+    auto it = g_max_dyn_smem.find(kernel);
+    if (it != g_max_dyn_smem.end()) allowed = it->second;
+  }
+  if (smem > allowed) {
+    *code = 1;  // cudaErrorInvalidValue
+    return "dynamic shared memory " + std::to_string(smem) + " B > the kernel's maximum " +
+           std::to_string(allowed) + " B" +
+           (allowed == kDefaultDynSmem ? " (48 KB without cudaFuncSetAttribute(MaxDynamicSharedMemorySize))" : "");
+  }
+  return "";
 }
 inline std::string where(const Site& s) { return std::string(s.file_name()) + ":" + std::to_string(s.line()); }
 inline bool same(const Site& a, const Site& b) {
@@ -137,6 +210,24 @@ inline void warp_wait(const Site& at) {
 
 // One translation unit per build (the .cu plus its test API), so a plain definition is fine.
 extern "C" __attribute__((used)) const char* nolabels_sim_error_message() { return sim::g_error_message.c_str(); }
+// The launch log and the simulated device (see sim.h's header comment).
+extern "C" __attribute__((used)) int nolabels_sim_launch_count() { return static_cast<int>(sim::g_launch_log.size()); }
+// out: grid x, y, z, block x, y, z, dynamic smem bytes, accepted (0/1).
+extern "C" __attribute__((used)) int nolabels_sim_launch_record(int i, long long* out) {
+  if (i < 0 || i >= static_cast<int>(sim::g_launch_log.size())) return 1;
+  const auto& r = sim::g_launch_log[i];
+  const long long v[8] = {r.grid[0], r.grid[1], r.grid[2], r.block[0], r.block[1], r.block[2],
+                          static_cast<long long>(r.smem), r.accepted};
+  for (int j = 0; j < 8; ++j) out[j] = v[j];
+  return 0;
+}
+extern "C" __attribute__((used)) void nolabels_sim_clear_launch_log() { sim::g_launch_log.clear(); }
+// 80 or 90 (anything else: 90); forgets the attributes set so far, like a fresh context.
+extern "C" __attribute__((used)) void nolabels_sim_set_arch(int arch) {
+  std::lock_guard<std::mutex> lock(sim::g_attr_mu);
+  sim::g_device = sim::limits_for(arch);
+  sim::g_max_dyn_smem.clear();
+}
 
 inline dim3 blockDim, gridDim;
 inline thread_local dim3 threadIdx, blockIdx;
@@ -258,6 +349,13 @@ template <class... P, class... A>
 void launch(void (*kernel)(P...), const LaunchCfg& cfg, A&&... args) {
   const dim3 grid = cfg.grid, block = cfg.block;
   const size_t smem = cfg.smem;
+  int code = 0;
+  const std::string bad = launch_violation(reinterpret_cast<const void*>(kernel), grid, block, smem, &code);
+  g_launch_log.push_back({{grid.x, grid.y, grid.z}, {block.x, block.y, block.z}, smem, bad.empty() ? 1 : 0});
+  if (!bad.empty()) {  // the GPU refuses the launch: nothing runs
+    report("launch rejected: " + bad, code);
+    return;
+  }
   gridDim = grid;
   blockDim = block;
   const unsigned nthreads = block.x * block.y * block.z;
