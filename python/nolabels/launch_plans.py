@@ -108,8 +108,7 @@ def cuda_topk_similarity(n: int, m: int, k: int) -> Iterator[Plan]:
     tm = min(m, max(k, 1024, (1 << 26) // qb))
     for nq in {qb, n % qb or qb}:
         yield coder_normalize_rows(nq)
-        for nm in {tm, m % tm or tm}:
-            yield coder_topk_merge(nq, k)
+        yield coder_topk_merge(nq, k)
     for nm in {tm, m % tm or tm}:
         yield coder_normalize_rows(nm)
     yield coder_topk_poison(n, k)
