@@ -5,7 +5,8 @@
 #   2. run the GPU tests (pytest -m gpu; Triton compiled, not interpreted);
 #   3. run every benchmark at GPU sizes;
 #   4. write JSON results and logs into $OUT (default benchmarks/results/gpu-run).
-# Target: under 10 minutes on one H100 (the per-step timeouts add up to ~9.5).
+# Target: under 10 minutes on one H100 (the per-step timeouts add up to ~9.5; the
+# launch-plan sweep, without the simulator, takes ~3 s of its 20).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-run}
@@ -26,7 +27,11 @@ else
 fi
 $PY -m nolabels info --json > "$OUT/info.json"; $PY -m nolabels info || status=1
 
-echo "== GPU tests"
+echo "== launch-plan sweep (every kernel's grid/block/smem against the GPU's limits; CPU only)"
+timeout 20 $PY -m pytest -q -ra tests/test_launch_plans.py -k "fit or has_more_rows or violations" -p no:cacheprovider 2>&1 | tail -5
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== GPU tests (include test_launch_plans.py's big-N coder_class_scores, N = 70,000)"
 NOLABELS_TEST_GPU=1 timeout 150 $PY -m pytest -q -m gpu -ra \
   --junitxml="$OUT/gpu_tests.xml" tests 2>&1 | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

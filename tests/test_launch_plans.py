@@ -197,3 +197,28 @@ def test_launcher_refuses_a_plan_over_the_limits(coder_lib):
     n = 2**31 * 4 + 8  # a warp per row, 4 rows per block: > 2^31-1 blocks
     err = coder_lib.launch_one(0, ctypes.c_int64(n), ctypes.c_int64(0), None, None, None, None, None)
     assert err == 9 and coder_lib.nolabels_sim_launch_count() == 0
+
+
+# ---------------------------------------------------------------- on a GPU (gpu_check.sh)
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_big_n_class_scores_with_few_texts_per_class(backend):
+    """N = 70,000 images, 10 classes of 2 texts: the CUDA row block holds all 70,000 rows
+    (more than grid.y's 65,535); the rows past 65,535 are checked against the reference."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from nolabels.backends import library_cuda_status
+    from nolabels.ops import coder_class_scores
+    from test_coder_ops import _INTERP, check_scores, text_bank
+
+    if backend == "cuda" and library_cuda_status() is not None:
+        pytest.skip(library_cuda_status())
+    if backend == "triton" and _INTERP:
+        pytest.skip("set NOLABELS_TEST_GPU=1 to compile Triton for the GPU")
+    gen = torch.Generator().manual_seed(7)
+    n, c, d = 70_000, 10, 64
+    x = torch.randn(n, d, generator=gen)
+    t, cls, kind = text_bank(gen, 2 * c, c, d, torch.float32)
+    s = coder_class_scores(x.cuda(), t.cuda(), cls.cuda(), kind.cuda(), c, backend=backend)
+    torch.cuda.synchronize()
+    rows = torch.cat([torch.arange(0, 100), torch.arange(n - 4000, n)])
+    check_scores(s[rows.cuda()], x[rows], t, cls, kind, c)
