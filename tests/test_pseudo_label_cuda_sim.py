@@ -262,3 +262,23 @@ int main() {
 def test_prescaled_restart_is_race_free_under_thread_sanitizer():
     """The fp32 kernel's restart with pre-scaled rows (extra barriers, stage 0 re-staged)."""
     sim_build.assert_race_free(CU, _RACE_MAIN_SCALED)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_launches_equal_the_python_launch_plans(lib, gen, dtype):
+    """launch_pseudo_label's launches, as the simulator logged them (it also enforces the
+    limits: the 16-bit kernels' 66 KB of shared memory need the opt-in attribute), equal
+    nolabels.launch_plans.cuda_pseudo_label: the sweep in test_launch_plans.py checks the
+    plans the kernels really get."""
+    from nolabels import launch_plans as lp
+
+    x, w = make_inputs(gen, 300, 261, 72, dtype)
+    lib.nolabels_sim_clear_launch_log()
+    pseudo_label_sim(lib, x, w, topk=3)
+    rec = (ctypes.c_longlong * 8)()
+    got = []
+    for i in range(lib.nolabels_sim_launch_count()):
+        lib.nolabels_sim_launch_record(i, rec)
+        got.append(list(rec))
+    want = [[*p.grid, *p.block, p.dyn_smem, 1] for p in lp.cuda_pseudo_label(300, 261, str(dtype)[6:])]
+    assert got == want

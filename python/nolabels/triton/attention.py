@@ -7,7 +7,8 @@ saves only ``out`` and the log-sum-exp; the backward recomputes the
 probabilities from them (exact: xformers ``merge_training.py``).
 
 Kernels:
-    _fwd              grid (cdiv(L, BLOCK_M), B*H): one query block.
+    _fwd              1-D grid of B*H*cdiv(L, BLOCK_M) programs (B*H is not on grid
+                      axis 1, which stops at 65,535): one query block.
     _bwd_preprocess   delta = rowsum(dO * O), float32 (B, H, L).
     _bwd              1-D grid, two roles, no atomics (float32 results are
                       deterministic):
@@ -98,8 +99,10 @@ def _fwd(
     H, L, P, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, F32: tl.constexpr, RNE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.cast(tl.program_id(1), tl.int64)
+    pid = tl.cast(tl.program_id(0), tl.int64)
+    n_m = tl.cdiv(L, BLOCK_M)
+    bh = pid // n_m
+    pid_m = pid - bh * n_m
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -137,8 +140,10 @@ def _bwd_preprocess(
     H, L,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.cast(tl.program_id(1), tl.int64)
+    pid = tl.cast(tl.program_id(0), tl.int64)
+    n_m = tl.cdiv(L, BLOCK_M)
+    bh = pid // n_m
+    pid_m = pid - bh * n_m
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -361,6 +366,25 @@ def _prompts_or_dummy(q, prompt_k, prompt_v):
     return pk, pv, pk.shape[0], (pk.stride(0), pk.stride(1)), (pv.stride(0), pv.stride(1))
 
 
+def fwd_grid(batch: int, heads: int, length: int, cfg: dict) -> tuple[int]:
+    """Grid of ``_fwd``: one program per (b, h, query block), query blocks fastest
+    (the order of the former 2-D grid), all on axis 0 (up to 2^31-1 programs)."""
+    return (batch * heads * triton.cdiv(length, cfg["BLOCK_M"]),)
+
+
+def bwd_preprocess_grid(batch: int, heads: int, length: int, block_m: int) -> tuple[int]:
+    """Grid of ``_bwd_preprocess``: like ``fwd_grid`` with BLOCK_M = ``block_m``."""
+    return (batch * heads * triton.cdiv(length, block_m),)
+
+
+def bwd_grid(batch: int, heads: int, length: int, n_prompt_keys: int, cfg: dict) -> tuple[int]:
+    """Grid of ``_bwd``: the prompt programs (groups x H x prompt-key blocks) then the
+    sequence programs (B x H x key blocks), on axis 0."""
+    groups = prompt_groups(batch)[0] if n_prompt_keys > 0 else 0
+    n_prompt = groups * heads * triton.cdiv(n_prompt_keys, cfg["BLOCK_OUTER"])
+    return (n_prompt + batch * heads * triton.cdiv(length, cfg["BLOCK_OUTER"]),)
+
+
 def prompt_attention_fwd_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -378,7 +402,7 @@ def prompt_attention_fwd_triton(
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     pk, pv, P, spk, spv = _prompts_or_dummy(q, prompt_k, prompt_v)
     cfg = fwd_config(D, q.dtype)
-    grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
+    grid = fwd_grid(B, H, L, cfg)
     with _device_guard(q):
         _fwd[grid](
             q, k, v, pk, pv, out, lse,
@@ -419,13 +443,14 @@ def prompt_attention_bwd_triton(
     pre_block = 16 if _interpret() else PRE_BLOCK
     cfg = bwd_config(D, q.dtype)
     n_prompt = groups * H * triton.cdiv(P, cfg["BLOCK_OUTER"])
-    n_seq = B * H * triton.cdiv(L, cfg["BLOCK_OUTER"])
+    grid = bwd_grid(B, H, L, P, cfg)
+    assert grid[0] == n_prompt + B * H * triton.cdiv(L, cfg["BLOCK_OUTER"])
     with _device_guard(q):
-        _bwd_preprocess[(triton.cdiv(L, pre_block), B * H)](
+        _bwd_preprocess[bwd_preprocess_grid(B, H, L, pre_block)](
             out, dout, delta, *_strides3(out), *_strides3(dout), H, L,
             HEAD_DIM=D, BLOCK_M=pre_block,
         )
-        _bwd[(n_prompt + n_seq,)](
+        _bwd[grid](
             q, k, v, pk, pv, dout, lse, delta, dq, dk, dv, part_k, part_v,
             *_strides3(q), *_strides3(k), *_strides3(v), *spk, *spv, *_strides3(dout),
             *_strides3(dq), *_strides3(dk), *_strides3(dv),
@@ -445,6 +470,9 @@ def prompt_attention_bwd_triton(
 __all__ = [
     "HEAD_DIMS",
     "bwd_config",
+    "bwd_grid",
+    "bwd_preprocess_grid",
+    "fwd_grid",
     "fwd_config",
     "prompt_attention_bwd_triton",
     "prompt_attention_fwd_triton",
