@@ -268,8 +268,11 @@ def _scores_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    # 1-D grid, row blocks fastest (the order of the former (rows, classes) grid)
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(N, BLOCK_N)
+    pid_c = pid // n_n
+    pid_n = pid - pid_c * n_n
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cls = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -315,6 +318,16 @@ SCORES_META = {"BLOCK_N": 64, "BLOCK_C": 64, "BLOCK_D": 32, "num_warps": 4, "num
 _SCORES_INTERPRET_META = {"BLOCK_N": 16, "BLOCK_C": 16, "BLOCK_D": 32, "num_warps": 4}
 
 
+def scores_grid(n: int, c: int, meta: dict) -> tuple[int]:
+    """Grid of ``_scores_kernel``: one program per (row block, class block), on axis 0."""
+    return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(c, meta["BLOCK_C"]),)
+
+
+def mm_nt_grid(r: int, cn: int, meta: dict) -> tuple[int]:
+    """Grid of ``_mm_nt_kernel``: one program per (row block, column block), on axis 0."""
+    return (triton.cdiv(r, meta["BLOCK_R"]) * triton.cdiv(cn, meta["BLOCK_C"]),)
+
+
 def coder_class_scores_triton(
     image: torch.Tensor, sums: torch.Tensor, seg: torch.Tensor, pad: torch.Tensor
 ) -> torch.Tensor:
@@ -339,7 +352,7 @@ def coder_class_scores_triton(
     sums = sums.contiguous()
     pad = pad.contiguous()
     meta = _SCORES_INTERPRET_META if _INTERPRET else SCORES_META
-    grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_C"]))
+    grid = scores_grid(n, c, meta)
     args = (image, sums, pad, n1, out, n, c, d, p, image.stride(0), image.stride(1))
     if _INTERPRET:
         _scores_kernel[grid](*args, **meta)
@@ -362,8 +375,11 @@ def _mm_nt_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    # 1-D grid, row blocks fastest (the order of the former (rows, columns) grid)
+    pid = tl.program_id(0)
+    n_r = tl.cdiv(R, BLOCK_R)
+    pid_c = pid // n_r
+    pid_r = pid - pid_c * n_r
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     r_ok = rr < R
@@ -397,7 +413,7 @@ def _mm_nt(a, a_strides, b, b_strides, r, cn, kd, rs=None, cs=None, ks=None):
         return out
     meta = _MM_INTERPRET_META if _INTERPRET else MM_META
     dummy = out
-    grid = (triton.cdiv(r, meta["BLOCK_R"]), triton.cdiv(cn, meta["BLOCK_C"]))
+    grid = mm_nt_grid(r, cn, meta)
     _mm_nt_kernel[grid](
         a, b, out,
         rs if rs is not None else dummy, cs if cs is not None else dummy, ks if ks is not None else dummy,
