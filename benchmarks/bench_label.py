@@ -162,10 +162,12 @@ def main() -> None:
     rows = []
     try:
         small = make_store(work / "store-40", 40)
+        os.sync()
         base = _spawn(_run_label, str(small), str(work / "out-40"), args.threads, args.backend)
         for n in args.rows:
             t0 = time.perf_counter()
             store = make_store(work / f"store-{n}", n)
+            os.sync()  # the store's write-back does not run during the measurements
             made = time.perf_counter() - t0
             out = work / f"out-{n}"
             shutil.rmtree(out, ignore_errors=True)

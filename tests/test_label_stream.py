@@ -294,7 +294,9 @@ def _same_output(a: Path, b: Path) -> None:
         {k: v for k, v in mb.items() if k != "parts"}
 
 
-def test_torchrun_two_processes_write_the_same_parts(tmp_path):
+def _single_process_run(tmp_path: Path) -> tuple[Path, Path]:
+    """A store, the torchrun script, and the single-process labels in ``tmp_path/one``
+    (one thread, as each torchrun process has)."""
     root, _ = make_store(tmp_path / "store")
     script = tmp_path / "lab.py"
     script.write_text(LABEL_SCRIPT)
@@ -305,6 +307,11 @@ def test_torchrun_two_processes_write_the_same_parts(tmp_path):
               device="cpu", quiet=True)
     finally:
         torch.set_num_threads(threads)
+    return root, script
+
+
+def test_torchrun_two_processes_write_the_same_parts(tmp_path):
+    root, script = _single_process_run(tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            "2", str(script), str(root), str(tmp_path / "two"), str(REPO / "tests")]
     res = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
@@ -315,16 +322,7 @@ def test_torchrun_two_processes_write_the_same_parts(tmp_path):
 
 def test_torchrun_two_nodes_on_one_machine(tmp_path):
     """``--nnodes 2`` with a c10d rendezvous on localhost: multi-node is exercised."""
-    root, _ = make_store(tmp_path / "store")
-    script = tmp_path / "lab.py"
-    script.write_text(LABEL_SCRIPT)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        label(root, CLASSES, tmp_path / "one", select_per_class=3, encoder=HashTextEncoder(24),
-              device="cpu", quiet=True)
-    finally:
-        torch.set_num_threads(threads)
+    root, script = _single_process_run(tmp_path)
     port = _free_port()
     procs = []
     for node in (0, 1):
@@ -430,3 +428,23 @@ def test_layers_point_down():
     from nolabels import api
 
     assert callable(api.label) and callable(api.tune) and callable(api.coder)
+
+
+def test_grouped_kernel_calls_split_back_into_parts(tmp_path, monkeypatch):
+    """Shards are labelled in groups of about CHUNK_ROWS rows, kernel chunks crossing shard
+    boundaries; the parts are the same as labelling each shard alone."""
+    import nolabels.pipeline.label as lab
+
+    root, _ = make_store(tmp_path / "store")  # 37-row shards
+    kw = dict(select_per_class=3, encoder=HashTextEncoder(24), device="cpu", quiet=True)
+    label(root, CLASSES, tmp_path / "big", **kw)
+    monkeypatch.setattr(lab, "CHUNK_ROWS", 50)  # groups of 2 shards, chunks of 50 rows
+    label(root, CLASSES, tmp_path / "small", **kw)
+    a, b = pds.dataset(tmp_path / "big").to_table(), pds.dataset(tmp_path / "small").to_table()
+    for c in a.column_names:
+        if c in ("confidence", "entropy", "topk_probs"):
+            np.testing.assert_allclose(np.array(a.column(c).to_pylist(), dtype=float),
+                                       np.array(b.column(c).to_pylist(), dtype=float), atol=1e-6)
+        else:
+            assert a.column(c).to_pylist() == b.column(c).to_pylist(), c
+    assert len(list((tmp_path / "small").glob("part-*.parquet"))) == EmbeddingStore(root).num_shards

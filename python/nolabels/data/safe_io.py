@@ -28,7 +28,6 @@ import math
 import os
 import pickle  # only for its exception type: nothing here unpickles
 import re
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -72,20 +71,12 @@ def error_summary(e: BaseException, limit: int = 200) -> str:
 # --------------------------------------------------------------------------- atomic write
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same directory, fsync,
-    ``os.replace``). The file gets the umask's mode, as ``open(path, "wb")`` would."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    ``os.replace``; the parent is created). The file gets the umask's mode, as
+    ``open(path, "wb")`` would. The store's writer, with the parent created first."""
+    from nolabels.data.store import atomic_write_bytes
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
 
 
 # --------------------------------------------------------------------------- tensor trees

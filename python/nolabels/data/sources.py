@@ -301,6 +301,18 @@ def _read_meta_rows(path: str, start: int, stop: int, columns: Sequence[str] | N
     return t.slice(start - first, stop - start)
 
 
+def _check_rows(meta: str | os.PathLike, info: NpyInfo) -> None:
+    """The Parquet file ``meta`` must hold exactly the rows of the ``.npy`` ``info``."""
+    _, _, pq = _pa()
+    try:
+        n_meta = pq.ParquetFile(meta).metadata.num_rows
+    except Exception as ex:
+        raise CorruptFileError(meta, f"not a readable Parquet file ({ex})") from ex
+    if n_meta != info.rows:
+        raise CorruptFileError(meta, f"{n_meta} rows, but {os.path.basename(info.path)} holds "
+                               f"{info.rows}")
+
+
 def _path_column(table, names: Sequence[str] = PATH_COLUMNS):
     pa, pc, _ = _pa()
     for c in names:
@@ -384,13 +396,7 @@ class ClipRetrievalSource(EmbeddingSource):
             meta = r / "metadata" / f"metadata_{_file_number(e)}.parquet"
             if not meta.is_file():
                 raise InputError(f"{e}: no matching {meta}")
-            _, _, pq = _pa()
-            try:
-                n_meta = pq.ParquetFile(meta).metadata.num_rows
-            except Exception as ex:
-                raise CorruptFileError(meta, f"not a readable Parquet file ({ex})") from ex
-            if n_meta != info.rows:
-                raise CorruptFileError(meta, f"{n_meta} rows, but {e.name} holds {info.rows}")
+            _check_rows(meta, info)
             self._pieces += _split(info, item0, os.fspath(meta), max_rows)
             item0 += info.rows
 
@@ -416,13 +422,7 @@ class NpySource(EmbeddingSource):
             side = Path(path).with_suffix(".parquet")
             meta = side if side.is_file() else None
         if meta is not None:
-            _, _, pq = _pa()
-            try:
-                n_meta = pq.ParquetFile(meta).metadata.num_rows
-            except Exception as ex:
-                raise CorruptFileError(meta, f"not a readable Parquet file ({ex})") from ex
-            if n_meta != info.rows:
-                raise InputError(f"{meta}: {n_meta} rows, but {path} holds {info.rows}")
+            _check_rows(meta, info)
         self._pieces = _split(info, 0, None if meta is None else os.fspath(meta), max_rows)
 
     def _meta(self, p: _Piece, n: int):

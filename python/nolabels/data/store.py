@@ -158,10 +158,10 @@ def atomic_write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     _atomic_write_with(Path(path), w)
 
 
-def atomic_write_parquet(path: str | os.PathLike, table) -> None:
-    """``pyarrow.parquet.write_table`` to ``path`` atomically."""
+def atomic_write_parquet(path: str | os.PathLike, table, **options: Any) -> None:
+    """``pyarrow.parquet.write_table(table, path, **options)`` atomically."""
     _, pq = _require_pyarrow()
-    _atomic_write_with(Path(path), lambda tmp: pq.write_table(table, tmp))
+    _atomic_write_with(Path(path), lambda tmp: pq.write_table(table, tmp, **options))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

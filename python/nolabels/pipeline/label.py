@@ -69,6 +69,8 @@ MANIFEST = "_nolabels.json"
 SELECTED = "_selected.parquet"
 FORMAT = "nolabels-labels"
 FORMAT_VERSION = 1
+#: columns of a part written with Parquet dictionary encoding (few distinct values)
+PART_DICTIONARY = ["class_name", "true_class"]
 
 
 @dataclass
@@ -247,7 +249,8 @@ class _Writer:
                 return
             if self.error is None:
                 try:
-                    atomic_write_parquet(job[0], job[1])
+                    # dictionary pages only where values repeat: cheaper to encode, smaller
+                    atomic_write_parquet(job[0], job[1], use_dictionary=PART_DICTIONARY)
                 except BaseException as e:  # re-raised in the caller by put()/close()
                     self.error = e
 
@@ -354,7 +357,7 @@ def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[s
           checkpoint: str | None = None, device: str | None = "auto",
           backend: str = "auto", overwrite: bool = False, quiet: bool = False,
           encoder: Any = None, meta: str | os.PathLike | None = None,
-          column: str | None = None, prefetch: int = 2) -> LabelReport:
+          column: str | None = None, prefetch: int | None = None) -> LabelReport:
     """Pseudo-label every row of ``embeddings`` against ``classes`` (streaming).
 
     Args:
@@ -378,7 +381,7 @@ def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[s
         quiet: no logs or progress bars.
         encoder: an already loaded :class:`~nolabels.models.Encoder`.
         meta, column: see :func:`open_embeddings` (``.npy`` metadata, Parquet column).
-        prefetch: shards read ahead on a thread.
+        prefetch: shards read ahead on a thread (default: about two kernel calls' worth).
     Returns:
         a :class:`LabelReport`.
     """
@@ -468,7 +471,7 @@ def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[s
 def label_source(src: Any, weight: torch.Tensor, out: str | os.PathLike, info: dict, *,
                  scale: float, topk: int, normalize: bool = True,
                  select_per_class: int | None = None, backend: str = "auto",
-                 overwrite: bool = False, quiet: bool = False, prefetch: int = 2,
+                 overwrite: bool = False, quiet: bool = False, prefetch: int | None = None,
                  t0: float | None = None) -> LabelReport:
     """Label every shard of an open :class:`~nolabels.data.sources.EmbeddingSource` with a
     given class matrix and write ``label``'s output (directory or ``.parquet``).
@@ -520,31 +523,54 @@ def label_source(src: Any, weight: torch.Tensor, out: str | os.PathLike, info: d
     names_arr = pa.array(names, pa.string())
     cand = _Candidates(select_per_class, C) if select_per_class else None
     w = weight
-    writer = _Writer()
     bar = progress(sum(src.shard_rows(s) for s in todo), "labelling", quiet=quiet,
                    main=is_main, unit="row")
-    try:
-        for shard in src.iter_shards(todo, prefetch=prefetch):
-            parts = []
-            for a in range(0, shard.rows, CHUNK_ROWS):
-                # float32 on every device: the class matrix is float32, and float16
-                # storage is only a storage format (rows were rounded once already)
-                x = torch.from_numpy(shard.emb[a:a + CHUNK_ROWS]).to(device).float()
-                parts.append(ops.pseudo_label(x, w, logit_scale=scale, topk=k,
-                                              normalize=normalize, backend=backend))
-                bar.update(x.shape[0])
-            if parts:
-                pl = ops.PseudoLabels(*(torch.cat(f).cpu() for f in zip(*parts)))
-            else:
-                pl = ops.PseudoLabels(torch.empty(0, dtype=torch.int64), torch.empty(0, k),
-                                      torch.empty(0, k, dtype=torch.int64), torch.empty(0),
-                                      torch.empty(0))
-            writer.put(part_path(out_dir, shard.index),
-                       _part_table(shard, names_arr, pl, info_json))
+    # Small shards (a store's are 4,096 rows) are labelled in groups of about CHUNK_ROWS
+    # rows: one kernel call per group, not per shard (small GEMMs leave the cores idle),
+    # then split back into one part per shard. Read-ahead covers two groups.
+    if prefetch is None:
+        typical = max(1, min((src.shard_rows(s) for s in todo), default=CHUNK_ROWS))
+        prefetch = max(2, min(64, 2 * CHUNK_ROWS // typical))
+    writer = _Writer(depth=prefetch)  # a whole group's parts queue while the next computes
+
+    def run_group(group: list) -> None:
+        x16 = group[0].emb if len(group) == 1 else np.concatenate([g.emb for g in group])
+        outs = []
+        for a in range(0, x16.shape[0], CHUNK_ROWS):
+            # float32 on every device: the class matrix is float32, and float16 storage is
+            # only a storage format (rows were rounded once already)
+            x = torch.from_numpy(x16[a:a + CHUNK_ROWS]).to(device).float()
+            outs.append(ops.pseudo_label(x, w, logit_scale=scale, topk=k,
+                                         normalize=normalize, backend=backend))
+            bar.update(x.shape[0])
+        if outs:
+            pl = ops.PseudoLabels(*(torch.cat(f).cpu() for f in zip(*outs)))
+        else:
+            pl = ops.PseudoLabels(torch.empty(0, dtype=torch.int64), torch.empty(0, k),
+                                  torch.empty(0, k, dtype=torch.int64), torch.empty(0),
+                                  torch.empty(0))
+        at = 0
+        for g in group:
+            sub = ops.PseudoLabels(*(f[at:at + g.rows] for f in pl))
+            at += g.rows
+            writer.put(part_path(out_dir, g.index), _part_table(g, names_arr, sub, info_json))
             if cand is not None:
-                ids = torch.from_numpy(shard.meta.column("item").to_numpy().copy())
-                cand.add(ids, pl.classes, pl.probs)
-            del shard, parts, pl
+                ids = torch.from_numpy(g.meta.column("item").to_numpy().copy())
+                cand.add(ids, sub.classes, sub.probs)
+
+    try:
+        group: list = []
+        rows_in_group = 0
+        for shard in src.iter_shards(todo, prefetch=prefetch):
+            group.append(shard)
+            rows_in_group += shard.rows
+            if rows_in_group >= CHUNK_ROWS:
+                run_group(group)
+                group, rows_in_group = [], 0
+            del shard
+        if group:
+            run_group(group)
+        del group
     finally:
         bar.close()
         writer.close()
