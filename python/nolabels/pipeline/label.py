@@ -527,11 +527,11 @@ def label_source(src: Any, weight: torch.Tensor, out: str | os.PathLike, info: d
                    main=is_main, unit="row")
     # Small shards (a store's are 4,096 rows) are labelled in groups of about CHUNK_ROWS
     # rows: one kernel call per group, not per shard (small GEMMs leave the cores idle),
-    # then split back into one part per shard. Read-ahead covers two groups.
+    # then split back into one part per shard. Read-ahead covers one group.
     if prefetch is None:
         typical = max(1, min((src.shard_rows(s) for s in todo), default=CHUNK_ROWS))
-        prefetch = max(2, min(64, 2 * CHUNK_ROWS // typical))
-    writer = _Writer(depth=prefetch)  # a whole group's parts queue while the next computes
+        prefetch = max(2, min(32, CHUNK_ROWS // typical + 1))
+    writer = _Writer(depth=prefetch)  # a group's parts queue while the next one computes
 
     def run_group(group: list) -> None:
         x16 = group[0].emb if len(group) == 1 else np.concatenate([g.emb for g in group])
