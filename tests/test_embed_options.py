@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from _pipeline_helpers import make_folder, tiny_config, tiny_spec
-
 from nolabels.errors import InputError
 from nolabels.pipeline.embed import embed, embed_amp_dtype
 

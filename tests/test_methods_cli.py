@@ -99,7 +99,6 @@ def test_zeroshot_predict_from_store_equals_label(env):
     # streamed into a labels directory: the same rows, one part per store shard, and
     # `eval` reads it
     import pyarrow.dataset as pds
-
     from nolabels.pipeline.evaluate import evaluate
 
     assert main(["predict", str(run), str(t.store), "--out", str(d / "pdir"), "-q"]) == 0
