@@ -80,12 +80,7 @@ def make_store(root: Path, n: int, seed: int = 0) -> Path:
     return root
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
+_rss_kb = common._proc_status_kb  # a field of /proc/self/status, in KiB
 
 
 def _reset_hwm() -> None:

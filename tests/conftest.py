@@ -26,3 +26,20 @@ def pytest_collection_modifyitems(config, items):
 def gen():
     """A seeded CPU generator: fresh random inputs per test, reproducible runs."""
     return torch.Generator().manual_seed(int(os.environ.get("NOLABELS_TEST_SEED", "1234")))
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    """A tiny open_clip model config (32 px ViT, 32-d embeddings), one per test module."""
+    from _pipeline_helpers import tiny_config
+
+    return tiny_config(tmp_path_factory.mktemp("cfg"))
+
+
+@pytest.fixture(scope="module")
+def tiny(cfg):
+    """The tiny random-init open_clip encoder of :func:`cfg`."""
+    from _pipeline_helpers import tiny_spec
+    from nolabels.models import load_encoder
+
+    return load_encoder(tiny_spec(cfg))

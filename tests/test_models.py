@@ -6,22 +6,12 @@ import time
 
 import pytest
 import torch
-from _pipeline_helpers import cifar_images, tiny_config, tiny_spec
+from _pipeline_helpers import cifar_images, tiny_spec
 
 pytest.importorskip("open_clip")
 
 from nolabels.models import Encoder, WeightsUnavailableError, load_encoder
 from nolabels.models import base as models_base
-
-
-@pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
-    return tiny_config(tmp_path_factory.mktemp("cfg"))
-
-
-@pytest.fixture(scope="module")
-def tiny(cfg):
-    return load_encoder(tiny_spec(cfg))
 
 
 def test_openclip_random_init_contract(tiny, gen):

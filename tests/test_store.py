@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _pipeline_helpers import make_folder, tiny_config, tiny_spec
+from _pipeline_helpers import make_folder, tiny_spec
 
 pytest.importorskip("pyarrow")
 pytest.importorskip("PIL")
@@ -121,18 +121,6 @@ def test_corrupt_images_are_reported_not_fatal(tmp_path):
 
 
 # --------------------------------------------------------------------------- store
-@pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
-    return tiny_config(tmp_path_factory.mktemp("cfg"))
-
-
-@pytest.fixture(scope="module")
-def tiny(cfg):
-    from nolabels.models import load_encoder
-
-    return load_encoder(tiny_spec(cfg))
-
-
 def test_embed_store_layout(tmp_path, tiny):
     import torch
     from nolabels.commands.embed import embed

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _pipeline_helpers import make_folder, tiny_config, tiny_spec
+from _pipeline_helpers import make_folder, tiny_spec
 
 pytest.importorskip("pyarrow")
 pytest.importorskip("PIL")
@@ -35,18 +35,6 @@ from nolabels.errors import CorruptFileError, OutputExistsError  # noqa: E402
 from PIL import Image  # noqa: E402
 
 CLASSES = ["cat", "dog", "ship"]
-
-
-@pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
-    return tiny_config(tmp_path_factory.mktemp("cfg"))
-
-
-@pytest.fixture(scope="module")
-def tiny(cfg):
-    from nolabels.models import load_encoder
-
-    return load_encoder(tiny_spec(cfg))
 
 
 def _embed(images, out, tiny, **kw):
