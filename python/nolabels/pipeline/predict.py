@@ -86,24 +86,16 @@ def load_predictor(run: str | os.PathLike, *, device: str | None = "cpu",
         def features(x, cached=False):
             return encoder.encode_image(x)
     elif method in ("lafter", "nola"):
-        student = make_student(encoder, model["student_config"])
-        params = dict(student.named_parameters())
-        with torch.no_grad():
-            for k, v in model["student"].items():
-                params[k].copy_(v.to(params[k].device, params[k].dtype))
-        student.eval()
+        student = _tuned_student(make_student, encoder, model["student_config"],
+                                 model["student"])
 
         @torch.no_grad()
         def features(x, cached=False):
             return student.features(x.to(dev), cached=cached).float()
     elif method == "latteclip":
         if model.get("towers") == "surrogate":
-            student = make_student(encoder, model["student_config"])
-            params = dict(student.named_parameters())
-            with torch.no_grad():
-                for k, v in model["visual"].items():
-                    params[k].copy_(v.to(params[k].device, params[k].dtype))
-            student.eval()
+            student = _tuned_student(make_student, encoder, model["student_config"],
+                                     model["visual"])
 
             @torch.no_grad()
             def features(x, cached=False):
@@ -123,6 +115,19 @@ def load_predictor(run: str | os.PathLike, *, device: str | None = "cpu",
     return Predictor(method, list(config["classes"]), encoder, features, weight,
                      float(head["scale"]), bool(head["normalize"]), encoder.transform,
                      uses_store, config, student)
+
+
+def _tuned_student(make_student: Any, encoder: Any, config: dict, state: dict) -> Any:
+    """The run's student (``make_student(encoder, config)``) holding the tuned ``state``,
+    in eval mode."""
+    import torch
+
+    student = make_student(encoder, config)
+    params = dict(student.named_parameters())
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v.to(params[k].device, params[k].dtype))
+    return student.eval()
 
 
 def predict(run: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, *,
