@@ -360,6 +360,34 @@ def test_bounded_selection_equals_global_selection(flush_rows, gen):
     assert int((torch.bincount(full.labels, minlength=c) == 0).sum()) >= 1
 
 
+@pytest.mark.parametrize("quantum", [None, 0.05])
+def test_prefilter_is_exact_and_drops_rows(quantum, gen):
+    """The candidates drop rows that can never be selected before buffering them: the
+    selection (and the kept paths) still equal ``ops.select_per_class`` over all rows,
+    with ties in probability (quantised) and classes decided by the rank-2/3 fallback,
+    while most rows of a long stream never reach the buffer."""
+    from nolabels.pipeline.label import _Candidates
+
+    n, c, k = 6000, 13, 5
+    logits = torch.randn(n, c, generator=gen) * 3
+    logits[:, 9:] -= 12  # rare classes: the rank-2/3 fallback decides them
+    full = ops.pseudo_label(logits, torch.eye(c), logit_scale=1.0, topk=3, normalize=False)
+    probs = full.probs if quantum is None else torch.round(full.probs / quantum) * quantum
+    full = full._replace(probs=probs)
+    ids = torch.randperm(n, generator=gen) * 5 + 1
+    paths = [f"img/{int(i)}.jpg" for i in ids]
+    cand = _Candidates(k, c, flush_rows=200)
+    for a in range(0, n, 250):
+        cand.add(ids[a:a + 250], full.classes[a:a + 250], full.probs[a:a + 250],
+                 paths[a:a + 250])
+    got_ids, got_for = cand.selection()
+    ref = ops.select_per_class(full, k, row_ids=ids, num_classes=c)
+    o = torch.argsort(ref.indices)
+    assert torch.equal(got_ids, ref.indices[o]) and torch.equal(got_for, ref.labels[o])
+    assert cand.paths.to_pylist() == [f"img/{i}.jpg" for i in cand.ids.tolist()]
+    assert cand._need is not None and cand.dropped > n // 2
+
+
 def test_killed_run_is_recognised_and_resumed(tmp_path, monkeypatch):
     """A run that dies after some parts leaves a folder ``label`` recognises as its own
     (manifest written up front) and finishes without recomputing the committed parts."""

@@ -146,6 +146,32 @@ def all_gather_variable(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[:s] for o, s in zip(out, sizes_l)]).to(t.device)
 
 
+def all_gather_strings(items: list[str | None]) -> list[str | None]:
+    """Concatenate every rank's list of strings (or None), in rank order, without pickle.
+
+    Sent as one UTF-8 byte tensor plus lengths (-1 for None) through
+    :func:`all_gather_variable`; for bounded lists (e.g. the selected rows' paths).
+    """
+    if not is_distributed():
+        return list(items)
+    raw = [b"" if s is None else s.encode("utf-8", "surrogatepass") for s in items]
+    lens = torch.tensor([-1 if s is None else len(b) for s, b in zip(items, raw)],
+                        dtype=torch.int64)
+    data = torch.frombuffer(bytearray(b"".join(raw)), dtype=torch.uint8) if any(raw) \
+        else torch.empty(0, dtype=torch.uint8)
+    all_lens = all_gather_variable(lens).tolist()
+    all_data = all_gather_variable(data).numpy().tobytes()
+    out: list[str | None] = []
+    at = 0
+    for n in all_lens:
+        if n < 0:
+            out.append(None)
+        else:
+            out.append(all_data[at:at + n].decode("utf-8", "surrogatepass"))
+            at += n
+    return out
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (pickled; for small objects)."""
     if not is_distributed():

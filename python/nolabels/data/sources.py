@@ -362,7 +362,8 @@ class StoreSource(EmbeddingSource):
             raise CorruptFileError(p.meta_file, f"not a readable Parquet file ({e})") from e
         if "row" not in t.column_names or "item" not in t.column_names:
             raise CorruptFileError(p.meta_file, "no 'row'/'item' columns: not a store meta file")
-        t = t.filter(pc.greater_equal(t.column("row"), 0))
+        if t.column("row").null_count or (t.num_rows and pc.min(t.column("row")).as_py() < 0):
+            t = t.filter(pc.greater_equal(t.column("row"), 0))  # rows of failed images
         rows = t.column("row").to_numpy()
         if rows.shape[0] != n or (n and not np.array_equal(rows, np.arange(n))):
             raise CorruptFileError(p.meta_file, f"its rows do not match the {n} rows of "

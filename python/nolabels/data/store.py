@@ -125,22 +125,40 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _atomic_write_with(path: Path, writer: Callable[[str], None]) -> None:
+def _atomic_write_with(path: Path, writer: Callable[[str], None], fsync: bool = True) -> None:
     """``writer(tmp)`` writes the file at the temporary path ``tmp``; then fsync and rename
-    onto ``path``. The temp file is created first (umask mode), so ``writer`` truncates it."""
+    onto ``path``. The temp file is created first (umask mode), so ``writer`` truncates it.
+
+    ``fsync=False`` skips both fsyncs: the rename is still atomic for other processes, but
+    after a power loss the file may be empty or torn. Only for files whose caller verifies
+    them on resume and syncs them later (:func:`fsync_files`), e.g. ``label``'s parts."""
     path = Path(path)
     fd, tmp = _open_temp(path)
     os.close(fd)
     try:
         writer(os.fspath(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+def fsync_files(paths: Iterable[str | os.PathLike]) -> None:
+    """fsync each file, then each distinct parent directory (durability for files written
+    with ``fsync=False``; by then most of their pages are usually on disk already)."""
+    dirs = set()
+    for p in paths:
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+        dirs.add(Path(p).parent)
+    for d in dirs:
+        _fsync_dir(d)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -158,10 +176,12 @@ def atomic_write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     _atomic_write_with(Path(path), w)
 
 
-def atomic_write_parquet(path: str | os.PathLike, table, **options: Any) -> None:
-    """``pyarrow.parquet.write_table(table, path, **options)`` atomically."""
+def atomic_write_parquet(path: str | os.PathLike, table, *, fsync: bool = True,
+                         **options: Any) -> None:
+    """``pyarrow.parquet.write_table(table, path, **options)`` atomically (``fsync``: see
+    :func:`_atomic_write_with`)."""
     _, pq = _require_pyarrow()
-    _atomic_write_with(Path(path), lambda tmp: pq.write_table(table, tmp, **options))
+    _atomic_write_with(Path(path), lambda tmp: pq.write_table(table, tmp, **options), fsync)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

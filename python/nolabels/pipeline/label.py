@@ -237,6 +237,7 @@ class _Writer:
     def __init__(self, depth: int = 2) -> None:
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.written: set[Path] = set()  # parts committed by this writer
         self.t = threading.Thread(target=self._run, name="nolabels-part-writer", daemon=True)
         self.t.start()
 
@@ -249,8 +250,13 @@ class _Writer:
                 return
             if self.error is None:
                 try:
-                    # dictionary pages only where values repeat: cheaper to encode, smaller
-                    atomic_write_parquet(job[0], job[1], use_dictionary=PART_DICTIONARY)
+                    # dictionary pages only where values repeat: cheaper to encode, smaller.
+                    # No fsync per part (it stalls this thread on the disk): parts are
+                    # synced together before the manifest says "complete", and a resumed
+                    # run re-checks every part's footer.
+                    atomic_write_parquet(job[0], job[1], use_dictionary=PART_DICTIONARY,
+                                         fsync=False)
+                    self.written.add(job[0])
                 except BaseException as e:  # re-raised in the caller by put()/close()
                     self.error = e
 
@@ -267,6 +273,12 @@ class _Writer:
 
 
 # --------------------------------------------------------------------------- selection
+def _pa():
+    import pyarrow
+
+    return pyarrow
+
+
 class _Candidates:
     """NoLA's per-class selection, merged incrementally: memory O(C·K + buffer).
 
@@ -274,32 +286,95 @@ class _Candidates:
     rows equals selecting on the union of the row sets), so rows are buffered and, whenever
     the buffer holds more than ``flush_rows``, re-selected together with the running
     candidates, which never exceed C·K rows.
+
+    Before buffering, rows that can never be selected are dropped (exact, see
+    :meth:`_can_matter`): once every class has K confident rows, almost every new row is,
+    so the buffer and the re-selections stay small. The ``path`` of each candidate is kept
+    with it, so the selected rows' table needs no second pass over the parts.
     """
 
     def __init__(self, k: int, num_classes: int, flush_rows: int | None = None) -> None:
         self.k, self.C = k, num_classes
-        self.flush_rows = flush_rows or max(4 * k * num_classes, 1 << 16)
+        self.R = min(3, num_classes)  # ranks the selection's fallback looks at
+        # bars are refreshed at every flush: about as often as the candidates could turn over
+        self.flush_rows = flush_rows or max(k * num_classes, 1 << 12)
         self.ids = torch.empty(0, dtype=torch.int64)
-        self.cls = torch.empty(0, 3, dtype=torch.int64)
-        self.prob = torch.empty(0, 3, dtype=torch.float32)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.cls = torch.empty(0, self.R, dtype=torch.int64)
+        self.prob = torch.empty(0, self.R, dtype=torch.float32)
+        self.paths = _pa().array([], _pa().string())  # Arrow strings, aligned with ids
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]] = []
         self._pending_rows = 0
+        self._need: torch.Tensor | None = None  # (R, C) bars a new row must reach
+        self.dropped = 0  # rows the prefilter proved irrelevant
 
-    def _select(self, ids, cls, prob):
+    def _select(self, ids, cls, prob) -> torch.Tensor:
+        """Positions (into ``ids``, sorted ascending) of the selected rows."""
         from nolabels import ops
 
         z = torch.zeros(ids.shape[0])
         pl = ops.PseudoLabels(cls[:, 0], prob, cls, z, z)
         sel = ops.select_per_class(pl, self.k, row_ids=ids, num_classes=self.C)
-        pos = torch.searchsorted(ids, sel.indices) if ids.numel() else sel.indices
-        return ids[pos], cls[pos], prob[pos]
+        return torch.searchsorted(ids, sel.indices) if ids.numel() else sel.indices
 
-    def add(self, ids: torch.Tensor, cls: torch.Tensor, prob: torch.Tensor) -> None:
-        """Rows with unique int64 ``ids`` (N,) and their top-3 ``cls``/``prob`` (N, >=3)."""
+    def _bars(self) -> torch.Tensor:
+        """(R, C): a row whose rank-r class is c can only ever be selected through that rank
+        if its rank-r probability is >= ``bars[r, c]``.
+
+        Rank 1: the K-th best top-1 probability of class c seen so far (K rows that beat it
+        already exist, and rows are only ever added). Rank r > 1: +inf once any row has
+        class c at a rank < r (the fallback to rank r then never happens), else the K-th
+        best rank-r probability. The candidates hold every row these bars depend on (the
+        top K of each class at each rank its selection reaches), and bars from a subset of
+        the rows seen are only lower, so the test never drops a row that could matter.
+        """
+        C, K = self.C, self.k
+        bars = torch.full((self.R, C), float("-inf"))
+        seen_earlier = torch.zeros(C, dtype=torch.bool)
+        for r in range(self.R):
+            c, p = self.cls[:, r], self.prob[:, r]
+            cnt = torch.bincount(c, minlength=C)
+            o = torch.argsort(p, descending=True, stable=True)
+            o = o[torch.argsort(c[o], stable=True)]  # by class, best first within a class
+            cs, ps = c[o], p[o]
+            pos = torch.arange(cs.numel()) - (torch.cumsum(cnt, 0) - cnt)[cs]
+            kth = pos == K - 1
+            bars[r, cs[kth]] = ps[kth]
+            bars[r, seen_earlier] = float("inf")
+            seen_earlier |= cnt > 0
+        return bars
+
+    def _can_matter(self, cls: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: rows that are not provably outside every future selection (ties kept)."""
+        if self._need is None:
+            return torch.ones(cls.shape[0], dtype=torch.bool)
+        keep = prob[:, 0] >= self._need[0, cls[:, 0]]
+        for r in range(1, self.R):
+            keep |= prob[:, r] >= self._need[r, cls[:, r]]
+        return keep
+
+    def add(self, ids: torch.Tensor, cls: torch.Tensor, prob: torch.Tensor,
+            paths: Any = None) -> None:
+        """Rows with unique int64 ``ids`` (N,) and their top-3 ``cls``/``prob`` (N, >=3);
+        ``paths``: their paths (a pyarrow string array or a list, None entries allowed;
+        default all None)."""
         if ids.numel() == 0:
             return
-        self._pending.append((ids.to(torch.int64), cls[:, :3].to(torch.int64),
-                              prob[:, :3].float()))
+        pa = _pa()
+        if paths is None:
+            paths = pa.nulls(ids.numel(), pa.string())
+        elif not isinstance(paths, pa.Array):
+            paths = pa.array(list(paths), pa.string())
+        ids, cls, prob = ids.to(torch.int64), cls[:, :self.R].to(torch.int64), \
+            prob[:, :self.R].float()
+        keep = self._can_matter(cls, prob)
+        if not bool(keep.all()):
+            idx = keep.nonzero().squeeze(1)
+            self.dropped += ids.numel() - idx.numel()
+            ids, cls, prob = ids[idx], cls[idx], prob[idx]
+            paths = paths.take(pa.array(idx.numpy()))
+        if ids.numel() == 0:
+            return
+        self._pending.append((ids, cls, prob, paths))
         self._pending_rows += ids.numel()
         if self._pending_rows >= self.flush_rows:
             self.flush()
@@ -310,11 +385,17 @@ class _Candidates:
         """Re-select the running candidates together with the buffered rows."""
         if not self._pending:
             return
-        a = (torch.cat([self.ids, *(p[0] for p in self._pending)]),
-             torch.cat([self.cls, *(p[1] for p in self._pending)]),
-             torch.cat([self.prob, *(p[2] for p in self._pending)]))
+        ids = torch.cat([self.ids, *(p[0] for p in self._pending)])
+        cls = torch.cat([self.cls, *(p[1] for p in self._pending)])
+        prob = torch.cat([self.prob, *(p[2] for p in self._pending)])
+        paths = _pa().concat_arrays([self.paths, *(p[3] for p in self._pending)])
         self._pending, self._pending_rows = [], 0
-        self.ids, self.cls, self.prob = self._sorted(*self._select(*self._sorted(*a)))
+        o = torch.argsort(ids)
+        keep = o[self._select(ids[o], cls[o], prob[o])]
+        keep = keep[torch.argsort(ids[keep])]  # candidates are kept sorted by id
+        self.ids, self.cls, self.prob = ids[keep], cls[keep], prob[keep]
+        self.paths = paths.take(_pa().array(keep.numpy()))
+        self._need = self._bars()
 
     def selection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(row ids, the class each was selected for)``, by row id."""
@@ -327,28 +408,22 @@ class _Candidates:
         o = torch.argsort(sel.indices)
         return sel.indices[o], sel.labels[o]
 
-    @staticmethod
-    def _sorted(ids, cls, prob):
-        o = torch.argsort(ids)
-        return ids[o], cls[o], prob[o]
-
 
 def _candidates_from_part(path: Path):
     import pyarrow.parquet as pq
 
-    t = pq.read_table(path, columns=["item", "topk_classes", "topk_probs"])
+    t = pq.read_table(path, columns=["item", "path", "topk_classes", "topk_probs"])
     n = t.num_rows
     if n == 0:
         return torch.empty(0, dtype=torch.int64), torch.empty(0, 3, dtype=torch.int64), \
-            torch.empty(0, 3)
-    k = len(t.column("topk_classes")[0].as_py())
-    cls = t.column("topk_classes").combine_chunks().flatten().to_numpy().reshape(n, k)
-    prob = t.column("topk_probs").combine_chunks().flatten().to_numpy().reshape(n, k)
+            torch.empty(0, 3), []
+    cls = t.column("topk_classes").combine_chunks().flatten().to_numpy().reshape(n, -1)
+    prob = t.column("topk_probs").combine_chunks().flatten().to_numpy().reshape(n, -1)
     return (torch.from_numpy(t.column("item").to_numpy().copy()),
-            torch.from_numpy(cls[:, :3].copy()), torch.from_numpy(prob[:, :3].copy()))
+            torch.from_numpy(cls[:, :3].copy()), torch.from_numpy(prob[:, :3].copy()),
+            t.column("path").combine_chunks())
 
 
-# --------------------------------------------------------------------------- label
 def label(embeddings: str | os.PathLike, classes: str | os.PathLike | Sequence[str],
           out: str | os.PathLike, *, model: str | None = None,
           descriptions: str | os.PathLike | Mapping[str, Sequence[str]] | None = None,
@@ -532,14 +607,33 @@ def label_source(src: Any, weight: torch.Tensor, out: str | os.PathLike, info: d
         typical = max(1, min((src.shard_rows(s) for s in todo), default=CHUNK_ROWS))
         prefetch = max(2, min(32, CHUNK_ROWS // typical + 1))
     writer = _Writer(depth=prefetch)  # a group's parts queue while the next one computes
+    staging: dict[str, torch.Tensor] = {}  # one reused float32 buffer (CPU)
+
+    def group_rows(group: list, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) of the group as float32 on ``device``."""
+        # float32 on every device: the class matrix is float32, and float16 storage is
+        # only a storage format (rows were rounded once already)
+        if device.type != "cpu":
+            x16 = group[0].emb if len(group) == 1 else np.concatenate([g.emb for g in group])
+            return torch.from_numpy(x16[a:b]).to(device).float()
+        # CPU: cast each shard's rows straight into a reused buffer (one pass, no
+        # concatenated copy, no fresh pages per call)
+        buf = staging.get("x")
+        if buf is None or buf.shape[0] < b - a or buf.shape[1] != src.dim:
+            buf = staging["x"] = torch.empty(max(b - a, CHUNK_ROWS), src.dim)
+        at = 0
+        for g in group:
+            lo, hi = max(a, at), min(b, at + g.rows)
+            if lo < hi:
+                buf[lo - a:hi - a].copy_(torch.from_numpy(g.emb[lo - at:hi - at]))
+            at += g.rows
+        return buf[:b - a]
 
     def run_group(group: list) -> None:
-        x16 = group[0].emb if len(group) == 1 else np.concatenate([g.emb for g in group])
+        total = sum(g.rows for g in group)
         outs = []
-        for a in range(0, x16.shape[0], CHUNK_ROWS):
-            # float32 on every device: the class matrix is float32, and float16 storage is
-            # only a storage format (rows were rounded once already)
-            x = torch.from_numpy(x16[a:a + CHUNK_ROWS]).to(device).float()
+        for a in range(0, total, CHUNK_ROWS):
+            x = group_rows(group, a, min(total, a + CHUNK_ROWS))
             outs.append(ops.pseudo_label(x, w, logit_scale=scale, topk=k,
                                          normalize=normalize, backend=backend))
             bar.update(x.shape[0])
@@ -554,9 +648,11 @@ def label_source(src: Any, weight: torch.Tensor, out: str | os.PathLike, info: d
             sub = ops.PseudoLabels(*(f[at:at + g.rows] for f in pl))
             at += g.rows
             writer.put(part_path(out_dir, g.index), _part_table(g, names_arr, sub, info_json))
-            if cand is not None:
-                ids = torch.from_numpy(g.meta.column("item").to_numpy().copy())
-                cand.add(ids, sub.classes, sub.probs)
+        if cand is not None and total:  # one call per group: the prefilter is vectorised
+            ids = torch.from_numpy(np.concatenate(
+                [g.meta.column("item").to_numpy() for g in group]).astype(np.int64, copy=False))
+            paths = pa.concat_arrays([c for g in group for c in g.meta.column("path").chunks])
+            cand.add(ids, pl.classes, pl.probs, paths)
 
     try:
         group: list = []
@@ -574,6 +670,9 @@ def label_source(src: Any, weight: torch.Tensor, out: str | os.PathLike, info: d
     finally:
         bar.close()
         writer.close()
+    from nolabels.data.store import fsync_files
+
+    fsync_files(sorted(writer.written))
     if cand is not None:  # parts done by an earlier run contribute from their columns
         for s in mine:
             if s not in todo:
@@ -585,26 +684,28 @@ def label_source(src: Any, weight: torch.Tensor, out: str | os.PathLike, info: d
         g_ids = dist.all_gather_variable(cand.ids)
         g_cls = dist.all_gather_variable(cand.cls)
         g_prob = dist.all_gather_variable(cand.prob)
+        g_paths = dist.all_gather_strings(cand.paths.to_pylist())
         final = _Candidates(select_per_class, C)
-        final.add(g_ids, g_cls, g_prob)
+        final.add(g_ids, g_cls, g_prob, g_paths)
         final.flush()
         n_sel = int(final.ids.numel())
     dist.barrier()
     rows = sum(src.shard_rows(s) for s in range(src.num_shards))
     if is_main:
-        import pyarrow.parquet as pq
 
         if cand is not None:
-            sel_table = _selected_table(out_dir, final, names_arr, src.num_shards, info_json)
+            sel_table = _selected_table(final, names_arr, info_json)
             from nolabels.data.store import atomic_write_parquet
 
             atomic_write_parquet(out_dir / SELECTED, sel_table)
         parts_done = {}
         for s in range(src.num_shards):
             p = part_path(out_dir, s)
-            if not _part_ok(p, src.shard_rows(s)):
+            # parts this process just wrote are known; others (earlier runs, other ranks)
+            # are checked on disk
+            if p not in writer.written and not _part_ok(p, src.shard_rows(s)):
                 raise RuntimeError(f"internal error: part {p} is missing after labelling")
-            parts_done[str(s)] = {"file": p.name, "rows": pq.ParquetFile(p).metadata.num_rows,
+            parts_done[str(s)] = {"file": p.name, "rows": src.shard_rows(s),
                                   "bytes": p.stat().st_size}
         manifest = {**info, "num_parts": src.num_shards, "parts": parts_done,
                     "num_rows": rows, "selected": (
@@ -624,32 +725,26 @@ def label_source(src: Any, weight: torch.Tensor, out: str | os.PathLike, info: d
                        len(todo), time.perf_counter() - t0)
 
 
-def _selected_table(out_dir: Path, final: _Candidates, names_arr, num_parts: int, info_json: str):
+def _selected_table(final: _Candidates, names_arr, info_json: str):
     """item, path, label (top-1), class_name, confidence, selected_for (the class the row
-    was picked for: its top-1, or rank 2/3 for a class nobody's top-1) of the selected rows;
-    paths are looked up in the parts, one part at a time."""
+    was picked for: its top-1, or rank 2/3 for a class nobody's top-1) of the selected
+    rows, by item; everything comes from the candidates (no pass over the parts)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     sel_ids, sel_for = final.selection()
-    ids = sel_ids.numpy()
-    got: list = []
-    want = pa.array(ids, pa.int64())
-    for s in range(num_parts):
-        t = pq.read_table(part_path(out_dir, s),
-                          columns=["item", "path", "label", "class_name", "confidence"])
-        m = pc.is_in(t.column("item"), value_set=want)
-        if pc.any(m).as_py():
-            got.append(t.filter(m))
-    t = pa.concat_tables(got) if got else pa.table({
-        "item": pa.array([], pa.int64()), "path": pa.array([], pa.string()),
-        "label": pa.array([], pa.int64()), "class_name": pa.array([], pa.string()),
-        "confidence": pa.array([], pa.float32())})
-    t = t.sort_by("item")
-    if t.num_rows != ids.shape[0] or not np.array_equal(t.column("item").to_numpy(), ids):
-        raise RuntimeError("internal error: selected rows not found in the parts")
-    t = t.append_column("selected_for", pa.array(sel_for.numpy(), pa.int64()))
+    pos = torch.searchsorted(final.ids, sel_ids)  # final.ids is sorted
+    if sel_ids.numel() and not torch.equal(final.ids[pos], sel_ids):
+        raise RuntimeError("internal error: selected rows are not among the candidates")
+    top1 = pa.array(final.cls[pos, 0].numpy(), pa.int64())
+    t = pa.table({
+        "item": pa.array(sel_ids.numpy(), pa.int64()),
+        "path": final.paths.take(pa.array(pos.numpy())),
+        "label": top1,
+        "class_name": pc.take(names_arr, top1),
+        "confidence": pa.array(final.prob[pos, 0].numpy(), pa.float32()),
+        "selected_for": pa.array(sel_for.numpy(), pa.int64()),
+    })
     return t.replace_schema_metadata({"nolabels": info_json})
 
 
