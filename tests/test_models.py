@@ -195,3 +195,37 @@ def test_surrogate_image_only_features(tmp_path):
     assert enc.dim == 1280 and not enc.has_text
     x = torch.zeros(1, 3, 224, 224)
     assert enc.encode_image(x).shape == (1, 1280)
+
+
+def test_encoders_register_by_prefix(monkeypatch):
+    """load_encoder dispatches on the registered prefix (base.py imports no concrete
+    encoder); a new kind plugs in with register_encoder, lazily by "module:attr" too."""
+    import ast
+
+    import nolabels.models.base as base
+    from nolabels.errors import InputError
+    from nolabels.models import load_encoder, register_encoder
+
+    tree = ast.parse(open(base.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"nolabels.models.clip", "nolabels.models.dino",
+                           "nolabels.models.surrogate"}
+    monkeypatch.setattr(base, "_ENCODERS", dict(base._ENCODERS))
+    made = {}
+
+    class Fake:
+        def to(self, device):
+            made["device"] = str(device)
+            return self
+
+    def factory(rest, *, checkpoint=None, seed=0):
+        made.update(rest=rest, checkpoint=checkpoint, seed=seed)
+        return Fake()
+
+    register_encoder("fake-kind", factory)
+    assert isinstance(load_encoder("fake-kind:abc/def", checkpoint="w.bin", seed=3), Fake)
+    assert made == {"rest": "abc/def", "checkpoint": "w.bin", "seed": 3, "device": "cpu"}
+    register_encoder("lazy", "collections:OrderedDict")  # resolved on first use only
+    assert base._ENCODERS["lazy"] == "collections:OrderedDict"
+    with pytest.raises(InputError, match="unknown model kind 'nope'.*fake-kind"):
+        load_encoder("nope:x")

@@ -253,9 +253,45 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+EncoderFactory = Callable[..., "Encoder"]
+#: model kind (the spec's prefix) -> a factory ``f(rest, *, checkpoint, seed) -> Encoder``, or
+#: ``"module:attribute"`` naming one (imported on first use, so optional dependencies load
+#: only when that kind of model is built). Fill with :func:`register_encoder`.
+_ENCODERS: dict[str, EncoderFactory | str] = {}
+
+
+def register_encoder(kind: str, factory: EncoderFactory | str) -> None:
+    """Make ``load_encoder("KIND:...")`` build models with ``factory``.
+
+    Args:
+        kind: the spec prefix before ``:`` (letters, digits, ``-``, ``_``).
+        factory: ``f(rest: str, *, checkpoint, seed) -> Encoder`` (``rest``: the spec after
+            ``KIND:``), or the string ``"package.module:attribute"`` naming it (lazy).
+    """
+    if not kind or not all(ch.isalnum() or ch in "-_" for ch in kind):
+        raise InputError(f"register_encoder: bad model kind {kind!r}")
+    _ENCODERS[kind] = factory
+
+
+def _factory(kind: str) -> EncoderFactory:
+    f = _ENCODERS[kind]
+    if isinstance(f, str):
+        import importlib
+
+        mod, _, attr = f.partition(":")
+        obj = importlib.import_module(mod)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        _ENCODERS[kind] = f = obj
+    return f
+
+
 def load_encoder(spec: str, *, checkpoint: str | os.PathLike | None = None,
                  device: str | torch.device | None = "cpu", seed: int = 0) -> Encoder:
     """Build an :class:`Encoder` from a model spec (see the module docstring).
+
+    The spec's prefix picks the factory registered with :func:`register_encoder`
+    (built in: ``openclip``, ``timm``, ``surrogate``; see ``nolabels.models``).
 
     Args:
         spec: ``openclip:...``, ``timm:...`` or ``surrogate:...``.
@@ -274,20 +310,10 @@ def load_encoder(spec: str, *, checkpoint: str | os.PathLike | None = None,
             f"unknown model spec {spec!r}: expected openclip:ARCH/TAG, openclip:ARCH with "
             "--checkpoint, timm:NAME, or surrogate:effnet-lite0+minilm"
         )
-    if kind == "openclip":
-        from nolabels.models.clip import OpenCLIPEncoder
-
-        enc: Encoder = OpenCLIPEncoder(rest, checkpoint=checkpoint, seed=seed)
-    elif kind == "timm":
-        from nolabels.models.dino import TimmEncoder
-
-        enc = TimmEncoder(rest, checkpoint=checkpoint)
-    elif kind == "surrogate":
-        from nolabels.models.surrogate import load_surrogate
-
-        enc = load_surrogate(rest, checkpoint=checkpoint)
-    else:
-        raise InputError(f"unknown model kind {kind!r} in {spec!r} (openclip, timm, surrogate)")
+    if kind not in _ENCODERS:
+        raise InputError(f"unknown model kind {kind!r} in {spec!r} "
+                         f"({', '.join(sorted(_ENCODERS))})")
+    enc = _factory(kind)(rest, checkpoint=checkpoint, seed=seed)
     return enc.to(parse_device(device))
 
 

@@ -149,3 +149,9 @@ def _example_download(open_clip, arch: str, tag: str | None) -> str:
     if (cfg or {}).get("url"):
         return cfg["url"]
     return "the model's open_clip_pytorch_model.bin from its Hugging Face repository"
+
+
+def from_spec(rest: str, *, checkpoint: str | os.PathLike | None = None, seed: int = 0
+              ) -> OpenCLIPEncoder:
+    """The ``openclip:`` factory (:func:`nolabels.models.register_encoder`)."""
+    return OpenCLIPEncoder(rest, checkpoint=checkpoint, seed=seed)

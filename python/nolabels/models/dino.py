@@ -100,3 +100,9 @@ class TimmEncoder(Encoder):
 
     def _image_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+
+
+def from_spec(rest: str, *, checkpoint: str | os.PathLike | None = None, seed: int = 0
+              ) -> TimmEncoder:
+    """The ``timm:`` factory (:func:`nolabels.models.register_encoder`); ``seed`` unused."""
+    return TimmEncoder(rest, checkpoint=checkpoint)

@@ -425,3 +425,10 @@ def load_surrogate(name: str, *, checkpoint: str | os.PathLike | None = None) ->
         return EffNetLite0Features(checkpoint=checkpoint)
     raise InputError(f"unknown surrogate {name!r}: use {SURROGATE_SPEC} or {IMAGE_ONLY_SPEC}")
 
+
+
+def from_spec(rest: str, *, checkpoint: str | os.PathLike | None = None, seed: int = 0
+              ) -> Encoder:
+    """The ``surrogate:`` factory (:func:`nolabels.models.register_encoder`); ``seed``
+    unused (pretrained weights)."""
+    return load_surrogate(rest, checkpoint=checkpoint)
