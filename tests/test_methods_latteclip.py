@@ -141,12 +141,14 @@ def fake_server():
     srv.server_close()
 
 
-def test_generator_against_fake_server(tiny, tmp_path, fake_server):
+def test_generator_against_fake_server(tiny, tmp_path, fake_server, monkeypatch):
     from PIL import Image
 
     data = load_tune_data(tiny.store, tiny.classes, heldout_fraction=0.0)
     zs = [0] * 10 + [1] * 8  # class 2 has no image: no group caption for it
-    client = lc.VisionChatClient(fake_server, "llava-test", api_key="k123", retries=2)
+    monkeypatch.setenv("NL_TEST_CAPTION_KEY", "k123")  # keys come from the environment only
+    client = lc.VisionChatClient(fake_server, "llava-test", api_key_env="NL_TEST_CAPTION_KEY",
+                                 retries=2, sleep=lambda s: None)
     _Fake.fail_first = 1  # one transient 503: retried
     out = lc.generate_captions(data.source, data.items, data.paths, zs, tiny.classes,
                                tmp_path / "caps.jsonl", client, noun="texture",
@@ -189,7 +191,7 @@ def test_generator_client_errors(fake_server):
     with pytest.raises(RuntimeError, match="no answer"):
         c.describe([], "hi")
     _Fake.fail_first = 5
-    c = lc.VisionChatClient(fake_server, "m", retries=1)
+    c = lc.VisionChatClient(fake_server, "m", retries=1, sleep=lambda s: None)
     with pytest.raises(RuntimeError):
         c.describe([], "hi")
 

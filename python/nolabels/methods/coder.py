@@ -40,9 +40,6 @@ import json
 import math
 import os
 import re
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +50,7 @@ import torch.nn.functional as F
 
 from nolabels import ops
 from nolabels.errors import CorruptFileError, InputError
+from nolabels.llm import DEFAULT_API_KEY_ENV, ChatClient, LLMError
 
 # =========================================================================== templates
 #: Template sets by name (methods.md §5.2, the authors' ``CODER/template.py``). Each maps a
@@ -906,8 +904,8 @@ class CoderFewShot:
 
 
 # =========================================================================== ATG generator
-class ChatError(RuntimeError):
-    """The chat endpoint failed after all retries."""
+#: The chat endpoint gave no usable answer (kept name; the one LLM client's error).
+ChatError = LLMError
 
 
 ATT_PROMPT = (
@@ -968,62 +966,43 @@ class KnowledgeGenerator:
     Args:
         base_url: e.g. ``https://api.openai.com/v1`` (``/chat/completions`` is appended).
         model: the chat model name.
-        api_key: sent as ``Authorization: Bearer``; None sends no header.
+        api_key_env: the environment variable holding the API key (default
+            ``OPENAI_API_KEY``; keys come from the environment only, never printed).
         encoder: optional text encoder for the analogous-class rejection rule: a candidate
             whose "a photo of {x}" embedding has cosine > ``reject_threshold`` with
             "a photo of {other class}" for any *other* class of the dataset is rejected and
             the model is re-asked for that many more, up to ``max_reasks`` times, stopping
             as soon as an answer has no rejection (the authors' loop never stopped early).
             Without an encoder nothing is rejected.
-        retries: attempts per request on network errors, HTTP 429 and 5xx (exponential
-            backoff from ``backoff`` seconds).
+        retries: attempts per request on network errors, HTTP 408, 429 and 5xx (exponential
+            backoff from ``backoff`` seconds; a ``Retry-After`` header is honoured).
     """
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *,
+    def __init__(self, base_url: str, model: str, *,
+                 api_key_env: str | None = DEFAULT_API_KEY_ENV,
                  encoder: TextEncoder | None = None, reject_threshold: float = 0.9,
                  max_reasks: int = 6, retries: int = 4, backoff: float = 1.0,
                  timeout: float = 120.0, temperature: float | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] | None = None):
         if not base_url:
             raise InputError("KnowledgeGenerator: base_url is required")
         if not model:
             raise InputError("KnowledgeGenerator: model is required")
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key = model, api_key
+        self.client = ChatClient(base_url, model, api_key_env=api_key_env,
+                                 max_attempts=retries, backoff=backoff, timeout=timeout,
+                                 sleep=sleep)
+        self.url, self.model = self.client.url, model
         self.encoder, self.reject_threshold, self.max_reasks = encoder, reject_threshold, max_reasks
-        self.retries, self.backoff, self.timeout = max(1, retries), backoff, timeout
-        self.temperature, self._sleep = temperature, sleep
-        self.requests = 0
+        self.temperature = temperature
+
+    @property
+    def requests(self) -> int:
+        """HTTP requests sent so far (retries included)."""
+        return self.client.requests
 
     def chat(self, prompt: str) -> str:
-        """One user message -> the assistant's text, with retries."""
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}]}
-        if self.temperature is not None:
-            body["temperature"] = self.temperature
-        data = json.dumps(body).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last: Exception | None = None
-        for attempt in range(self.retries):
-            if attempt:
-                self._sleep(self.backoff * 2 ** (attempt - 1))
-            self.requests += 1
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    payload = json.loads(resp.read().decode("utf-8"))
-                return str(payload["choices"][0]["message"]["content"])
-            except urllib.error.HTTPError as e:
-                last = e
-                if e.code != 429 and e.code < 500:
-                    raise ChatError(f"chat endpoint {self.url} returned HTTP {e.code}: "
-                                    f"{e.read()[:200].decode('utf-8', 'replace')}") from e
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = e
-            except (KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
-                raise ChatError(f"chat endpoint {self.url} returned an unexpected payload: {e}") from e
-        raise ChatError(f"chat endpoint {self.url} failed after {self.retries} attempts: {last}")
+        """One user message -> the assistant's text (retries: :class:`nolabels.llm.ChatClient`)."""
+        return self.client.chat(prompt, temperature=self.temperature)
 
     # -- the four text types ---------------------------------------------------
     def attributes(self, c: str) -> list[str]:

@@ -59,8 +59,6 @@ import math
 import os
 import random
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,6 +70,7 @@ from torch import nn
 
 from nolabels import dist, ops
 from nolabels.errors import InputError
+from nolabels.llm import DEFAULT_API_KEY_ENV, ChatClient
 from nolabels.methods.common import RunSettings, TuneData, encoder_info, map_rows, save_run
 from nolabels.methods.selection import CRITERIA, mean_confidence
 from nolabels.methods.students import ConSEStudent, ImageViews, image_stats, is_vit_encoder
@@ -224,20 +223,25 @@ def first_line(text: str) -> str:
 
 # --------------------------------------------------------------------------- generator
 class VisionChatClient:
-    """A minimal client for an OpenAI-compatible vision chat endpoint (stdlib only).
+    """The captioner: an OpenAI-compatible vision chat endpoint.
 
     ``describe(images, prompt)`` sends one user message with the prompt and the
     images (as base64 JPEG data URLs) to ``{base_url}/chat/completions`` and returns
-    the first line of the answer. Greedy (temperature 0), ``max_tokens`` 77.
+    the first line of the answer. Greedy (temperature 0), ``max_tokens`` 77. HTTP,
+    retries (``retries`` after the first attempt; ``Retry-After`` honoured) and the key
+    (from the environment variable ``api_key_env`` only, default ``OPENAI_API_KEY``):
+    :class:`nolabels.llm.ChatClient`, which raises :class:`nolabels.llm.LLMError`.
     """
 
-    def __init__(self, base_url: str, model: str, *, api_key: str | None = None,
-                 max_tokens: int = 77, temperature: float = 0.0, timeout: float = 120.0,
-                 retries: int = 2) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key = model, api_key
+    def __init__(self, base_url: str, model: str, *,
+                 api_key_env: str | None = DEFAULT_API_KEY_ENV, max_tokens: int = 77,
+                 temperature: float = 0.0, timeout: float = 120.0, retries: int = 2,
+                 backoff: float = 1.0, sleep: Callable[[float], None] | None = None) -> None:
+        self.client = ChatClient(base_url, model, api_key_env=api_key_env,
+                                 max_attempts=retries + 1, backoff=backoff, timeout=timeout,
+                                 sleep=sleep)
+        self.url, self.model = self.client.url, model
         self.max_tokens, self.temperature = max_tokens, temperature
-        self.timeout, self.retries = timeout, retries
 
     @staticmethod
     def data_url(img) -> str:
@@ -248,31 +252,8 @@ class VisionChatClient:
     def describe(self, images: Sequence[Any], prompt: str) -> str:
         content: list[dict] = [{"type": "text", "text": prompt}]
         content += [{"type": "image_url", "image_url": {"url": self.data_url(im)}} for im in images]
-        body = json.dumps({"model": self.model, "temperature": self.temperature,
-                           "max_tokens": self.max_tokens,
-                           "messages": [{"role": "user", "content": content}]}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:  # noqa: S310
-                    d = json.loads(r.read().decode())
-                msg = d["choices"][0]["message"]["content"]
-                if isinstance(msg, list):  # content parts
-                    msg = " ".join(p.get("text", "") for p in msg if isinstance(p, dict))
-                return first_line(msg)
-            except urllib.error.HTTPError as e:
-                last = e
-                if e.code < 500 and e.code != 429:
-                    raise RuntimeError(f"{self.url}: HTTP {e.code}: {e.read()[:300]!r}") from e
-            except (urllib.error.URLError, TimeoutError, KeyError, IndexError,
-                    json.JSONDecodeError) as e:
-                last = e
-            time.sleep(min(2.0 ** attempt, 8.0) * 0.1)
-        raise RuntimeError(f"{self.url}: no answer after {self.retries + 1} tries: {last}")
+        return first_line(self.client.chat(content, temperature=self.temperature,
+                                           max_tokens=self.max_tokens))
 
 
 def group_grid(images: Sequence[Any], size: int = 672, gap: int = 20):

@@ -483,10 +483,10 @@ def coder_knowledge(classes: str | os.PathLike, out: str | os.PathLike, *,
     if not base_url or not llm:
         raise InputError("coder-knowledge: pass --base-url and --llm-model "
                          "(or set NOLABELS_LLM_BASE_URL / NOLABELS_LLM_MODEL)")
-    key = os.environ.get(api_key_env) if api_key_env else None
     class_names = [C.Knowledge._key(c) for c in read_lines(classes)]
     text_enc = load_text_encoder(model, encoder)
-    gen = C.KnowledgeGenerator(base_url, llm, key, encoder=text_enc, retries=retries)
+    gen = C.KnowledgeGenerator(base_url, llm, api_key_env=api_key_env, encoder=text_enc,
+                               retries=retries)
     pair_list: list[tuple[str, str]] = []
     if pairs:
         if pairs.startswith("auto:"):

@@ -213,7 +213,7 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
                 cls_emb, zs = latteclip.zero_shot_labels(encoder, data.emb, names, cfg.template)
                 client = latteclip.VisionChatClient(
                     caption_endpoint, caption_model or "default",
-                    api_key=os.environ.get(caption_api_key_env))
+                    api_key_env=caption_api_key_env)
                 gen_out = out / "captions.jsonl"
                 if ctx.is_main:
                     latteclip.generate_captions(
