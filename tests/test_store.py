@@ -98,6 +98,24 @@ def test_webdataset_shards(tmp_path):
         open_source(str(shards / "s-{000..003}.tar"))
 
 
+def test_expand_braces_bash_rules(monkeypatch):
+    """Shard lists as webdataset writes them (braceexpand): zero-padded ranges keep their
+    width across a carry, alternatives nest, text without a list stays as it is."""
+    assert expand_braces("s-{000..009}.tar") == [f"s-{i:03d}.tar" for i in range(10)]
+    assert expand_braces("{098..101}") == ["098", "099", "100", "101"]
+    assert expand_braces("x{8..11}") == ["x8", "x9", "x10", "x11"]
+    assert expand_braces("{a,{b,c}}{0..1}") == ["a0", "a1", "b0", "b1", "c0", "c1"]
+    assert expand_braces("dir{x}/s.tar") == ["dir{x}/s.tar"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+    import sys
+
+    from nolabels.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "braceexpand", None)
+    with pytest.raises(MissingDependencyError, match="braceexpand"):
+        expand_braces("s-{0..1}.tar")
+
+
 def test_corrupt_images_are_reported_not_fatal(tmp_path):
     from nolabels.data import ImageDataset, collate
 

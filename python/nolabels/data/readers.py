@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from nolabels.data.transforms import decode_image
-from nolabels.errors import InputError
+from nolabels.errors import InputError, MissingDependencyError
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -257,19 +257,16 @@ def paths_from_columns(path: Sequence[str], path_bytes: Sequence[bytes | None] |
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """``a-{000..002}.tar`` -> [a-000.tar, a-001.tar, a-002.tar]; ``{x,y}`` lists too."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        return [pattern]
-    body, pre, post = m.group(1), pattern[:m.start()], pattern[m.end():]
-    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if r:
-        a, b = r.group(1), r.group(2)
-        width = len(a) if a.startswith("0") else 0
-        opts = [str(i).zfill(width) for i in range(int(a), int(b) + 1)]
-    else:
-        opts = body.split(",")
-    return [x for o in opts for x in expand_braces(pre + o + post)]
+    """Bash-style brace expansion (the ``braceexpand`` package), as webdataset shard lists
+    are written: ``a-{000..002}.tar`` -> [a-000.tar, a-001.tar, a-002.tar] (zero padding
+    kept), ``{x,y}`` alternatives, nested and combined; a pattern without braces -> itself.
+    """
+    try:
+        from braceexpand import braceexpand
+    except ImportError as e:
+        raise MissingDependencyError("shard lists with braces need braceexpand: "
+                                     "pip install 'nolabels[data]'") from e
+    return list(braceexpand(pattern, escape=False))
 
 
 def _expand_shards(spec: str) -> list[str]:
