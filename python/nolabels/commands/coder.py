@@ -52,7 +52,8 @@ def run_coder(args: argparse.Namespace) -> int:
     msg = coder(args.store, args.out, classes=args.classes, knowledge=args.knowledge,
                 paths=args.paths, shots=args.shots, dataset=args.dataset,
                 templates=args.templates, tau=args.tau, rerank=not args.no_rerank,
-                zs_templates=args.zs_templates, shot_val_fraction=args.shot_val_fraction,
+                zs_templates=args.zs_templates, augment_passes=args.augment_passes,
+                shot_val_fraction=args.shot_val_fraction,
                 seed=args.seed, model=args.model, encoder=args.encoder,
                 cache_dir=args.cache_dir, batch_size=args.batch_size, backend=args.backend,
                 evaluate=args.eval)
@@ -111,14 +112,25 @@ def register(subparsers) -> None:
     p.add_argument("--shots", help="labelled few-shot embeddings (store dir, or .safetensors/.pt "
                                    "with 'emb' and 'labels'; .pt read with weights_only=True): "
                                    "few-shot CODER")
-    p.add_argument("--dataset", help="dataset name: template variant, CODER* τ and few-shot init")
+    p.add_argument("--dataset", help="apply the authors' settings for this data set "
+                                     "(nolabels.methods.presets: imagenet, caltech101, dtd, "
+                                     "eurosat, fgvc_aircraft, food101, flowers102, oxford_pets, "
+                                     "stanford_cars, sun397, ucf101, ...): template variant, "
+                                     "CODER* tau, few-shot init, zero-shot templates, "
+                                     "augmentation passes; flags given explicitly win. "
+                                     "Default: generic settings")
     p.add_argument("--templates", help="template set name (default: from --dataset)")
     p.add_argument("--tau", type=nonneg_float,
                    help="CODER* gap threshold, >= 0 (default: per dataset, else 0.1; 0: no "
                         "re-ranking)")
     p.add_argument("--no-rerank", action="store_true", help="plain CODER (no one-vs-one re-ranking)")
-    p.add_argument("--zs-templates", nargs="+", type=_zs_template, default=["a photo of a {c}."],
-                   help="few-shot zero-shot classifier templates ({c} = class name)")
+    p.add_argument("--zs-templates", nargs="+", type=_zs_template,
+                   help="few-shot zero-shot classifier templates ({c} = class name; default: "
+                        "the --dataset's Tip-Adapter templates, else 'a photo of a {c}.')")
+    p.add_argument("--augment-passes", dest="augment_passes", type=nonneg_int,
+                   help="few-shot: average this many seeded augmented views of each shot image "
+                        "into its cache key (needs --shots to be a store made from images; "
+                        "default: the --dataset's, e.g. 20, else 0: the stored embeddings)")
     p.add_argument("--shot-val-fraction", type=fraction, default=0.25,
                    help="share of each class's shots held out to choose alpha, beta, in [0, 1) "
                         "(default 0.25; 0: the dataset's default alpha, beta)")

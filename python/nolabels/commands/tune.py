@@ -48,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
              caption_endpoint=args.caption_endpoint, caption_model=args.caption_model,
              caption_noun=args.caption_noun, hyper=hyper, cache_views=args.cache_views,
              device=args.device,
-             embed_workers=args.embed_workers, quiet=args.quiet)
+             embed_workers=args.embed_workers, dataset=args.dataset, quiet=args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         sel = s.get("selected_epoch")
         crit = s.get("criterion_value")
@@ -76,6 +76,13 @@ def register(subparsers) -> None:
                                         "(surrogate default: surrogate:effnet-lite0, NOT DINO)")
     p.add_argument("--dino-checkpoint", help="the DINO model's local weights file")
     p.add_argument("--descriptions", help="JSON {class: [sentences]} or a built-in set (cifar10)")
+    p.add_argument("--dataset", help="apply the authors' settings for this data set "
+                                     "(imagenet, caltech101, dtd, eurosat, fgvc_aircraft, "
+                                     "food101, flowers102, oxford_pets, stanford_cars, sun397, "
+                                     "ucf101, cifar10, cifar100, ...; nolabels.methods.presets): "
+                                     "templates, LaFTer text steps, LatteCLIP epochs/warm-up, "
+                                     "fp32 for lafter/nola; flags given explicitly win. "
+                                     "Default: generic settings")
     p.add_argument("--templates", help="template set (simple, imagenet7, cifar, none) or file; "
                                        "latteclip: the single template, e.g. 'a photo of a {}.'")
     p.add_argument("--captions", nargs="+", help="latteclip caption JSONL file(s)")

@@ -186,7 +186,8 @@ _ALIASES = {
 #: In the few-shot task the authors use the generic attribute/analogous templates for these.
 _FEW_SHOT_GENERIC_ATT = {"oxford_pets", "dtd"}
 
-#: CODER* gap threshold τ per dataset (the authors' ``utils.get_thres``).
+#: CODER* gap threshold τ per dataset (YCaigogogo/CVPR24-CODER ``utils.py: get_thres``; the
+#: authors tuned no τ for Aircraft, Cars, Flowers, SUN397 or UCF101: not found there).
 TAU: dict[str, float] = {
     "imagenet": 0.1, "imagenet-v2": 0.05, "places365": 0.1, "caltech101": 0.3, "dtd": 0.6,
     "cub200": 0.2, "eurosat": 0.3, "food101": 0.1, "oxford_pets": 0.1,
@@ -194,9 +195,20 @@ TAU: dict[str, float] = {
 #: τ for a dataset the authors did not tune: 0.1, the value of ImageNet, Places, Food and Pets.
 DEFAULT_TAU = 0.1
 
-#: Few-shot initial (β, α) per dataset (the authors' ``configs/*.yaml``, quoted in methods.md).
+#: Few-shot initial (β, α) per dataset: ``init_beta``, ``init_alpha`` of
+#: YCaigogogo/CVPR24-CODER ``configs/<yaml>`` (file named per entry).
 FEW_SHOT_INIT: dict[str, tuple[float, float]] = {
-    "imagenet": (72.0, 1.66), "dtd": (30.18, 2.57), "eurosat": (91.34, 1.73), "caltech101": (24.76, 100.0),
+    "imagenet": (72.0, 1.66),  # imagenet.yaml
+    "dtd": (30.18, 2.57),  # dtd.yaml
+    "eurosat": (91.34, 1.73),  # eurosat.yaml
+    "caltech101": (24.76, 100.0),  # caltech-101.yaml
+    "fgvc_aircraft": (96.0, 9.775),  # fgvc.yaml
+    "oxford_pets": (26.0, 1.0),  # oxford-pet.yaml
+    "flowers102": (38.0, 4.37),  # oxford_flowers.yaml
+    "stanford_cars": (23.5, 1.5),  # stanford_cars.yaml
+    "sun397": (43.57, 1.18),  # sun397.yaml
+    "ucf101": (49.51, 2.0),  # ucf101.yaml
+    "food101": (1.0, 1.0),  # food101.yaml (the authors' own value, not a fallback)
 }
 DEFAULT_FEW_SHOT_INIT = (1.0, 1.0)
 
@@ -205,9 +217,15 @@ def _canon(dataset: str | None) -> str | None:
     if dataset is None:
         return None
     d = dataset.strip().lower()
-    return {"oxford-pet": "oxford_pets", "oxford_pet": "oxford_pets", "places-365": "places365",
-            "caltech-101": "caltech101", "food-101": "food101", "cub": "cub200",
-            "imagenet_v2": "imagenet-v2"}.get(d, d)
+    hit = {"oxford-pet": "oxford_pets", "oxford_pet": "oxford_pets", "places-365": "places365",
+           "caltech-101": "caltech101", "food-101": "food101", "cub": "cub200",
+           "imagenet_v2": "imagenet-v2"}.get(d)
+    if hit is None:  # the preset names and aliases (flowers, aircraft, cars, ...)
+        from nolabels.methods.presets import lookup
+
+        p = lookup(d)
+        hit = p.name if p is not None else d
+    return hit
 
 
 def template_set(name: str | None) -> dict[str, list[str]]:
@@ -741,6 +759,59 @@ def minmax_rows(a: torch.Tensor) -> torch.Tensor:
 def grid(lo: float, hi: float, steps: int) -> torch.Tensor:
     """The authors' grid: lo + i (hi - lo) / steps, i < steps (hi excluded)."""
     return lo + torch.arange(steps, dtype=torch.float64) * (hi - lo) / steps
+
+
+#: The augmentation of the authors' few-shot cache keys (``classify_few_shot.py``:
+#: RandomResizedCrop(224, scale (0.5, 1), bicubic), HFlip(0.5), CLIP normalisation).
+CACHE_CROP_SCALE = (0.5, 1.0)
+
+
+def cache_key_transform(size: int, mean: Sequence[float], std: Sequence[float]):
+    """PIL image -> (3, size, size) tensor: the authors' augmentation of cache-key images
+    (random resized crop of scale :data:`CACHE_CROP_SCALE`, bicubic; horizontal flip;
+    the encoder's normalisation)."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=CACHE_CROP_SCALE,
+                            interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(0.5), T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
+
+
+@torch.no_grad()
+def augmented_embeddings(encoder, source, items: Sequence[int], passes: int, *, seed: int = 0,
+                         batch_size: int = 64) -> torch.Tensor:
+    """Few-shot cache keys from ``passes`` augmented views of each image (the authors'
+    ``augment_epoch``: 20 for most data sets, 10 Pets, 1 ImageNet).
+
+    View ``p`` of item ``i`` is drawn with :func:`cache_key_transform` under the seed
+    ``(seed, p, i, 0)`` (:class:`nolabels.methods.students.ImageViews`), so the keys are
+    the same on every run and independent of batching. The views' embeddings are
+    averaged over passes and L2-normalised. (The authors average the un-normalised image
+    features; :meth:`Encoder.encode_image` returns normalised rows, so their mean is
+    taken here: equal when the feature norms of one image's views are equal.)
+
+    Args:
+        encoder: a :class:`nolabels.models.Encoder` (the model that embedded the shots).
+        source: the :class:`nolabels.data.ImageSource` the shots were embedded from.
+        items: S source items, in the row order of the shots.
+        passes: number of augmented views per image (>= 1).
+    Returns:
+        (S, D) float32 on the CPU, rows L2-normalised.
+    """
+    from nolabels.methods.students import ImageViews, image_stats
+
+    if passes < 1:
+        raise InputError(f"augmented_embeddings: passes must be >= 1, got {passes}")
+    size, mean, std = image_stats(encoder)
+    views = ImageViews(source, list(items), {"aug": cache_key_transform(size, mean, std)}, seed)
+    total = torch.zeros(len(views), encoder.dim)
+    for p in range(passes):
+        for s in range(0, len(views), batch_size):
+            batch = torch.stack([views[(p, i)]["aug"] for i in range(s, min(s + batch_size,
+                                                                              len(views)))])
+            total[s : s + batch.shape[0]] += encoder.encode_image(batch).float().cpu()
+    return F.normalize(total / passes, dim=1)
 
 
 @dataclass

@@ -61,7 +61,10 @@ from nolabels.methods.trainer import (
     tensor_digest,
 )
 
-#: LaFTer's text-classifier steps per dataset (``utils/utils.py: text_cls_epochs``).
+#: LaFTer's text-classifier steps per dataset (jmiemirza/LaFTer ``utils/utils.py:
+#: text_cls_epochs``; no entry for Oxford Pets or Stanford Cars there). ``--dataset NAME``
+#: applies them (``LaFTerConfig.text_steps`` through :mod:`nolabels.methods.presets`);
+#: without it the generic default, 400, is used.
 TEXT_STEPS = {"dtd": 400, "eurosat": 400, "food101": 400, "cifar10": 400, "cifar100": 400,
               "ucf101": 400, "imagenet": 500, "imagenet-a": 500, "imagenet-r": 500,
               "imagenet-sketch": 500, "sun397": 500, "caltech101": 500, "fgvc_aircraft": 500,

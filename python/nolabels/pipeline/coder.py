@@ -319,8 +319,8 @@ def coder(store: str | os.PathLike, out: str | os.PathLike, *,
           classes: str | os.PathLike | None = None, knowledge: str | os.PathLike | None = None,
           paths: str | None = None, shots: str | os.PathLike | None = None,
           dataset: str | None = None, templates: str | None = None, tau: float | None = None,
-          rerank: bool = True, zs_templates: Sequence[str] = ("a photo of a {c}.",),
-          shot_val_fraction: float = 0.25, seed: int = 0, model: str | None = None,
+          rerank: bool = True, zs_templates: Sequence[str] | None = None,
+          augment_passes: int | None = None, shot_val_fraction: float = 0.25, seed: int = 0, model: str | None = None,
           encoder: str | None = None, cache_dir: str | None = None, batch_size: int = 256,
           backend: str = "auto", evaluate: bool = False) -> dict:
     """CODER zero-shot, CODER* (``rerank``) and few-shot CODER (``shots``) predictions.
@@ -333,14 +333,24 @@ def coder(store: str | os.PathLike, out: str | os.PathLike, *,
         classes: class names file (default: the knowledge file's classes).
         knowledge: CODER knowledge JSON (:class:`nolabels.methods.coder.Knowledge`).
         shots: labelled few-shot embeddings (store, or a file with "emb" and "labels").
-        dataset: template variant, CODER* τ and the few-shot (α, β) initialisation.
+        dataset: a :mod:`nolabels.methods.presets` name (an unknown one is an InputError
+            listing the known ones): CODER's template variant, CODER* τ, the few-shot
+            (β, α) initialisation, zero-shot templates and augmentation passes. Without
+            it (and without a known ``dataset`` in the knowledge file): generic defaults.
+        zs_templates: few-shot zero-shot classifier templates (``{c}``: the class); default
+            the preset's Tip-Adapter templates, else "a photo of a {c}.".
+        augment_passes: augmented views averaged into each few-shot cache key (default
+            the preset's, else 0: the shots' stored embeddings). Needs ``shots`` to be a
+            store embedded from images that are still readable.
         evaluate: also report accuracies against class-folder names (reporting only).
     Returns:
         a JSON-serialisable summary (rows, classes, texts, reranked, ..., out).
     """
     from nolabels.data.outputs import claim_output_file
     from nolabels.methods import coder as C
+    from nolabels.methods import presets as P
 
+    preset = P.get_preset(dataset) if dataset else None  # unknown names fail before any work
     claim_output_file(out)  # an existing --out that nolabels did not write is refused
     batches, store_model, store_spec = _image_batches(store, paths)
     kn = C.Knowledge.load(knowledge) if knowledge else C.Knowledge()
@@ -351,6 +361,13 @@ def coder(store: str | os.PathLike, out: str | os.PathLike, *,
     else:
         raise InputError("coder: pass --classes (or a --knowledge file that lists the classes)")
     dataset = dataset or kn.dataset
+    if preset is None and dataset:  # the knowledge file's data set, when it is a known one
+        preset = P.lookup(dataset)
+    cs = P.coder_values(preset)
+    print("coder: no --dataset: generic defaults" if preset is None else
+          f"coder: --dataset {preset.name}: " + ", ".join(
+              f"{k}={len(v)} templates" if k == "zs_templates" else f"{k}={v}"
+              for k, v in cs.items()), file=sys.stderr)
     unknown = kn.unknown_classes(class_names)
     if unknown:
         print(f"coder: warning: knowledge names not in the class list: {unknown[:10]}",
@@ -392,21 +409,26 @@ def coder(store: str | os.PathLike, out: str | os.PathLike, *,
         raise InputError("coder: unknown model: pass --model (the store has no model id) or "
                          "--encoder")
 
-    bank = encode(C.TextBank.build(class_names, kn, templates=templates or dataset))
+    tset = templates or cs.get("templates") or dataset
+    bank = encode(C.TextBank.build(class_names, kn, templates=tset))
     few = fit = None
     if shots:
         sh = read_embeddings(os.fspath(shots))
         s_lab = labels_from(sh.paths, sh.labels, class_names)
-        fs_bank = encode(C.TextBank.build(class_names, kn, templates=templates or dataset,
+        fs_bank = encode(C.TextBank.build(class_names, kn, templates=tset,
                                           types=("name", "att", "ana"), task="few-shot",
                                           ovo=False))
-        zs_t = list(zs_templates)
+        zs_t = list(zs_templates) if zs_templates else cs.get("zs_templates",
+                                                                ["a photo of a {c}."])
+        passes = cs.get("augment_passes", 0) if augment_passes is None else augment_passes
+        shot_emb = _shot_keys(shots, sh, passes, seed, batch_size) if passes else sh.emb
         zs_w = torch.nn.functional.normalize(encode(C.TextBank.build(
             class_names, None, templates={"name": zs_t, "att": [], "ana": [], "ovo": []},
             types=("name",), ovo=False)).emb.view(len(class_names), len(zs_t), -1).mean(1),
             dim=1)
-        few = C.CoderFewShot(fs_bank, zs_w, sh.emb, s_lab, backend=backend)
-        fit = few.fit(val_fraction=shot_val_fraction, dataset=dataset, seed=seed)
+        few = C.CoderFewShot(fs_bank, zs_w, shot_emb, s_lab, backend=backend)
+        fit = few.fit(val_fraction=shot_val_fraction, dataset=dataset, seed=seed,
+                      init=cs.get("few_shot_init"))
 
     writer = _TableWriter(out)
     n_rr = n_changed = 0
@@ -448,9 +470,10 @@ def coder(store: str | os.PathLike, out: str | os.PathLike, *,
                            "texts": len(bank.texts), "ovo_texts": len(bank.ovo_texts),
                            "reranked": n_rr, "changed_by_rerank": n_changed,
                            "out": os.fspath(out)}
+    msg["dataset"] = preset.name if preset is not None else None
     if fit is not None:
         msg.update(beta=fit.beta, alpha=fit.alpha, shots_val_acc=fit.val_acc,
-                   shots_cache=fit.n_cache, shots_val=fit.n_val)
+                   shots_cache=fit.n_cache, shots_val=fit.n_val, augment_passes=passes)
     if evaluate and hits["n"]:
         msg["accuracy_zero_shot"] = hits["zs"] / hits["n"]
         msg["accuracy_coder_star"] = hits["star"] / hits["n"]
@@ -458,6 +481,46 @@ def coder(store: str | os.PathLike, out: str | os.PathLike, *,
             msg["accuracy_few_shot"] = hits["fs"] / hits["n"]
         msg["evaluated_rows"] = hits["n"]
     return msg
+
+
+def _shot_keys(shots, sh, passes: int, seed: int, batch_size: int) -> torch.Tensor:
+    """Few-shot cache keys averaged over ``passes`` seeded augmented views
+    (:func:`nolabels.methods.coder.augmented_embeddings`), when ``shots`` is an embedding
+    store whose images and model can be reopened; otherwise the stored embeddings, with a
+    warning saying why."""
+    from nolabels.methods import coder as C
+
+    def stored(why: str) -> torch.Tensor:
+        print(f"coder: warning: {passes} augmentation passes need {why}; the stored "
+              "(un-augmented) shot embeddings are used", file=sys.stderr)
+        return sh.emb
+
+    p = Path(shots)
+    if not (p / "manifest.json").is_file():
+        return stored("--shots to be an embedding store made from images")
+    from nolabels.data import EmbeddingStore
+    from nolabels.methods.common import reopen_source
+    from nolabels.models import load_encoder
+
+    st = EmbeddingStore(p)
+    spec = st.model.get("spec")
+    if not spec or "source" not in st.manifest:
+        return stored("the store's model spec and image source")
+    try:
+        source = reopen_source(st)
+    except FileNotFoundError:
+        return stored(f"the images {p} was embedded from")
+    _, meta = st.load()
+    if list(meta["path"]) != list(sh.paths):
+        raise InputError(f"{p}: the store's rows changed while reading it")
+    enc = load_encoder(spec, checkpoint=st.model.get("checkpoint"))
+    if enc.model_id != st.model.get("model_id"):
+        raise InputError(f"{p} was embedded with {st.model.get('model_id')} but {spec} loads "
+                         f"{enc.model_id}: its augmented cache keys would not match")
+    print(f"coder: few-shot cache keys: {passes} augmented views per shot "
+          f"(seed {seed})", file=sys.stderr)
+    return C.augmented_embeddings(enc, source, meta["item"], passes, seed=seed,
+                                  batch_size=min(batch_size, 64))
 
 
 # --------------------------------------------------------------------------- knowledge

@@ -51,7 +51,7 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
          hyper: dict[str, Any] | None = None, cache_views: int = 0,
          device: str | None = "auto",
          embed_workers: int | str = "auto", embed_batch_size: int = 64,
-         quiet: bool = False) -> dict:
+         dataset: str | None = None, quiet: bool = False) -> dict:
     """Tune ``method`` label-free on ``images`` and write the run directory ``out``.
 
     Args:
@@ -63,6 +63,10 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
             ``surrogate:effnet-lite0``, a supervised stand-in, NOT DINO).
         descriptions: descriptions JSON (or a built-in name, ``cifar10``).
         templates: template set name / file (default: the method's).
+        dataset: apply the authors' settings for this data set
+            (:mod:`nolabels.methods.presets`; an unknown name is an InputError listing the
+            known ones); ``hyper`` and ``templates`` still override it. None: generic
+            defaults (the log says so).
         captions: LatteCLIP caption JSONL files.
         caption_endpoint: OpenAI-compatible base URL to generate LatteCLIP captions.
         hyper: overrides of the method's config fields (``epochs``, ``lr``, ``seed``, ...).
@@ -88,6 +92,9 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
     hyper = dict(hyper or {})
+    from nolabels.methods import presets
+
+    preset = presets.get_preset(dataset) if dataset is not None else None  # before any work
     from nolabels.data.outputs import check_output_dir, claim_output_dir, on_main_rank
 
     t0 = time.perf_counter()
@@ -150,6 +157,9 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
         cfg_cls = {"lafter": lafter.LaFTerConfig, "nola": nola.NoLAConfig,
                    "latteclip": latteclip.LatteCLIPConfig}.get(method)
         cfg = cfg_cls() if cfg_cls else None
+        explicit = set(hyper) | ({"templates", "template"} if templates is not None else set())
+        for line in presets.apply_to_config(cfg, preset, method, explicit):
+            log(f"tune: {line}")  # before the flags, so that they override the preset
         if cfg is not None:
             unknown = [k for k in hyper if not hasattr(cfg, k)]
             if unknown:
@@ -177,7 +187,9 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
                                    workers=embed_workers)
 
         if method in ("zeroshot", "cde"):
-            summary = _zero_shot(method, encoder, data, names, desc, templates or "simple", out,
+            tmpl = templates or (presets.tune_values(preset, method).get("templates")
+                                 if preset is not None else None) or "simple"
+            summary = _zero_shot(method, encoder, data, names, desc, tmpl, out,
                                  save_run, encoder_info, CRITERIA)
         elif method == "lafter":
             summary = lafter.tune(encoder, data, names, out, descriptions=desc, config=cfg,
@@ -226,6 +238,7 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
             summary = latteclip.tune(encoder, data, names, out, captions=caps, config=cfg,
                                      log=log, quiet=quiet)
         summary["total_seconds"] = time.perf_counter() - t0
+        summary["dataset_preset"] = None if preset is None else preset.name
         if ctx.is_main:
             from nolabels.data.store import atomic_write_json
             from nolabels.methods.common import _jsonable
