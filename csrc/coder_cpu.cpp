@@ -668,27 +668,6 @@ Tensor coder_class_scores_cpu(const Tensor& image, const Tensor& text, const Ten
   return scores_from_bank(image, bank, C, padded ? P : 0, (M1 > 0 && !padded) ? s1.data() : nullptr);
 }
 
-// Bank version (also the CUDA schema): bank and seg from
-// nolabels.ops.coder.prepare_class_bank.
-Tensor coder_class_scores_bank_cpu(const Tensor& image, const Tensor& bank, const Tensor& seg) {
-  STD_TORCH_CHECK(image.dim() == 2 && bank.dim() == 2 && seg.dim() == 1,
-                  "coder_class_scores_bank: image (N,D), bank (R,D), seg (C+1,) expected");
-  STD_TORCH_CHECK(image.size(1) == bank.size(1), "coder_class_scores_bank: D mismatch");
-  STD_TORCH_CHECK(is_supported_float(image.scalar_type()), "coder_class_scores_bank: bad image dtype");
-  STD_TORCH_CHECK(bank.scalar_type() == ScalarType::Float && bank.is_contiguous(),
-                  "coder_class_scores_bank: bank must be contiguous float32");
-  STD_TORCH_CHECK(seg.scalar_type() == ScalarType::Long && seg.is_contiguous(),
-                  "coder_class_scores_bank: seg must be contiguous int64");
-  STD_TORCH_CHECK(image.is_cpu() && bank.is_cpu() && seg.is_cpu(),
-                  "coder_class_scores_bank: CPU tensors expected");
-  const int64_t C = seg.size(0) - 1;
-  STD_TORCH_CHECK(C >= 1, "coder_class_scores_bank: need at least one class");
-  const int64_t* sg = seg.const_data_ptr<int64_t>();
-  STD_TORCH_CHECK(sg[0] == 0 && C + sg[C] == bank.size(0), "coder_class_scores_bank: seg does not match bank");
-  for (int64_t c = 0; c < C; ++c) STD_TORCH_CHECK(sg[c] <= sg[c + 1], "coder_class_scores_bank: seg not sorted");
-  return scores_from_bank(image, bank, C, 0, sg);
-}
-
 // ---------------------------------------------------------------- coder_affinity
 // Three parallel regions, each with work taken dynamically by per-worker
 // single-threaded GEMMs (robust on a busy machine, where a barrier per small
@@ -866,7 +845,8 @@ STABLE_TORCH_LIBRARY_FRAGMENT(nolabels_C, m) {
   // The full op (CPU): builds the folded bank itself.
   m.def("coder_class_scores(Tensor image, Tensor text, Tensor text_class, Tensor text_kind,"
         " int num_classes, float scale) -> Tensor");
-  // Scores against a bank/seg from nolabels.ops.coder.prepare_class_bank (CPU and CUDA).
+  // Scores against a bank/seg from nolabels.ops.coder.prepare_class_bank (a CUDA kernel
+  // only: on the CPU, coder_class_scores builds its bank itself).
   m.def("coder_class_scores_bank(Tensor image, Tensor bank, Tensor seg) -> Tensor");
   m.def("coder_affinity(Tensor x, Tensor y, Tensor text) -> Tensor");
 }
@@ -874,6 +854,5 @@ STABLE_TORCH_LIBRARY_FRAGMENT(nolabels_C, m) {
 STABLE_TORCH_LIBRARY_IMPL(nolabels_C, CPU, m) {
   m.impl("topk_similarity", TORCH_BOX(&nolabels::coder::topk_similarity_cpu));
   m.impl("coder_class_scores", TORCH_BOX(&nolabels::coder::coder_class_scores_cpu));
-  m.impl("coder_class_scores_bank", TORCH_BOX(&nolabels::coder::coder_class_scores_bank_cpu));
   m.impl("coder_affinity", TORCH_BOX(&nolabels::coder::coder_affinity_cpu));
 }

@@ -55,7 +55,8 @@ class Embeddings:
 
 def read_store_dir(path: Path) -> Embeddings:
     """An embedding store directory (``nolabels.data.store.EmbeddingStore``; failed images
-    are skipped); without that module, a minimal reader of the same layout."""
+    are skipped); a folder of bare ``emb_*.npy`` / ``meta_*.parquet`` shards without a
+    store manifest (no ``format_version``): a minimal reader of the same layout."""
     manifest = {}
     if (path / "manifest.json").exists():
         try:
@@ -67,11 +68,9 @@ def read_store_dir(path: Path) -> Embeddings:
     model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
     model_id = model.get("model_id") or manifest.get("model_id")
     spec = model.get("spec")
-    try:
+    if "format_version" in manifest:
         from nolabels.data.store import EmbeddingStore
-    except ImportError:
-        EmbeddingStore = None
-    if EmbeddingStore is not None and "format_version" in manifest:
+
         emb, meta = EmbeddingStore(path).load()
         labels = meta.get("label")
         labels = labels if labels and all(lab is not None for lab in labels) else None
