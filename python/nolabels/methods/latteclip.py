@@ -84,8 +84,10 @@ GROUP_PROMPT = "Describe the common visual attributes of the {noun} in all the p
 @dataclass
 class LatteCLIPConfig(RunSettings):
     """LatteCLIP's hyper-parameters. ``lr`` 1e-7 is the README example (the paper's
-    value was not found); epochs and warmup vary per dataset (methods.md §4.4); run
-    settings in :class:`RunSettings`."""
+    value was not found); the template, epochs and warm-up (and Caltech101's weight decay)
+    vary per dataset: ``--dataset NAME`` applies the authors' values
+    (:mod:`nolabels.methods.presets`, from their ``scripts/unsupervised/*.sh`` and
+    ``src/training/abo.py``); run settings in :class:`RunSettings`."""
 
     template: str = DEFAULT_TEMPLATE
     alpha: float = 0.01
