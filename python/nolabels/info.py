@@ -7,14 +7,34 @@ import sys
 import torch
 
 from nolabels import _lib
-from nolabels.backends import triton_interpret
+from nolabels.backends import OP_REGISTRY
+from nolabels.triton import interpret as triton_interpret
 
 
-def _op_tables() -> dict[str, tuple]:
-    import nolabels.ops  # noqa: F401 - importing the ops registers them
-    from nolabels.backends import OP_REGISTRY
+def visible_devices() -> list[torch.device]:
+    """The CPU, then every visible CUDA device."""
+    devs = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devs += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return devs
 
-    return dict(OP_REGISTRY)
+
+def backend_table(devices: list[torch.device] | None = None) -> dict[str, dict[str, dict]]:
+    """Per op, per backend (in ``auto``'s order): what it declares, and per device every
+    reason it cannot run there (an empty list: it can, for calls within its limits)."""
+    import nolabels.ops  # noqa: F401 - importing the ops defines them
+
+    devs = visible_devices() if devices is None else list(devices)
+    table: dict[str, dict[str, dict]] = {}
+    for op, impls in OP_REGISTRY.items():
+        table[op] = {
+            b.name: {
+                "declares": b.declared(),
+                "devices": {str(d): b.not_supported_reasons({"device": d}) for d in devs},
+            }
+            for b in impls
+        }
+    return table
 
 
 def info_dict() -> dict:
@@ -31,17 +51,6 @@ def info_dict() -> dict:
             p = torch.cuda.get_device_properties(i)
             devices.append(f"cuda:{i} {p.name} sm_{p.major}{p.minor} {p.total_memory / 2**30:.0f} GiB")
     st = _lib.STATUS
-    ops = {}
-    for op, impls in _op_tables().items():
-        ops[op] = {}
-        for b in impls:
-            why = b.available()
-            if why is not None:
-                ops[op][b.name] = f"unavailable: {why}"
-            elif b.name == "triton" and not torch.cuda.is_available() and not triton_interpret():
-                ops[op][b.name] = "importable, but no CUDA device (CPU tensors run only under TRITON_INTERPRET=1)"
-            else:
-                ops[op][b.name] = "available"
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -58,7 +67,7 @@ def info_dict() -> dict:
             "cuda_compiler": st.build_info.get("cuda_compiler_version") or None,
             "cuda_archs": st.build_info.get("cuda_archs") or None,
         },
-        "backends": ops,
+        "backends": backend_table(),
     }
 
 
@@ -79,8 +88,11 @@ def info(file=None) -> dict:
     w(f"          built with torch {lib['built_with_torch']}, nvcc {lib['cuda_compiler']}, archs {lib['cuda_archs']}")
     if d["triton_interpret"]:
         w("          TRITON_INTERPRET=1: Triton kernels run on the CPU (slow; for testing)")
+    w("backends  per op, in the order backend=\"auto\" tries them; per device: ok, or every reason")
     for op, table in d["backends"].items():
         w(f"op {op}:")
-        for name, status in table.items():
-            w(f"  {name:7s} {status}")
+        for name, entry in table.items():
+            w(f"  {name:7s} {entry['declares']}")
+            for dev, why in entry["devices"].items():
+                w(f"    {dev:8s} " + ("ok" if not why else "no: " + "; ".join(why)))
     return d

@@ -10,60 +10,52 @@ over the batch in the backward kernel.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from nolabels.backends import (
+    ANY_DEVICE,
+    TRITON_MIN_CAPABILITY,
     BackendImpl,
     BackendName,
-    device_reasons,
-    dispatch,
-    reasons_for,
-    register_op,
-    triton_status,
+    define_op,
+    lazy,
+)
+from nolabels.ops._validate import (
+    SUPPORTED_DTYPES,
+    check_dtype,
+    check_finite_scalar,
+    check_float_tensor,
+    check_same_device,
 )
 from nolabels.reference.attention import default_scale, prompt_attention_reference
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 
 # --------------------------------------------------------------------------- backends
-def _reasons_triton(call) -> list[str]:
-    why = device_reasons(call["device"], "triton")
-    if call["head_dim"] not in TRITON_HEAD_DIMS:
-        why.append(f"head dim {call['head_dim']} is not one of {TRITON_HEAD_DIMS}")
-    return why
-
-
-def _run_torch(q, k, v, prompt_k, prompt_v, scale):
-    # Plain autograd through SDPA: no custom op needed, and torch.compile traces it.
-    return prompt_attention_reference(q, k, v, prompt_k, prompt_v, scale)
-
-
-def _run_triton_fwd(q, k, v, prompt_k, prompt_v, scale):
-    from nolabels.triton.attention import prompt_attention_fwd_triton
-
-    return prompt_attention_fwd_triton(q, k, v, prompt_k, prompt_v, scale)
-
-
-def _run_triton_bwd(dout, q, k, v, prompt_k, prompt_v, out, lse, scale):
-    from nolabels.triton.attention import prompt_attention_bwd_triton
-
-    return prompt_attention_bwd_triton(dout, q, k, v, prompt_k, prompt_v, out, lse, scale)
-
-
-BACKEND_IMPLS: tuple[BackendImpl, ...] = register_op("prompt_attention", (
-    BackendImpl("torch", lambda: None, reasons_for("torch"), _run_torch),
-    BackendImpl("triton", triton_status, _reasons_triton, _run_triton_fwd),
+# run: (q, k, v, prompt_k, prompt_v, scale). A backend with ``backward`` runs as the
+# custom ops below (run -> (out, lse (B, H, L) f32); backward(dout, q, k, v, prompt_k,
+# prompt_v, out, lse, scale) -> (dq, dk, dv, dprompt_k, dprompt_v)); one without is
+# differentiated by torch itself (run -> out; torch.compile traces it).
+_TRITON = "nolabels.triton.attention"
+PROMPT_ATTENTION = define_op("prompt_attention", (
+    BackendImpl("triton", lazy(_TRITON, "prompt_attention_fwd_triton"), devices=("cuda",),
+                dtypes=SUPPORTED_DTYPES, min_capability=TRITON_MIN_CAPABILITY, needs=("triton",),
+                choices={"head_dim": TRITON_HEAD_DIMS},
+                backward=lazy(_TRITON, "prompt_attention_bwd_triton")),
+    # Plain autograd through SDPA.
+    BackendImpl("torch", prompt_attention_reference, devices=(ANY_DEVICE,), dtypes=SUPPORTED_DTYPES),
 ))
-_FWD = {"triton": _run_triton_fwd}
-_BWD = {"triton": _run_triton_bwd}
+BACKEND_IMPLS: tuple[BackendImpl, ...] = PROMPT_ATTENTION.backends
 
 
 # --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("nolabels::prompt_attention_fwd", mutates_args=())
+def _fwd_fake(q, k, v, prompt_k, prompt_v, scale, backend):
+    b, n, h, d = q.shape
+    return q.new_empty((b, n, h, d)), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+@PROMPT_ATTENTION.custom_op(fake=_fwd_fake, name="prompt_attention_fwd")
 def _fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -74,16 +66,22 @@ def _fwd_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, L, H, d), lse (B, H, L) float32) of a fused backend."""
-    return _FWD[backend](q, k, v, prompt_k, prompt_v, scale)
+    return PROMPT_ATTENTION.backend(backend).run(q, k, v, prompt_k, prompt_v, scale)
 
 
-@_fwd_op.register_fake
-def _(q, k, v, prompt_k, prompt_v, scale, backend):
+def _bwd_fake(dout, q, k, v, prompt_k, prompt_v, out, lse, scale, backend):
     b, n, h, d = q.shape
-    return q.new_empty((b, n, h, d)), q.new_empty((b, h, n), dtype=torch.float32)
+    p = 0 if prompt_k is None else prompt_k.shape[0]
+    return (
+        q.new_empty((b, n, h, d)),
+        q.new_empty((b, n, h, d)),
+        q.new_empty((b, n, h, d)),
+        q.new_empty((p, h, d)),
+        q.new_empty((p, h, d)),
+    )
 
 
-@torch.library.custom_op("nolabels::prompt_attention_bwd", mutates_args=())
+@PROMPT_ATTENTION.custom_op(fake=_bwd_fake, name="prompt_attention_bwd")
 def _bwd_op(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -97,20 +95,7 @@ def _bwd_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dprompt_k, dprompt_v); the prompt gradients are (0, H, d) without prompts."""
-    return _BWD[backend](dout, q, k, v, prompt_k, prompt_v, out, lse, scale)
-
-
-@_bwd_op.register_fake
-def _(dout, q, k, v, prompt_k, prompt_v, out, lse, scale, backend):
-    b, n, h, d = q.shape
-    p = 0 if prompt_k is None else prompt_k.shape[0]
-    return (
-        q.new_empty((b, n, h, d)),
-        q.new_empty((b, n, h, d)),
-        q.new_empty((b, n, h, d)),
-        q.new_empty((p, h, d)),
-        q.new_empty((p, h, d)),
-    )
+    return PROMPT_ATTENTION.backend(backend).backward(dout, q, k, v, prompt_k, prompt_v, out, lse, scale)
 
 
 def _setup_context(ctx, inputs, output):
@@ -137,59 +122,38 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 # --------------------------------------------------------------------------- public op
 def _validate(q, k, v, prompt_k, prompt_v, scale) -> None:
+    op = "prompt_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"prompt_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"prompt_attention: {name} must be 4-D (B, L, H, d), got shape {tuple(t.shape)}"
-            )
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"prompt_attention: {name} has unsupported dtype {t.dtype}; "
-                "use float32, float16 or bfloat16"
-            )
+        check_float_tensor(op, name, t, 4, "(B, L, H, d)")
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
-            raise ValueError(
-                f"prompt_attention: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}"
-            )
+            raise ValueError(f"{op}: {name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
         if t.dtype != q.dtype:
-            raise ValueError(f"prompt_attention: {name} is {t.dtype} but q is {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"prompt_attention: {name} is on {t.device} but q is on {q.device}")
+            raise ValueError(f"{op}: {name} is {t.dtype} but q is {q.dtype}")
+        check_same_device(op, name, t, "q", q)
     if q.shape[-1] == 0:
-        raise ValueError("prompt_attention: head dim d = 0")
+        raise ValueError(f"{op}: head dim d = 0")
     if (prompt_k is None) != (prompt_v is None):
-        raise ValueError("prompt_attention: give both prompt_k and prompt_v, or neither")
+        raise ValueError(f"{op}: give both prompt_k and prompt_v, or neither")
     if prompt_k is not None:
         for name, t in (("prompt_k", prompt_k), ("prompt_v", prompt_v)):
             if not isinstance(t, torch.Tensor):
-                raise ValueError(
-                    f"prompt_attention: {name} must be a torch.Tensor or None, got {type(t).__name__}"
-                )
+                raise ValueError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
             if t.dim() != 3 or tuple(t.shape[1:]) != tuple(q.shape[2:]):
                 raise ValueError(
-                    f"prompt_attention: {name} must be (P, H, d) = (P, {q.shape[2]}, {q.shape[3]}), "
+                    f"{op}: {name} must be (P, H, d) = (P, {q.shape[2]}, {q.shape[3]}), "
                     f"got shape {tuple(t.shape)}"
                 )
-            if t.dtype not in SUPPORTED_DTYPES:
-                raise ValueError(
-                    f"prompt_attention: {name} has unsupported dtype {t.dtype}; "
-                    "use float32, float16 or bfloat16"
-                )
-            if t.device != q.device:
-                raise ValueError(f"prompt_attention: {name} is on {t.device} but q is on {q.device}")
+            check_dtype(op, name, t)
+            check_same_device(op, name, t, "q", q)
         if prompt_k.shape != prompt_v.shape:
             raise ValueError(
-                f"prompt_attention: prompt_k {tuple(prompt_k.shape)} and prompt_v "
-                f"{tuple(prompt_v.shape)} differ"
+                f"{op}: prompt_k {tuple(prompt_k.shape)} and prompt_v {tuple(prompt_v.shape)} differ"
             )
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise ValueError(f"prompt_attention: scale must be a float or None, got {scale!r}")
-        if not math.isfinite(float(scale)):
-            raise ValueError(f"prompt_attention: scale must be finite, got {scale}")
+            raise ValueError(f"{op}: scale must be a float or None, got {scale!r}")
+        check_finite_scalar(op, "scale", scale)
 
 
 def prompt_attention(
@@ -256,8 +220,8 @@ def prompt_attention(
         prompt_k, prompt_v = prompt_k.to(q.dtype), prompt_v.to(q.dtype)  # no-op if equal
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     call = {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1]}
-    impl = dispatch("prompt_attention", BACKEND_IMPLS, backend, q.device, call)
-    if impl.name == "torch":
-        return _run_torch(q, k, v, prompt_k, prompt_v, scale)
+    impl = PROMPT_ATTENTION.select(backend, call)
+    if impl.backward is None:
+        return impl.run(q, k, v, prompt_k, prompt_v, scale)
     out, _lse = _fwd_op(q, k, v, prompt_k, prompt_v, scale, impl.name)
     return out

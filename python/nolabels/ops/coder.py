@@ -18,20 +18,28 @@ in memory.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from nolabels import _lib  # noqa: F401 - loads the kernel libraries
 from nolabels.backends import (
+    ANY_DEVICE,
+    CUDA_MIN_CAPABILITY,
+    TRITON_MIN_CAPABILITY,
     BackendImpl,
     BackendName,
-    dispatch,
-    library_cpu_status,
-    library_cuda_status,
-    reasons_for,
-    register_op,
-    triton_status,
+    define_op,
+    lazy,
+    library,
+)
+from nolabels.ops._validate import (
+    SUPPORTED_DTYPES,
+    all_finite,
+    check_finite_scalar,
+    check_float_tensor,
+    check_index_vector,
+    check_int_in,
+    check_nonzero_dim,
+    check_rows_match,
+    raise_if_nonfinite,
 )
 from nolabels.reference.coder import (
     coder_affinity_reference,
@@ -40,73 +48,12 @@ from nolabels.reference.coder import (
 )
 from nolabels.reference.normalize import normalize_rows, unit_big_rows
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_K = 256  # the Triton kernel keeps its running top-k in registers
 CUDA_MAX_K = 1024  # CUDA: warp select in registers up to k = 256, block select in shared memory beyond
-
-
-# --------------------------------------------------------------------------- helpers
-def _has_kernel(op: str, key: str) -> bool:
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"nolabels_C::{op}", key))
-    except RuntimeError:  # the schema is not there: a library built before this op
-        return False
-
-
-# Filled at import (below), so that the check is a dict lookup under torch.compile.
-_HAS_KERNEL: dict[tuple[str, str], bool] = {}
-
-
-def _kernel_status(op: str, key: str, lib_status) -> str | None:
-    """None if the compiled library is loaded *and* has ``op``'s kernel for ``key``."""
-    why = lib_status()
-    if why is not None:
-        return why
-    has = _HAS_KERNEL.get((op, key))
-    if has is None:
-        has = _HAS_KERNEL[(op, key)] = _has_kernel(op, key)
-    if not has:
-        return f"the loaded library has no {key} kernel for {op} (rebuild: scripts/dev_build.sh)"
-    return None
-
-
-def _check_float_matrix(op: str, name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"{op}: {name} has unsupported dtype {t.dtype}; use float32, float16 or bfloat16"
-        )
-
-
-def _check_same(op: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(
-            f"{op}: D mismatch, {a_name} is {tuple(a.shape)} but {b_name} is {tuple(b.shape)}"
-        )
-    if a.device != b.device:
-        raise ValueError(f"{op}: {a_name} is on {a.device} but {b_name} is on {b.device}")
-
-
-def _nonfinite_rows(t: torch.Tensor) -> list[int]:
-    return (~torch.isfinite(t)).any(dim=1).nonzero().flatten()[:5].tolist()
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """Exact finiteness test, fast path first: any NaN/Inf makes the float32 sum
-    non-finite; only if the sum is non-finite (which finite values near float32's
-    range can also cause) are the elements tested one by one."""
-    if t.numel() == 0 or bool(torch.isfinite(t.sum(dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
-def _raise_if_nonfinite(op: str, **tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        if not _all_finite(t):
-            raise ValueError(f"{op}: {name} contains NaN or Inf (rows {_nonfinite_rows(t)}...)")
+_TRITON = "nolabels.triton.coder"
+# Kept as names of this module (tests and callers use them).
+_all_finite = all_finite
+_raise_if_nonfinite = raise_if_nonfinite
 
 
 # Scale-safe normalisation. The fused backends (triton, cuda) multiply raw rows and
@@ -126,7 +73,7 @@ def _check_finite_is_big(op: str, name: str, t: torch.Tensor) -> bool:
         return False
     if bool(torch.linalg.vector_norm(t, ord=float("inf")) < _RAW_LIMIT):  # NaN compares False
         return False
-    _raise_if_nonfinite(op, **{name: t})
+    raise_if_nonfinite(op, **{name: t})
     return True
 
 
@@ -139,62 +86,52 @@ def _redo_rows(bad: torch.Tensor, outs: tuple[torch.Tensor, ...], run, rows: tor
 
 
 # =========================================================================== top-k
-def _topk_torch(q, keys, k, normalize):
-    return topk_similarity_reference(q, keys, k, normalize)
-
-
-def _topk_library(q, keys, k, normalize):
-    return torch.ops.nolabels_C.topk_similarity(q, keys, k, normalize)
-
-
-def _topk_triton(q, keys, k, normalize):
-    from nolabels.triton.coder import topk_similarity_triton
-
-    return topk_similarity_triton(q, keys, k, normalize)
-
-
-TOPK_IMPLS: tuple[BackendImpl, ...] = register_op("topk_similarity", (
-    BackendImpl("torch", lambda: None, reasons_for("torch"), _topk_torch),
-    BackendImpl("cpu", lambda: _kernel_status("topk_similarity", "CPU", library_cpu_status),
-                reasons_for("cpu"), _topk_library),
-    BackendImpl("triton", triton_status, reasons_for("triton", "k", TRITON_MAX_K), _topk_triton),
-    BackendImpl("cuda", lambda: _kernel_status("topk_similarity", "CUDA", library_cuda_status),
-                reasons_for("cuda", "k", CUDA_MAX_K), _topk_library),
+# run: (queries (N, D), keys (M, D) same dtype, k, normalize) -> (values (N, k) f32,
+# indices (N, k) i64); non-finite values where an input is non-finite or out of a fused
+# kernel's raw range.
+TOPK = define_op("topk_similarity", (
+    BackendImpl("cuda", library("topk_similarity"), devices=("cuda",), dtypes=SUPPORTED_DTYPES,
+                min_capability=CUDA_MIN_CAPABILITY, needs=("library",), max={"k": CUDA_MAX_K}),
+    BackendImpl("triton", lazy(_TRITON, "topk_similarity_triton"), devices=("cuda",),
+                dtypes=SUPPORTED_DTYPES, min_capability=TRITON_MIN_CAPABILITY, needs=("triton",),
+                max={"k": TRITON_MAX_K}),
+    BackendImpl("cpu", library("topk_similarity"), devices=("cpu",), dtypes=SUPPORTED_DTYPES,
+                needs=("library",)),
+    BackendImpl("torch", topk_similarity_reference, devices=(ANY_DEVICE,), dtypes=SUPPORTED_DTYPES),
 ))
-_TOPK_BY_NAME = {b.name: b for b in TOPK_IMPLS}
+TOPK_IMPLS: tuple[BackendImpl, ...] = TOPK.backends
 
 
-@torch.library.custom_op("nolabels::topk_similarity", mutates_args=())
+def _topk_fake(queries, keys, k, normalize, backend):
+    n = queries.shape[0]
+    return (
+        queries.new_empty((n, k), dtype=torch.float32),
+        queries.new_empty((n, k), dtype=torch.int64),
+    )
+
+
+@TOPK.custom_op(fake=_topk_fake)
 def _topk_op(
     queries: torch.Tensor, keys: torch.Tensor, k: int, normalize: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    run = _TOPK_BY_NAME[backend].run
+    run = TOPK.backend(backend).run
     values, indices = run(queries, keys, k, normalize)
-    if not _all_finite(values):
+    if not all_finite(values):
         # Every backend turns a non-finite query row, or any non-finite key,
         # into NaN values; the input scans run only on this error path.
-        _raise_if_nonfinite("topk_similarity", queries=queries, keys=keys)
+        raise_if_nonfinite("topk_similarity", queries=queries, keys=keys)
         if normalize:
             # Finite rows out of the fused kernels' raw range (see _RAW_LIMIT):
             # recompute the affected query rows against float32 unit keys.
             bad = (~torch.isfinite(values)).any(dim=1)
             _redo_rows(bad, (values, indices), run, queries, unit_big_rows(keys), k, True)
-            if _all_finite(values):
+            if all_finite(values):
                 return values, indices
         raise ValueError(
             "topk_similarity: similarities overflowed float32 (normalize=False with very "
             "large embeddings)"
         )
     return values, indices
-
-
-@_topk_op.register_fake
-def _(queries, keys, k, normalize, backend):
-    n = queries.shape[0]
-    return (
-        queries.new_empty((n, k), dtype=torch.float32),
-        queries.new_empty((n, k), dtype=torch.int64),
-    )
 
 
 def topk_similarity(
@@ -233,22 +170,18 @@ def topk_similarity(
     same as an all-float32 search (``NOLABELS_TOPK_FILTER=off`` disables this).
     """
     op = "topk_similarity"
-    _check_float_matrix(op, "queries", queries)
-    _check_float_matrix(op, "keys", keys)
-    _check_same(op, "queries", queries, "keys", keys)
-    if queries.shape[1] == 0:
-        raise ValueError(f"{op}: embeddings have D = 0")
+    check_float_tensor(op, "queries", queries, 2)
+    check_float_tensor(op, "keys", keys, 2)
+    check_rows_match(op, "queries", queries, "keys", keys)
+    check_nonzero_dim(op, queries)
     m = keys.shape[0]
     if m == 0:
         raise ValueError(f"{op}: keys is empty (M = 0)")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise ValueError(f"{op}: k must be an int, got {k!r}")
-    if not 1 <= k <= m:
-        raise ValueError(f"{op}: k must be in [1, M={m}], got {k}")
+    check_int_in(op, "k", k, 1, m, "M")
     if keys.dtype != queries.dtype:
         keys = keys.to(queries.dtype)
     call = {"device": queries.device, "dtype": queries.dtype, "k": k}
-    impl = dispatch(op, TOPK_IMPLS, backend, queries.device, call)
+    impl = TOPK.select(backend, call)
     return _topk_op(queries, keys, int(k), bool(normalize), impl.name)
 
 
@@ -301,15 +234,6 @@ def prepare_class_bank(
     return bank, seg, pad
 
 
-def _scores_torch(image, text, tcls, tkind, c, scale):
-    return coder_class_scores_reference(image, text, tcls, tkind, c, scale)
-
-
-def _scores_cpu(image, text, tcls, tkind, c, scale):
-    # The C++ op builds its bank itself (one pass over the texts, no torch ops).
-    return torch.ops.nolabels_C.coder_class_scores(image, text, tcls, tkind, c, scale)
-
-
 def _scores_cuda(image, text, tcls, tkind, c, scale):
     bank, seg, _ = prepare_class_bank(text, tcls, tkind, c, scale)
     return torch.ops.nolabels_C.coder_class_scores_bank(image, bank, seg)
@@ -322,19 +246,28 @@ def _scores_triton(image, text, tcls, tkind, c, scale):
     return coder_class_scores_triton(image, bank[:c], seg, pad)
 
 
-SCORES_IMPLS: tuple[BackendImpl, ...] = register_op("coder_class_scores", (
-    BackendImpl("torch", lambda: None, reasons_for("torch"), _scores_torch),
-    BackendImpl("cpu", lambda: _kernel_status("coder_class_scores", "CPU", library_cpu_status),
-                reasons_for("cpu"), _scores_cpu),
-    BackendImpl("triton", triton_status, reasons_for("triton"),
-                _scores_triton),
-    BackendImpl("cuda", lambda: _kernel_status("coder_class_scores_bank", "CUDA", library_cuda_status),
-                reasons_for("cuda"), _scores_cuda),
+# run: (image (N, D), text (M, D) same dtype, text_class (M,) i64, text_kind (M,) i64,
+# num_classes, scale) -> (N, C) f32; NaN rows where an image row is non-finite or out
+# of a fused kernel's raw range.
+SCORES = define_op("coder_class_scores", (
+    BackendImpl("cuda", _scores_cuda, devices=("cuda",), dtypes=SUPPORTED_DTYPES,
+                min_capability=CUDA_MIN_CAPABILITY, needs=("library",),
+                kernel="coder_class_scores_bank"),
+    BackendImpl("triton", _scores_triton, devices=("cuda",), dtypes=SUPPORTED_DTYPES,
+                min_capability=TRITON_MIN_CAPABILITY, needs=("triton",)),
+    # The C++ op builds its bank itself (one pass over the texts, no torch ops).
+    BackendImpl("cpu", library("coder_class_scores"), devices=("cpu",), dtypes=SUPPORTED_DTYPES,
+                needs=("library",)),
+    BackendImpl("torch", coder_class_scores_reference, devices=(ANY_DEVICE,), dtypes=SUPPORTED_DTYPES),
 ))
-_SCORES_BY_NAME = {b.name: b for b in SCORES_IMPLS}
+SCORES_IMPLS: tuple[BackendImpl, ...] = SCORES.backends
 
 
-@torch.library.custom_op("nolabels::coder_class_scores", mutates_args=())
+def _scores_fake(image_emb, text_emb, text_class, text_kind, num_classes, scale, backend):
+    return image_emb.new_empty((image_emb.shape[0], num_classes), dtype=torch.float32)
+
+
+@SCORES.custom_op(fake=_scores_fake)
 def _scores_op(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
@@ -358,34 +291,18 @@ def _scores_op(
     if bool((counts == 0).any()):
         empty = (counts == 0).nonzero().flatten()[:5].tolist()
         raise ValueError(f"{op}: classes {empty}... have no texts (every class needs at least one)")
-    _raise_if_nonfinite(op, text_emb=text_emb)
-    run = _SCORES_BY_NAME[backend].run
+    raise_if_nonfinite(op, text_emb=text_emb)
+    run = SCORES.backend(backend).run
     out = run(image_emb, text_emb, text_class, text_kind, num_classes, scale)
-    if not _all_finite(out):
-        _raise_if_nonfinite(op, image_emb=image_emb)
+    if not all_finite(out):
+        raise_if_nonfinite(op, image_emb=image_emb)
         # Finite image rows out of the fused kernels' raw range (NaN scores):
         # recompute them from float32 unit rows (see _RAW_LIMIT).
         bad = (~torch.isfinite(out)).any(dim=1)
         _redo_rows(bad, (out,), run, image_emb, text_emb, text_class, text_kind, num_classes, scale)
-        if not _all_finite(out):
+        if not all_finite(out):
             raise ValueError(f"{op}: scores overflowed float32 (scale={scale})")
     return out
-
-
-@_scores_op.register_fake
-def _(image_emb, text_emb, text_class, text_kind, num_classes, scale, backend):
-    return image_emb.new_empty((image_emb.shape[0], num_classes), dtype=torch.float32)
-
-
-def _check_index_vector(op: str, name: str, t, m: int, device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.shape != (m,):
-        raise ValueError(f"{op}: {name} must have shape ({m},) (one entry per text), got {tuple(t.shape)}")
-    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise ValueError(f"{op}: {name} must be an integer tensor (int64), got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{op}: {name} is on {t.device} but text_emb is on {device}")
 
 
 def coder_class_scores(
@@ -425,24 +342,22 @@ def coder_class_scores(
     The torch backend materialises (rows, M) similarity blocks.
     """
     op = "coder_class_scores"
-    _check_float_matrix(op, "image_emb", image_emb)
-    _check_float_matrix(op, "text_emb", text_emb)
-    _check_same(op, "image_emb", image_emb, "text_emb", text_emb)
-    if image_emb.shape[1] == 0:
-        raise ValueError(f"{op}: embeddings have D = 0")
+    check_float_tensor(op, "image_emb", image_emb, 2)
+    check_float_tensor(op, "text_emb", text_emb, 2)
+    check_rows_match(op, "image_emb", image_emb, "text_emb", text_emb)
+    check_nonzero_dim(op, image_emb)
     m = text_emb.shape[0]
     if m == 0:
         raise ValueError(f"{op}: text_emb is empty (M = 0)")
-    _check_index_vector(op, "text_class", text_class, m, text_emb.device)
-    _check_index_vector(op, "text_kind", text_kind, m, text_emb.device)
+    check_index_vector(op, "text_class", text_class, m, text_emb.device, "text_emb")
+    check_index_vector(op, "text_kind", text_kind, m, text_emb.device, "text_emb")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"{op}: num_classes must be an int >= 1, got {num_classes!r}")
-    if not (math.isfinite(float(scale)) and float(scale) > 0):
-        raise ValueError(f"{op}: scale must be positive and finite, got {scale}")
+    check_finite_scalar(op, "scale", scale, positive=True)
     if text_emb.dtype != image_emb.dtype:
         text_emb = text_emb.to(image_emb.dtype)
     call = {"device": image_emb.device, "dtype": image_emb.dtype}
-    impl = dispatch(op, SCORES_IMPLS, backend, image_emb.device, call)
+    impl = SCORES.select(backend, call)
     return _scores_op(
         image_emb, text_emb, text_class.to(torch.int64), text_kind.to(torch.int64),
         int(num_classes), float(scale), impl.name,
@@ -450,33 +365,24 @@ def coder_class_scores(
 
 
 # =========================================================================== affinity
-def _aff_torch(x, y, text):
-    return coder_affinity_reference(x, y, text)
-
-
-def _aff_library(x, y, text):
-    return torch.ops.nolabels_C.coder_affinity(x, y, text)
-
-
-def _aff_triton(x, y, text):
-    from nolabels.triton.coder import coder_affinity_triton
-
-    return coder_affinity_triton(x, y, text)
-
-
-AFFINITY_IMPLS: tuple[BackendImpl, ...] = register_op("coder_affinity", (
-    BackendImpl("torch", lambda: None, reasons_for("torch"), _aff_torch),
-    BackendImpl("cpu", lambda: _kernel_status("coder_affinity", "CPU", library_cpu_status),
-                reasons_for("cpu"), _aff_library),
-    BackendImpl("triton", triton_status, reasons_for("triton"),
-                _aff_triton),
-    BackendImpl("cuda", lambda: _kernel_status("coder_affinity", "CUDA", library_cuda_status),
-                reasons_for("cuda"), _aff_library),
+# run: (x (N, D), y (K, D), text (M, D), one dtype) -> (N, K) f32.
+AFFINITY = define_op("coder_affinity", (
+    BackendImpl("cuda", library("coder_affinity"), devices=("cuda",), dtypes=SUPPORTED_DTYPES,
+                min_capability=CUDA_MIN_CAPABILITY, needs=("library",)),
+    BackendImpl("triton", lazy(_TRITON, "coder_affinity_triton"), devices=("cuda",),
+                dtypes=SUPPORTED_DTYPES, min_capability=TRITON_MIN_CAPABILITY, needs=("triton",)),
+    BackendImpl("cpu", library("coder_affinity"), devices=("cpu",), dtypes=SUPPORTED_DTYPES,
+                needs=("library",)),
+    BackendImpl("torch", coder_affinity_reference, devices=(ANY_DEVICE,), dtypes=SUPPORTED_DTYPES),
 ))
-_AFF_BY_NAME = {b.name: b for b in AFFINITY_IMPLS}
+AFFINITY_IMPLS: tuple[BackendImpl, ...] = AFFINITY.backends
 
 
-@torch.library.custom_op("nolabels::coder_affinity", mutates_args=())
+def _affinity_fake(x, y, text_emb, backend):
+    return x.new_empty((x.shape[0], y.shape[0]), dtype=torch.float32)
+
+
+@AFFINITY.custom_op(fake=_affinity_fake)
 def _affinity_op(x: torch.Tensor, y: torch.Tensor, text_emb: torch.Tensor, backend: str) -> torch.Tensor:
     # One max-abs reduction per input: raises on NaN/Inf, and an input with entries
     # >= 2^32 goes in as float32 unit rows (what every backend computes from it
@@ -484,12 +390,7 @@ def _affinity_op(x: torch.Tensor, y: torch.Tensor, text_emb: torch.Tensor, backe
     args = []
     for name, t in (("x", x), ("y", y), ("text_emb", text_emb)):
         args.append(unit_big_rows(t) if _check_finite_is_big("coder_affinity", name, t) else t)
-    return _AFF_BY_NAME[backend].run(*args)
-
-
-@_affinity_op.register_fake
-def _(x, y, text_emb, backend):
-    return x.new_empty((x.shape[0], y.shape[0]), dtype=torch.float32)
+    return AFFINITY.backend(backend).run(*args)
 
 
 def coder_affinity(
@@ -523,13 +424,12 @@ def coder_affinity(
     backends: G plus (N + K)·D, never (N, M) or (K, M).
     """
     op = "coder_affinity"
-    _check_float_matrix(op, "x", x)
-    _check_float_matrix(op, "y", y)
-    _check_float_matrix(op, "text_emb", text_emb)
-    _check_same(op, "x", x, "y", y)
-    _check_same(op, "x", x, "text_emb", text_emb)
-    if x.shape[1] == 0:
-        raise ValueError(f"{op}: embeddings have D = 0")
+    check_float_tensor(op, "x", x, 2)
+    check_float_tensor(op, "y", y, 2)
+    check_float_tensor(op, "text_emb", text_emb, 2)
+    check_rows_match(op, "x", x, "y", y)
+    check_rows_match(op, "x", x, "text_emb", text_emb)
+    check_nonzero_dim(op, x)
     if text_emb.shape[0] == 0:
         raise ValueError(f"{op}: text_emb is empty (M = 0)")
     if y.dtype != x.dtype:
@@ -537,12 +437,6 @@ def coder_affinity(
     if text_emb.dtype != x.dtype:
         text_emb = text_emb.to(x.dtype)
     call = {"device": x.device, "dtype": x.dtype}
-    impl = dispatch(op, AFFINITY_IMPLS, backend, x.device, call)
+    impl = AFFINITY.select(backend, call)
     return _affinity_op(x, y, text_emb, impl.name)
 
-
-# The kernel libraries are loaded (nolabels._lib, imported above); record which ops they have.
-
-for _op in ("topk_similarity", "coder_class_scores", "coder_class_scores_bank", "coder_affinity"):
-    for _key in ("CPU", "CUDA"):
-        _HAS_KERNEL[(_op, _key)] = _has_kernel(_op, _key)

@@ -7,28 +7,38 @@ The fused backends (cpu, triton, cuda) never materialise the (N, C) logits.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from nolabels.backends import (
+    ANY_DEVICE,
+    CUDA_MIN_CAPABILITY,
+    TRITON_MIN_CAPABILITY,
     BackendImpl,
     BackendName,
-    dispatch,
-    library_cpu_status,
-    library_cuda_status,
-    reasons_for,
-    register_op,
-    triton_status,
+    define_op,
+    lazy,
+    library,
 )
 from nolabels.errors import InputError
+from nolabels.ops._validate import (
+    SUPPORTED_DTYPES,
+    check_finite_scalar,
+    check_float_tensor,
+    check_int_in,
+    check_nonzero_dim,
+    check_same_device,
+    check_same_dim,
+    nonfinite_rows,
+    raise_if_nonfinite,
+)
 from nolabels.reference.normalize import unit_big_rows
 from nolabels.reference.pseudo_label import pseudo_label_reference
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_TOPK = 16  # the Triton kernel keeps its running top-k in registers
-CUDA_MAX_TOPK = 16  # likewise for the CUDA kernel
+CUDA_MAX_TOPK = 16  # likewise for the CUDA kernel (kernels/pseudo_label.cuh kPseudoLabelMaxTopk)
+CUDA_MAX_DIM = 2**31 - 1  # the CUDA kernel indexes C and D in int32
 
 
 class PseudoLabels(NamedTuple):
@@ -69,32 +79,37 @@ class Selection(NamedTuple):
 
 
 # --------------------------------------------------------------------------- backends
-def _run_torch(image, cls, scale, topk, normalize):
-    return pseudo_label_reference(image, cls, scale, topk, normalize)
-
-
-def _run_library(image, cls, scale, topk, normalize):
-    # Same schema for CPU and CUDA: the dispatcher picks the kernel by device.
-    return torch.ops.nolabels_C.pseudo_label(image, cls, scale, topk, normalize)
-
-
-def _run_triton(image, cls, scale, topk, normalize):
-    from nolabels.triton.pseudo_label import pseudo_label_triton
-
-    return pseudo_label_triton(image, cls, scale, topk, normalize)
-
-
-BACKEND_IMPLS: tuple[BackendImpl, ...] = register_op("pseudo_label", (
-    BackendImpl("torch", lambda: None, reasons_for("torch"), _run_torch),
-    BackendImpl("cpu", library_cpu_status, reasons_for("cpu"), _run_library),
-    BackendImpl("triton", triton_status, reasons_for("triton", "topk", TRITON_MAX_TOPK), _run_triton),
-    BackendImpl("cuda", library_cuda_status, reasons_for("cuda", "topk", CUDA_MAX_TOPK), _run_library),
+# Each run: (image (N, D), cls (C, D) same dtype, scale, topk, normalize) ->
+# (probs (N, k) f32, classes (N, k) i64, entropy (N,) f32, lse (N,) f32); a row it
+# cannot compute (non-finite, or out of a fused kernel's raw range) gets a NaN lse.
+# Priority order: auto takes the first that can run the call.
+PSEUDO_LABEL = define_op("pseudo_label", (
+    BackendImpl("cuda", library("pseudo_label"), devices=("cuda",), dtypes=SUPPORTED_DTYPES,
+                min_capability=CUDA_MIN_CAPABILITY, needs=("library",),
+                max={"topk": CUDA_MAX_TOPK, "D": CUDA_MAX_DIM, "C": CUDA_MAX_DIM}),
+    BackendImpl("triton", lazy("nolabels.triton.pseudo_label", "pseudo_label_triton"),
+                devices=("cuda",), dtypes=SUPPORTED_DTYPES, min_capability=TRITON_MIN_CAPABILITY,
+                needs=("triton",), max={"topk": TRITON_MAX_TOPK}),
+    BackendImpl("cpu", library("pseudo_label"), devices=("cpu",), dtypes=SUPPORTED_DTYPES,
+                needs=("library",)),
+    BackendImpl("torch", pseudo_label_reference, devices=(ANY_DEVICE,), dtypes=SUPPORTED_DTYPES),
 ))
-_BY_NAME = {b.name: b for b in BACKEND_IMPLS}
+BACKEND_IMPLS: tuple[BackendImpl, ...] = PSEUDO_LABEL.backends
 
 
 # --------------------------------------------------------------------------- custom op
-@torch.library.custom_op("nolabels::pseudo_label", mutates_args=())
+def _fake(image_emb, class_emb, logit_scale, topk, normalize, backend):
+    n = image_emb.shape[0]
+    dev = image_emb.device
+    return (
+        image_emb.new_empty((n, topk), dtype=torch.float32),
+        image_emb.new_empty((n, topk), dtype=torch.int64),
+        torch.empty((n,), dtype=torch.float32, device=dev),
+        torch.empty((n,), dtype=torch.float32, device=dev),
+    )
+
+
+@PSEUDO_LABEL.custom_op(fake=_fake)
 def _pseudo_label_op(
     image_emb: torch.Tensor,
     class_emb: torch.Tensor,
@@ -105,16 +120,16 @@ def _pseudo_label_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # Value checks live here, not in the traced wrapper: they read data, and
     # inside torch.compile this body runs eagerly as one opaque node.
-    if not bool(torch.isfinite(class_emb).all()):
-        raise ValueError("pseudo_label: class_emb contains NaN or Inf")
-    run = _BY_NAME[backend].run
+    raise_if_nonfinite("pseudo_label", class_emb=class_emb)
+    run = PSEUDO_LABEL.backend(backend).run
     probs, classes, entropy, lse = run(image_emb, class_emb, logit_scale, topk, normalize)
     if lse.numel() and not bool(torch.isfinite(lse).all()):
         # Each backend turns a non-finite input row into a NaN lse; the input
         # scan below runs only on this error path.
         if not bool(torch.isfinite(image_emb).all()):
-            bad = (~torch.isfinite(image_emb)).any(dim=1).nonzero().flatten()[:5].tolist()
-            raise ValueError(f"pseudo_label: image_emb contains NaN or Inf (rows {bad}...)")
+            raise ValueError(
+                f"pseudo_label: image_emb contains NaN or Inf (rows {nonfinite_rows(image_emb)}...)"
+            )
         if normalize:
             # The fused GPU kernels multiply raw rows and report a row they cannot
             # normalise inside float32's range (|x|^2 >= 2^64; a class like that:
@@ -134,49 +149,17 @@ def _pseudo_label_op(
     return probs, classes, entropy, lse
 
 
-@_pseudo_label_op.register_fake
-def _(image_emb, class_emb, logit_scale, topk, normalize, backend):
-    n = image_emb.shape[0]
-    dev = image_emb.device
-    return (
-        image_emb.new_empty((n, topk), dtype=torch.float32),
-        image_emb.new_empty((n, topk), dtype=torch.int64),
-        torch.empty((n,), dtype=torch.float32, device=dev),
-        torch.empty((n,), dtype=torch.float32, device=dev),
-    )
-
-
 def _validate(image_emb, class_emb, logit_scale, topk) -> None:
-    for name, t in (("image_emb", image_emb), ("class_emb", class_emb)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"pseudo_label: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"pseudo_label: {name} must be 2-D, got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(
-                f"pseudo_label: {name} has unsupported dtype {t.dtype}; "
-                "use float32, float16 or bfloat16"
-            )
+    op = "pseudo_label"
+    check_float_tensor(op, "image_emb", image_emb, 2)
+    check_float_tensor(op, "class_emb", class_emb, 2)
     if class_emb.shape[0] == 0:
-        raise ValueError("pseudo_label: class_emb has no classes (C = 0)")
-    if image_emb.shape[1] != class_emb.shape[1]:
-        raise ValueError(
-            f"pseudo_label: D mismatch, image_emb is {tuple(image_emb.shape)} but "
-            f"class_emb is {tuple(class_emb.shape)}"
-        )
-    if image_emb.shape[1] == 0:
-        raise ValueError("pseudo_label: embeddings have D = 0")
-    if image_emb.device != class_emb.device:
-        raise ValueError(
-            f"pseudo_label: image_emb is on {image_emb.device} but class_emb is on "
-            f"{class_emb.device}"
-        )
-    if isinstance(topk, bool) or not isinstance(topk, int):
-        raise ValueError(f"pseudo_label: topk must be an int, got {topk!r}")
-    if not 1 <= topk <= class_emb.shape[0]:
-        raise ValueError(f"pseudo_label: topk must be in [1, C={class_emb.shape[0]}], got {topk}")
-    if not math.isfinite(float(logit_scale)):
-        raise ValueError(f"pseudo_label: logit_scale must be finite, got {logit_scale}")
+        raise ValueError(f"{op}: class_emb has no classes (C = 0)")
+    check_same_dim(op, "image_emb", image_emb, "class_emb", class_emb)
+    check_nonzero_dim(op, image_emb)
+    check_same_device(op, "image_emb", image_emb, "class_emb", class_emb)
+    check_int_in(op, "topk", topk, 1, class_emb.shape[0], "C")
+    check_finite_scalar(op, "logit_scale", logit_scale)
 
 
 def pseudo_label(
@@ -221,8 +204,9 @@ def pseudo_label(
     _validate(image_emb, class_emb, logit_scale, topk)
     if class_emb.dtype != image_emb.dtype:
         class_emb = class_emb.to(image_emb.dtype)
-    call = {"device": image_emb.device, "dtype": image_emb.dtype, "topk": topk}
-    impl = dispatch("pseudo_label", BACKEND_IMPLS, backend, image_emb.device, call)
+    call = {"device": image_emb.device, "dtype": image_emb.dtype, "topk": topk,
+            "C": class_emb.shape[0], "D": image_emb.shape[1]}
+    impl = PSEUDO_LABEL.select(backend, call)
     probs, classes, entropy, lse = _pseudo_label_op(
         image_emb, class_emb, float(logit_scale), int(topk), bool(normalize), impl.name
     )

@@ -26,46 +26,22 @@ projection. Head dims 16/32/64/128; any L, P >= 0, B, H.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from nolabels.triton._common import cast_rne, device_guard, dot, interpreted
+
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 HEAD_DIMS = (16, 32, 64, 128)
 # At most this many batch groups share the prompt dK/dV reduction (float32
 # partials of size groups x P x H x d); fixed by shape only, so deterministic.
 MAX_PROMPT_GROUPS = 64
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# --------------------------------------------------------------------------- helpers
-@triton.jit
-def _dot(a, b, F32: tl.constexpr):
-    # F32: float32 inputs (exact "ieee" products, no TF32), or bfloat16 under
-    # the interpreter (whose bfloat16 tl.dot is wrong): upcast both operands.
-    if F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, RNE: tl.constexpr):
-    # RNE: round float32 -> bfloat16 to nearest even by hand. The interpreter's
-    # own conversion truncates, which would double the kernel's bfloat16
-    # rounding error compared with the GPU (whose conversion is RNE).
-    if RNE:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
+# F32 (a constexpr of every kernel): dot products as float32 "ieee" (float32
+# inputs; bfloat16 under the interpreter, whose bfloat16 tl.dot is wrong), i.e.
+# dot(a, b, None, False, F32) upcasts both operands (a no-op for float32).
 
 
 @triton.jit
@@ -79,14 +55,14 @@ def _fwd_segment(
         offs_n = start_n + offs_n0
         mask_n = offs_n < N
         kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None], mask=mask_n[None, :], other=0.0)
-        qk = _dot(q, kT, F32) * qk_scale
+        qk = dot(q, kT, None, False, F32) * qk_scale
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, RNE), v, F32)
+        acc = acc * alpha[:, None] + dot(cast_rne(p, v.dtype, RNE), v, None, False, F32)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -127,7 +103,7 @@ def _fwd(
     out = acc / l_i[:, None]
     tl.store(
         Out + b * s_ob + h * s_oh + offs_m[:, None] * s_ol + offs_d[None, :],
-        _cast(out, Out.dtype.element_ty, RNE), mask=mask_m[:, None],
+        cast_rne(out, Out.dtype.element_ty, RNE), mask=mask_m[:, None],
     )
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural log
     tl.store(Lse + bh * L + offs_m, lse, mask=mask_m)
@@ -169,15 +145,15 @@ def _bwd_dkdv_segment(
         mask_m = offs_m < L
         qT = tl.load(Q + offs_m[None, :] * s_ql + offs_d[:, None], mask=mask_m[None, :], other=0.0)
         lse2 = tl.load(Lse + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-        qkT = _dot(k, qT, F32)
+        qkT = dot(k, qT, None, False, F32)
         pT = tl.exp2(qkT * qk_scale - lse2[None, :])
         pT = tl.where(mask_m[None, :], pT, 0.0)
         do = tl.load(DO + offs_m[:, None] * s_dl + offs_d[None, :], mask=mask_m[:, None], other=0.0)
-        dv += _dot(_cast(pT, do.dtype, RNE), do, F32)
+        dv += dot(cast_rne(pT, do.dtype, RNE), do, None, False, F32)
         di = tl.load(Delta + offs_m, mask=mask_m, other=0.0)
-        dpT = _dot(v, tl.trans(do), F32)
+        dpT = dot(v, tl.trans(do), None, False, F32)
         dsT = pT * (dpT - di[None, :])
-        dk += _dot(_cast(dsT, qT.dtype, RNE), tl.trans(qT), F32)
+        dk += dot(cast_rne(dsT, qT.dtype, RNE), tl.trans(qT), None, False, F32)
     return dk, dv
 
 
@@ -193,12 +169,12 @@ def _bwd_dq_segment(
         mask_n = offs_n < N
         kT = tl.load(K + offs_n[None, :] * s_kn + offs_d[:, None], mask=mask_n[None, :], other=0.0)
         vT = tl.load(V + offs_n[None, :] * s_vn + offs_d[:, None], mask=mask_n[None, :], other=0.0)
-        qk = _dot(q, kT, F32)
+        qk = dot(q, kT, None, False, F32)
         p = tl.exp2(qk * qk_scale - lse2[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)
-        dp = _dot(do, vT, F32)
+        dp = dot(do, vT, None, False, F32)
         ds = p * (dp - di[:, None])
-        dq += _dot(_cast(ds, kT.dtype, RNE), tl.trans(kT), F32)
+        dq += dot(cast_rne(ds, kT.dtype, RNE), tl.trans(kT), None, False, F32)
     return dq
 
 
@@ -268,9 +244,9 @@ def _bwd(
         )
         dk *= sm_scale
         tl.store(DK + b * s_dkb + h * s_dkh + offs[:, None] * s_dkl + offs_d[None, :],
-                 _cast(dk, DK.dtype.element_ty, RNE), mask=mask[:, None])
+                 cast_rne(dk, DK.dtype.element_ty, RNE), mask=mask[:, None])
         tl.store(DV + b * s_dvb + h * s_dvh + offs[:, None] * s_dvl + offs_d[None, :],
-                 _cast(dv, DV.dtype.element_ty, RNE), mask=mask[:, None])
+                 cast_rne(dv, DV.dtype.element_ty, RNE), mask=mask[:, None])
         # dQ of queries in block j
         q = tl.load(Qbh + offs[:, None] * s_ql + offs_d[None, :], mask=mask[:, None], other=0.0)
         do = tl.load(DObh + offs[:, None] * s_dl + offs_d[None, :], mask=mask[:, None], other=0.0)
@@ -287,7 +263,7 @@ def _bwd(
         )
         dq *= sm_scale
         tl.store(DQ + b * s_dqb + h * s_dqh + offs[:, None] * s_dql + offs_d[None, :],
-                 _cast(dq, DQ.dtype.element_ty, RNE), mask=mask[:, None])
+                 cast_rne(dq, DQ.dtype.element_ty, RNE), mask=mask[:, None])
 
 
 # --------------------------------------------------------------------------- host side
@@ -296,11 +272,13 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def _f32_dots(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpret())
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreted(_fwd))
 
 
 def _rne(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and _interpret()
+    # The interpreter's float32 -> bfloat16 conversion truncates; the GPU's rounds
+    # to nearest even. Rounding by hand there keeps the error the GPU's.
+    return dtype == torch.bfloat16 and interpreted(_fwd)
 
 
 # Block sizes and warps per (dtype class, head dim), never autotuned (an autotuner's
@@ -328,7 +306,7 @@ def _kind(dtype: torch.dtype) -> str:
 
 def fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Launch parameters of ``_fwd`` (small fixed blocks under the interpreter)."""
-    if _interpret():
+    if interpreted(_fwd):
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     m, n, w, st = _FWD_CFG[(_kind(dtype), head_dim)]
     return {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
@@ -336,7 +314,7 @@ def fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
 
 def bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Launch parameters of ``_bwd``: BLOCK_OUTER rows owned per program, BLOCK_INNER loop step."""
-    if _interpret():
+    if interpreted(_bwd):
         return {"BLOCK_OUTER": 32, "BLOCK_INNER": 16, "num_warps": 4, "num_stages": 1}
     o, i, w, st = _BWD_CFG[(_kind(dtype), head_dim)]
     return {"BLOCK_OUTER": o, "BLOCK_INNER": i, "num_warps": w, "num_stages": st}
@@ -352,10 +330,6 @@ def prompt_groups(batch: int) -> tuple[int, int]:
 
 def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _prompts_or_dummy(q, prompt_k, prompt_v):
@@ -403,7 +377,7 @@ def prompt_attention_fwd_triton(
     pk, pv, P, spk, spv = _prompts_or_dummy(q, prompt_k, prompt_v)
     cfg = fwd_config(D, q.dtype)
     grid = fwd_grid(B, H, L, cfg)
-    with _device_guard(q):
+    with device_guard(q):
         _fwd[grid](
             q, k, v, pk, pv, out, lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *spk, *spv, *_strides3(out),
@@ -440,12 +414,12 @@ def prompt_attention_bwd_triton(
     part_k = torch.empty((groups, P, H, D), dtype=torch.float32, device=q.device)
     part_v = torch.empty((groups, P, H, D), dtype=torch.float32, device=q.device)
     f32 = _f32_dots(q.dtype)
-    pre_block = 16 if _interpret() else PRE_BLOCK
+    pre_block = 16 if interpreted(_bwd_preprocess) else PRE_BLOCK
     cfg = bwd_config(D, q.dtype)
     n_prompt = groups * H * triton.cdiv(P, cfg["BLOCK_OUTER"])
     grid = bwd_grid(B, H, L, P, cfg)
     assert grid[0] == n_prompt + B * H * triton.cdiv(L, cfg["BLOCK_OUTER"])
-    with _device_guard(q):
+    with device_guard(q):
         _bwd_preprocess[bwd_preprocess_grid(B, H, L, pre_block)](
             out, dout, delta, *_strides3(out), *_strides3(dout), H, L,
             HEAD_DIM=D, BLOCK_M=pre_block,

@@ -44,14 +44,12 @@ computes ``tl.dot`` on bfloat16 wrongly: tiles are upcast to float32 there.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_NORM_EPS = 1e-12
+from nolabels.triton._common import NORM_EPS, device_guard, dot, interpreted, upcast_bf16
+
 _INT64_MIN: tl.constexpr = tl.constexpr(-9223372036854775808)
 _LOW_MASK: tl.constexpr = tl.constexpr(4294967295)  # 2^32 - 1
 # Cosine kernels multiply raw rows and normalise afterwards: exact while every
@@ -62,16 +60,6 @@ _SS_LIMIT: tl.constexpr = tl.constexpr(18446744073709551616.0)  # 2^64
 
 
 # =========================================================================== helpers
-@triton.jit
-def _dot(a, b, acc, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif IS_FP32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
 @triton.jit
 def _pack(val, idx):
     """(float32 value, int32 index) -> int64 ordered by (value desc, index asc)."""
@@ -92,7 +80,7 @@ def _row_inv_norm_kernel(X, OUT, R, D, stride_r, stride_d, SQUARE: tl.constexpr,
         x = tl.load(X + rows.to(tl.int64)[:, None] * stride_r + dd[None, :] * stride_d,
                     mask=ok[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)
         ss += tl.sum(x * x, axis=1)
-    inv = 1.0 / tl.maximum(tl.sqrt(ss), 1e-12)
+    inv = 1.0 / tl.maximum(tl.sqrt(ss), NORM_EPS)
     if SQUARE:
         inv = inv * inv
     inv = tl.where(ss < float("inf"), inv, float("nan"))
@@ -140,7 +128,7 @@ def _topk_kernel(
         ss += tl.sum(x * x, axis=1)
     if NORMALIZE:
         q_bad = ~(ss < _SS_LIMIT)  # NaN or Inf in the row, or out of the raw range
-        q_fac = 1.0 / tl.maximum(tl.sqrt(ss), 1e-12)
+        q_fac = 1.0 / tl.maximum(tl.sqrt(ss), NORM_EPS)
     else:
         q_bad = ~(ss < float("inf"))  # NaN or Inf anywhere in the row (or overflow)
         q_fac = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
@@ -165,10 +153,10 @@ def _topk_kernel(
                          mask=d_ok[:, None] & m_ok[None, :], other=0.0)
             ktf = kt.to(tl.float32)
             kss += tl.sum(ktf * ktf, axis=0)
-            acc = _dot(x, kt, acc, IS_FP32, UPCAST)
+            acc = dot(x, kt, acc, IS_FP32, UPCAST)
         sim = acc * q_fac[:, None]
         if NORMALIZE:
-            sim = sim * (1.0 / tl.maximum(tl.sqrt(kss), 1e-12))[None, :]
+            sim = sim * (1.0 / tl.maximum(tl.sqrt(kss), NORM_EPS))[None, :]
             k_bad = ~(kss < _SS_LIMIT)
         else:
             k_bad = ~(kss < float("inf"))
@@ -229,7 +217,7 @@ def topk_similarity_triton(
         return (torch.empty((0, k), dtype=torch.float32, device=dev),
                 torch.empty((0, k), dtype=torch.int64, device=dev))
     kp = max(16, triton.next_power_of_2(k))
-    if _INTERPRET:
+    if interpreted(_topk_kernel):
         meta = dict(_TOPK_INTERPRET_META)
         meta["BLOCK_M"] = max(32, kp)
         block_n = meta["BLOCK_N"]
@@ -248,12 +236,9 @@ def topk_similarity_triton(
             queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
     flags = {"NORMALIZE": bool(normalize), "TOPK": int(k), "KP": kp, "S": splits,
              "IS_FP32": queries.dtype == torch.float32,
-             "UPCAST": _INTERPRET and queries.dtype == torch.bfloat16}
-    if _INTERPRET:
+             "UPCAST": upcast_bf16(_topk_kernel, queries.dtype)}
+    with device_guard(queries):
         _topk_kernel[grid](*args, **flags, **meta)
-    else:
-        with torch.cuda.device(dev):
-            _topk_kernel[grid](*args, **flags, **meta)
     best = part.view(n, splits * kp).topk(k, dim=1).values  # packed order = result order
     return _unpack(best)
 
@@ -305,7 +290,7 @@ def _scores_kernel(
             acc = tl.dot(x, w, acc, input_precision="ieee")
         mx = tl.where((p < n1)[None, :], tl.maximum(mx, acc), mx)
     mx = tl.where((n1 > 0)[None, :], mx, 0.0)
-    fac = 1.0 / tl.maximum(tl.sqrt(ss), 1e-12)
+    fac = 1.0 / tl.maximum(tl.sqrt(ss), NORM_EPS)
     out = (acc0 + mx) * fac[:, None]
     # NaN: a non-finite row, or one out of the raw GEMM's range (the op recomputes it).
     out = tl.where((ss < _SS_LIMIT)[:, None], out, float("nan"))
@@ -351,14 +336,11 @@ def coder_class_scores_triton(
     p = int(n1.max()) if c else 0
     sums = sums.contiguous()
     pad = pad.contiguous()
-    meta = _SCORES_INTERPRET_META if _INTERPRET else SCORES_META
+    meta = _SCORES_INTERPRET_META if interpreted(_scores_kernel) else SCORES_META
     grid = scores_grid(n, c, meta)
     args = (image, sums, pad, n1, out, n, c, d, p, image.stride(0), image.stride(1))
-    if _INTERPRET:
+    with device_guard(image):
         _scores_kernel[grid](*args, **meta)
-    else:
-        with torch.cuda.device(image.device):
-            _scores_kernel[grid](*args, **meta)
     return out
 
 
@@ -411,7 +393,7 @@ def _mm_nt(a, a_strides, b, b_strides, r, cn, kd, rs=None, cs=None, ks=None):
     out = torch.empty((r, cn), dtype=torch.float32, device=a.device)
     if r == 0 or cn == 0:
         return out
-    meta = _MM_INTERPRET_META if _INTERPRET else MM_META
+    meta = _MM_INTERPRET_META if interpreted(_mm_nt_kernel) else MM_META
     dummy = out
     grid = mm_nt_grid(r, cn, meta)
     _mm_nt_kernel[grid](
@@ -439,7 +421,7 @@ def _rowdot_kernel(U, X, XF, OUT, R, D, stride_xr, stride_xd,
         acc += tl.sum(u * x, axis=1)
     xf = tl.load(XF + rows, mask=ok, other=0.0)
     q = tl.maximum(acc * xf, 0.0)
-    tl.store(OUT + rows, 1.0 / tl.maximum(tl.sqrt(q), 1e-12), mask=ok)
+    tl.store(OUT + rows, 1.0 / tl.maximum(tl.sqrt(q), NORM_EPS), mask=ok)
 
 
 def _inv_coder_norm(u: torch.Tensor, x: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
@@ -477,7 +459,5 @@ def coder_affinity_triton(x: torch.Tensor, y: torch.Tensor, text: torch.Tensor) 
 
     if n == 0 or kk == 0:
         return torch.empty((n, kk), dtype=torch.float32, device=x.device)
-    if _INTERPRET:
-        return run()
-    with torch.cuda.device(x.device):
+    with device_guard(x):
         return run()

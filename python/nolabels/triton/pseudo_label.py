@@ -67,17 +67,12 @@ The test costs one compare per row and per class: the common path is unchanged.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# Read once, at import: triton itself decides at @triton.jit time whether the
-# kernel is interpreted, and the two must agree.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from nolabels.triton._common import NORM_EPS, device_guard, dot, interpreted, upcast_bf16
 
-_NORM_EPS: tl.constexpr = tl.constexpr(1e-12)  # same eps as torch.nn.functional.normalize and the reference
 _BIG: tl.constexpr = tl.constexpr(2147483647)  # int32 max: "no index" sentinel in index reductions
 # normalize=True: a row with |x|^2 >= 2^64 (max-abs entry possibly >= 2^32) could
 # overflow float32 in the raw GEMM; |x|^2 < 2^64 for both operands bounds every
@@ -124,7 +119,7 @@ def _fwd(
         # row (NaN lse); the op recomputes it from a float32 unit row.
         bad = bad | ~(ss < _SS_LIMIT)
         # scale folded into the image factor: one multiply less per logit.
-        x_fac = scale / tl.maximum(tl.sqrt(ss), _NORM_EPS)
+        x_fac = scale / tl.maximum(tl.sqrt(ss), NORM_EPS)
     else:
         x_fac = tl.zeros((BLOCK_N,), dtype=tl.float32) + scale
 
@@ -160,14 +155,9 @@ def _fwd(
             if NORMALIZE:
                 wf = w.to(tl.float32)
                 wss += tl.sum(wf * wf, axis=0)
-            if UPCAST:
-                acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            elif IS_FP32:
-                acc = tl.dot(x, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, w, acc)
+            acc = dot(x, w, acc, IS_FP32, UPCAST)
         if NORMALIZE:
-            w_fac = 1.0 / tl.maximum(tl.sqrt(wss), _NORM_EPS)
+            w_fac = 1.0 / tl.maximum(tl.sqrt(wss), NORM_EPS)
             logit = acc * x_fac[:, None] * w_fac[None, :]
             # Such a class (|w|^2 >= 2^64, possible in float32/bfloat16) spoils every
             # row: their lse is set to NaN below and the op recomputes them.
@@ -286,7 +276,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 # Autotuned per (C, D, TOPK, dtypes); N only sets the grid.
-_fwd_tuned = None if _INTERPRET else triton.autotune(
+_fwd_tuned = None if interpreted(_fwd) else triton.autotune(
     configs=_CONFIGS_F32 + _CONFIGS_LOWP, key=["C", "D", "TOPK"], prune_configs_by={"early_config_prune": _prune},
 )(_fwd)
 
@@ -347,15 +337,15 @@ def pseudo_label_triton(
         TOPK=int(topk),
         KPAD=max(2, triton.next_power_of_2(int(topk))),
         IS_FP32=image.dtype == torch.float32,
-        UPCAST=_INTERPRET and image.dtype == torch.bfloat16,
+        UPCAST=upcast_bf16(_fwd, image.dtype),
     )
-    if _INTERPRET:
+    if interpreted(_fwd):
         grid = (triton.cdiv(n, _INTERPRET_META["BLOCK_N"]),)
         _fwd[grid](*args, **flags, **_INTERPRET_META)
     else:
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-        with torch.cuda.device(dev):
+        with device_guard(image):
             _fwd_tuned[grid](*args, **flags)
     return probs, classes, entropy, lse
