@@ -350,6 +350,7 @@ def coder(store: str | os.PathLike, out: str | os.PathLike, *,
     from nolabels.methods import presets as P
 
     preset = P.get_preset(dataset) if dataset else None  # unknown names fail before any work
+    given = preset is not None
     claim_output_file(out)  # an existing --out that nolabels did not write is refused
     batches, store_model, store_spec = _image_batches(store, paths)
     kn = C.Knowledge.load(knowledge) if knowledge else C.Knowledge()
@@ -363,10 +364,11 @@ def coder(store: str | os.PathLike, out: str | os.PathLike, *,
     if preset is None and dataset:  # the knowledge file's data set, when it is a known one
         preset = P.lookup(dataset)
     cs = P.coder_values(preset)
+    said = ", ".join(f"{k}={len(v)} templates" if k == "zs_templates" else f"{k}={v}"
+                     for k, v in cs.items()) or "no CODER settings in the authors' code"
     print("coder: no --dataset: generic defaults" if preset is None else
-          f"coder: --dataset {preset.name}: " + ", ".join(
-              f"{k}={len(v)} templates" if k == "zs_templates" else f"{k}={v}"
-              for k, v in cs.items()), file=sys.stderr)
+          f"coder: --dataset {preset.name}{'' if given else ' (the knowledge file)'}: {said}",
+          file=sys.stderr)
     unknown = kn.unknown_classes(class_names)
     if unknown:
         print(f"coder: warning: knowledge names not in the class list: {unknown[:10]}",
