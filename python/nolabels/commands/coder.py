@@ -40,6 +40,7 @@ from nolabels.commands._common import (
     positive_int,
 )
 from nolabels.pipeline.coder import (  # noqa: F401 - re-exported for scripts
+    REPRODUCE,
     Embeddings,
     coder,
     coder_knowledge,
@@ -56,7 +57,7 @@ def run_coder(args: argparse.Namespace) -> int:
                 shot_val_fraction=args.shot_val_fraction,
                 seed=args.seed, model=args.model, encoder=args.encoder,
                 cache_dir=args.cache_dir, batch_size=args.batch_size, backend=args.backend,
-                evaluate=args.eval)
+                evaluate=args.eval, reproduce=args.reproduce or ())
     print(json.dumps(msg))
     return 0
 
@@ -106,7 +107,9 @@ def register(subparsers) -> None:
                                  "image embeddings (.npy read without pickle, .pt only with "
                                  "torch.load(weights_only=True): no file can run code)")
     p.add_argument("--classes", help="class names, one per line (label order)")
-    p.add_argument("--knowledge", help="knowledge JSON (schema: nolabels.methods.coder.Knowledge)")
+    p.add_argument("--knowledge", help="knowledge JSON (schema: nolabels.methods.coder.Knowledge), "
+                                       "or the authors' expert_knowledge/ folder (with --classes "
+                                       "in their order and --dataset, e.g. caltech-101)")
     p.add_argument("--out", required=True, help="predictions: .parquet (default) or .csv")
     p.add_argument("--paths", help="paths file for a .pt/.npy STORE (one per line)")
     p.add_argument("--shots", help="labelled few-shot embeddings (store dir, or .safetensors/.pt "
@@ -145,6 +148,11 @@ def register(subparsers) -> None:
                    help="seed of the few-shot validation split (default 0)")
     p.add_argument("--eval", action="store_true",
                    help="report accuracy using class-folder names in the paths (reporting only)")
+    p.add_argument("--reproduce", nargs="+", choices=(*REPRODUCE, "all"), metavar="QUIRK",
+                   help="render texts as the authors' code does: none-synonyms (every synonym "
+                        "text 'a photo of None'), underscores (keep '_' in attribute, "
+                        "analogous and one-vs-one texts), dtd-ovo-comma (DTD's fused "
+                        "one-vs-one template), or all (docs/differences.md)")
     p.set_defaults(func=run_coder)
 
     k = subparsers.add_parser("coder-knowledge", help="generate CODER's knowledge JSON with an LLM (ATG)",

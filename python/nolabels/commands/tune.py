@@ -37,6 +37,10 @@ def _run(args: argparse.Namespace) -> int:
             hyper[k] = getattr(args, k)
     if args.reproduce_wcls_bug:
         hyper["reproduce_wcls_bug"] = True
+    if getattr(args, "reproduce_wcls_broadcast", False):
+        hyper["reproduce_wcls_broadcast"] = True
+    if getattr(args, "nola_subset", None) is not None:
+        hyper["subset_from"] = args.nola_subset
     if args.method in ("zeroshot", "cde"):
         hyper = {k: v for k, v in hyper.items() if k in ("seed", "heldout_fraction")}
     if args.cache_views and "surrogate_norms" not in hyper:
@@ -123,6 +127,13 @@ def register(subparsers) -> None:
                         "--surrogate-norms block unless given; 0, the default: no cache)")
     p.add_argument("--reproduce-wcls-bug", action="store_true",
                    help="latteclip: the authors' w_cls mixing formula (fixed by default)")
+    p.add_argument("--reproduce-wcls-broadcast", action="store_true",
+                   help="latteclip: the authors' (B,) x (B, D) class-weight broadcast (feature "
+                        "j scaled by sample j's weight; needs --batch-size = the embedding dim; "
+                        "with --reproduce-wcls-bug: their formula exactly)")
+    p.add_argument("--nola-subset", dest="nola_subset", choices=("train", "all"),
+                   help="nola: images k and the confident subset come from: the training "
+                        "split (default) or all images, as the authors' code")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=nonneg_int,
                    help="also checkpoint every N optimizer steps (0: at epoch ends only)")
     p.add_argument("--workers", type=nonneg_int,

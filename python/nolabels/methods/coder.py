@@ -31,14 +31,25 @@ Deliberate departures from the authors' code (each documented where it happens):
 4. ATG's analogous-class re-ask loop stops as soon as an answer has no rejected class
    (the authors' flag bug made it always re-ask 6 times once any rejection occurred).
 5. The DTD one-vs-one template list has its missing comma restored (4 templates, not 3
-   with two fused).
+   with two fused); ``TextBank.build(fused_dtd_ovo=True)`` renders the authors' 3.
+6. Synonym texts are the synonyms in the name template; the authors' ``CODER.py`` passes
+   the synonym as ``class_name``, so every synonym text is "a photo of None"
+   (``TextBank.build(none_synonyms=True)`` renders that).
+7. Class names are shown with "_" as a space in every text; the authors keep the "_" in
+   attribute, analogous and one-vs-one texts (``TextBank.build(keep_underscores=True)``).
+
+:func:`read_authors_knowledge` imports the authors' own knowledge bundle
+(``expert_knowledge/``). Every departure, with the flag that reproduces it:
+``docs/differences.md``.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
+import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -348,6 +359,195 @@ def load_example_knowledge(name: str = "cifar10") -> Knowledge:
     return Knowledge.load(path)
 
 
+# --------------------------------------------------------------------------- the authors' bundle
+#: The authors' knowledge bundle (``expert_knowledge.zip`` from their README): part ->
+#: (folder, file extension). ``CODER/CODER.py`` reads ``attribute/<dataset>.pkl`` and
+#: ``simile_class/<dataset>.pkl`` (pickled lists, one list of strings per class in the
+#: order of ``datasets/class_name/<dataset>.txt``), ``synonym/<dataset>.json`` (a list,
+#: one ``{"syno": [names]}`` per class, same order) and ``ovo_attribute/<dataset>.json``
+#: (``{class1: {class2: [attributes of class1]}}``, keyed by the raw class names).
+AUTHORS_PARTS: dict[str, tuple[str, str]] = {
+    "attributes": ("attribute", ".pkl"), "analogous": ("simile_class", ".pkl"),
+    "synonyms": ("synonym", ".json"), "ovo": ("ovo_attribute", ".json"),
+}
+#: Constructors a plain-data pickle may name (protocol 2 pickles sets this way).
+_SAFE_GLOBALS = {("builtins", "set"), ("builtins", "frozenset"), ("__builtin__", "set"),
+                 ("__builtin__", "frozenset"), ("builtins", "list"), ("builtins", "tuple"),
+                 ("builtins", "dict")}
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles lists, dicts, tuples, sets, strings and numbers only: any other class
+    or function named in the file is refused, so reading it cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_GLOBALS:
+            import builtins
+
+            return getattr(builtins, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}; only plain lists, dicts and "
+                                     "strings are read (nothing in the file is executed)")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("has persistent references; only plain data is read")
+
+
+def read_plain_pickle(path: str | os.PathLike) -> object:
+    """A pickle of plain data (lists, dicts, tuples, sets, strings, numbers), read without
+    running anything. Raises :class:`~nolabels.errors.CorruptFileError` naming the file
+    for anything else."""
+    data = Path(path).read_bytes()
+    try:
+        return _PlainUnpickler(io.BytesIO(data)).load()
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise CorruptFileError(os.fspath(path), f"not a plain-data pickle: {e}") from None
+
+
+def _authors_root(root: Path) -> Path:
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder (the authors' knowledge is the folder "
+                         "expert_knowledge/ with attribute/, simile_class/, synonym/, "
+                         "ovo_attribute/)")
+    if not any((root / d).is_dir() for d, _ in AUTHORS_PARTS.values()) and \
+            (root / "expert_knowledge").is_dir():
+        root = root / "expert_knowledge"
+    return root
+
+
+def authors_datasets(root: str | os.PathLike) -> list[str]:
+    """The data-set names (file stems) present in an authors' knowledge folder."""
+    base = _authors_root(Path(root))
+    names = set()
+    for folder, ext in AUTHORS_PARTS.values():
+        if (base / folder).is_dir():
+            names |= {f.name[: -len(ext)] for f in (base / folder).iterdir()
+                      if f.is_file() and f.name.endswith(ext)}
+    return sorted(names)
+
+
+def _authors_file(base: Path, folder: str, ext: str, dataset: str) -> Path | None:
+    d = base / folder
+    if not d.is_dir():
+        return None
+    stem = "ImageNet" if dataset == "ImageNet-V2" else dataset  # CODER.py reads ImageNet's
+    exact = d / f"{stem}{ext}"
+    if exact.is_file():
+        return exact
+    from nolabels.methods.zeroshot import compact_name
+
+    hits = [f for f in sorted(d.iterdir()) if f.is_file() and f.name.endswith(ext)
+            and compact_name(f.name[: -len(ext)]) == compact_name(stem)]
+    if len(hits) > 1:
+        raise InputError(f"{d}: {[h.name for h in hits]} all match the data set {dataset!r}")
+    return hits[0] if hits else None
+
+
+def _string_list(v: object, where: str) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, (set, frozenset)):
+        v = sorted(v)
+    if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v):
+        raise InputError(f"{where}: expected a list of strings, got {type(v).__name__}")
+    return list(v)
+
+
+def _per_class(value: object, class_names: Sequence[str], file: Path) -> list[list[str]]:
+    """One list of strings per class from a list in class order, or a dict keyed by
+    class position or class name."""
+    C = len(class_names)
+    if isinstance(value, (list, tuple)):
+        if len(value) != C:
+            raise InputError(f"{file}: {len(value)} entries, but {C} classes were given (the "
+                             "entries follow the order of the authors' datasets/class_name/"
+                             "<dataset>.txt: pass that list as --classes)")
+        return [_string_list(v, f"{file}: entry {i} ({class_names[i]!r})")
+                for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        keys = {Knowledge._key(c): i for i, c in enumerate(class_names)}
+        out: list[list[str]] = [[] for _ in range(C)]
+        for k, v in value.items():
+            i = k if isinstance(k, int) else keys.get(Knowledge._key(str(k)))
+            if i is None or not 0 <= i < C:
+                raise InputError(f"{file}: key {k!r} is not a class position or name")
+            out[i] = _string_list(v, f"{file}: {k!r}")
+        return out
+    raise InputError(f"{file}: expected a list (one entry per class), got {type(value).__name__}")
+
+
+def read_authors_knowledge(root: str | os.PathLike, dataset: str,
+                           class_names: Sequence[str]) -> Knowledge:
+    """CODER's knowledge from the authors' bundle (``expert_knowledge/``, their README's
+    download), for one data set.
+
+    Args:
+        root: the ``expert_knowledge`` folder (or the folder that holds it).
+        dataset: the authors' data-set name, the file stem (``caltech-101``, ``DTD``,
+            ``eurosat``, ``food-101``, ``oxford-pet``, ``ImageNet``, ...; matched
+            ignoring case and punctuation; ``ImageNet-V2`` reads ImageNet's files, as the
+            authors do). It also selects the templates and τ.
+        class_names: the C class names **in the order of the authors'
+            ``datasets/class_name/<dataset>.txt``** (the pickles are positional lists).
+
+    Returns:
+        the :class:`Knowledge` (attributes, analogous classes, synonyms, one-vs-one
+        attributes; a part whose file is absent stays empty).
+
+    Raises:
+        InputError: no part of the bundle for ``dataset`` (the data sets present are
+            named); a list whose length is not C; one-vs-one keys that are not classes
+            are kept and reported by :meth:`Knowledge.unknown_classes`.
+        CorruptFileError: a pickle that is not plain data (nothing in it is executed),
+            or malformed JSON.
+    """
+    from nolabels.methods.zeroshot import read_json
+
+    base = _authors_root(Path(root))
+    files = {part: _authors_file(base, folder, ext, dataset)
+             for part, (folder, ext) in AUTHORS_PARTS.items()}
+    if not any(files.values()):
+        raise InputError(f"{base}: no knowledge for the data set {dataset!r} (present: "
+                         f"{', '.join(authors_datasets(base)) or 'none'})")
+    per_class: dict[str, list[list[str]]] = {}
+    for part in ("attributes", "analogous"):
+        if files[part] is not None:
+            per_class[part] = _per_class(read_plain_pickle(files[part]), class_names, files[part])
+    if files["synonyms"] is not None:
+        raw = read_json(files["synonyms"])
+        if isinstance(raw, list):
+            raw = [e.get("syno") if isinstance(e, dict) else e for e in raw]
+        per_class["synonyms"] = _per_class(raw, class_names, files["synonyms"])
+    ovo: dict = {}
+    if files["ovo"] is not None:
+        ovo = read_json(files["ovo"])
+        if not isinstance(ovo, dict):
+            raise InputError(f"{files['ovo']}: expected {{class1: {{class2: [attributes]}}}}")
+    classes = {c: {part: lists[i] for part, lists in per_class.items()}
+               for i, c in enumerate(class_names)}
+    try:
+        return Knowledge.from_dict({"dataset": dataset, "classes": classes, "ovo": ovo})
+    except InputError as e:
+        raise InputError(f"{base} ({dataset}): {e}") from None
+
+
+def load_knowledge(path: str | os.PathLike, class_names: Sequence[str] | None = None,
+                   dataset: str | None = None) -> Knowledge:
+    """A knowledge JSON (:meth:`Knowledge.load`) or, for a folder, the authors' bundle
+    (:func:`read_authors_knowledge`; needs ``class_names``, and ``dataset`` unless the
+    folder holds one data set only)."""
+    if not os.path.isdir(path):
+        return Knowledge.load(path)
+    if class_names is None:
+        raise InputError(f"{path}: the authors' knowledge lists follow their class order: "
+                         "pass --classes (their datasets/class_name/<dataset>.txt)")
+    if dataset is None:
+        present = authors_datasets(path)
+        if len(present) != 1:
+            raise InputError(f"{path}: pass --dataset (present: {', '.join(present) or 'none'})")
+        dataset = present[0]
+    return read_authors_knowledge(path, dataset, class_names)
+
+
 # =========================================================================== text bank
 class TextEncoder(Protocol):
     def encode_text(self, texts: list[str]) -> torch.Tensor: ...
@@ -404,11 +604,18 @@ class TextBank:
         types: Iterable[str] = TEXT_TYPES,
         task: str = "zero-shot",
         ovo: bool = True,
+        keep_underscores: bool = False,
+        none_synonyms: bool = False,
+        fused_dtd_ovo: bool = False,
     ) -> TextBank:
         """Render the texts of every class with the paper's templates.
 
+        The last three arguments reproduce the authors' ``CODER.py`` / ``template.py``
+        where the package renders differently (``docs/differences.md``).
+
         Args:
-            class_names: C names ("_" is shown as a space, as the authors do).
+            class_names: C names. "_" is shown as a space in every text, and in the
+                synonyms; the authors do so only in the class-name texts.
             knowledge: attributes/analogous/synonyms/ovo; None = names only.
             templates: a template-set name (see :data:`TEMPLATES`; aliases such as
                 "food-101" work), a mapping like ``TEMPLATES["default"]``, or None for
@@ -418,6 +625,13 @@ class TextBank:
             task: "zero-shot" or "few-shot" (few-shot uses the generic att/ana
                 templates for Pets and DTD, as the authors do).
             ovo: render the one-vs-one texts.
+            keep_underscores: as the authors, keep "_" in the class names of attribute,
+                analogous and one-vs-one texts (class-name texts still show a space).
+            none_synonyms: as the authors, render every synonym as "None" (their
+                ``get_templates(dataset, 'syno', synonym)`` fills ``class_name``, and the
+                template formats the unset ``syno``): one such text per synonym.
+            fused_dtd_ovo: as the authors, fuse DTD's first two one-vs-one templates
+                into one (their list misses a comma).
         """
         if task not in ("zero-shot", "few-shot"):
             raise InputError(f"TextBank.build: task must be 'zero-shot' or 'few-shot', got {task!r}")
@@ -434,20 +648,27 @@ class TextBank:
         else:
             set_name = templates or knowledge.dataset or "default"
             tset = template_set(set_name)
-        if task == "few-shot" and _ALIASES.get(str(set_name).lower(), str(set_name).lower()) in _FEW_SHOT_GENERIC_ATT:
+        canon = _ALIASES.get(str(set_name).lower(), str(set_name).lower())
+        if task == "few-shot" and canon in _FEW_SHOT_GENERIC_ATT:
             tset = {**tset, "att": TEMPLATES["default"]["att"], "ana": TEMPLATES["default"]["ana"]}
+        if fused_dtd_ovo and canon == "dtd":
+            tset = {**tset, "ovo": [tset["ovo"][0] + tset["ovo"][1], *tset["ovo"][2:]]}
         names = [Knowledge._key(c) for c in class_names]
+        # the name shown in attribute / analogous / one-vs-one texts
+        shown = [c.strip() for c in class_names] if keep_underscores else names
         if len(set(names)) != len(names):
             raise InputError("TextBank.build: duplicate class names")
         texts, tcls, ttype = [], [], []
         for ci, c in enumerate(names):
             e = knowledge.entry(c)
+            cs = shown[ci]
+            syno = (["None"] * len(e["synonyms"]) if none_synonyms else
+                    [Knowledge._key(s) for s in e["synonyms"] if Knowledge._key(s) != c])
             rendered = {
-                "att": [t.format(c=c, a=a) for a in e["attributes"] for t in tset["att"]],
-                "ana": [t.format(c=c, x=x) for x in e["analogous"] for t in tset["ana"]],
+                "att": [t.format(c=cs, a=a) for a in e["attributes"] for t in tset["att"]],
+                "ana": [t.format(c=cs, x=x) for x in e["analogous"] for t in tset["ana"]],
                 "name": [t.format(c=c) for t in tset["name"]],
-                "syno": [t.format(c=s) for s in e["synonyms"] if Knowledge._key(s) != c
-                         for t in tset["name"]],
+                "syno": [t.format(c=s) for s in syno for t in tset["name"]],
             }
             for ty in TEXT_TYPES:  # the paper's order per class: att, ana, name, syno
                 if ty in types:
@@ -467,7 +688,7 @@ class TextBank:
                         continue
                     for a in attrs:
                         for t in tset["ovo"]:
-                            ovo_texts.append(t.format(c=c1, o=c2, a=a))
+                            ovo_texts.append(t.format(c=shown[index[c1]], o=shown[index[c2]], a=a))
                             pairs.append((index[c1], index[c2]))
         return cls(
             class_names=names, texts=texts, text_class=torch.tensor(tcls, dtype=torch.int64),

@@ -43,6 +43,16 @@ overweight the zero-shot class text). We **fix** it by default (``w_cls,zs`` in 
 a proper weighted mean, the stated intent of the "dynamic feature mixer");
 ``reproduce_wcls_bug=True`` restores the code's formula for comparisons.
 
+**The w_cls broadcast.** The same lines of ``train.py`` (around 476 and 481) multiply
+the (B,) class-text weight by the (B, D) class-text features without ``unsqueeze(1)``,
+so PyTorch scales feature *column* j by sample j's weight; it runs only because the
+authors' batch B = 512 equals the embedding dim D (and partial batches are dropped).
+We weight per sample (``w[:, None]``) by default; ``reproduce_wcls_broadcast=True``
+(``--reproduce-wcls-broadcast``) applies the broadcast, which needs every batch (per
+rank and micro-batch) to hold exactly D images and drops the last partial batch.
+Together with ``reproduce_wcls_bug`` it is the authors' formula exactly. Every
+difference from the authors' code: ``docs/differences.md``.
+
 Deliberate differences: epochs are selected by an unlabeled criterion (mean
 prototype confidence on an unlabeled held-out split; the code has no rule and
 evaluates on test every epoch); the unused "distill" model and adapter are not
@@ -102,6 +112,7 @@ class LatteCLIPConfig(RunSettings):
     use_finetune_pseudolabel: float = 1.0
     use_zeroshot_pseudolabel: float = 1.0
     reproduce_wcls_bug: bool = False
+    reproduce_wcls_broadcast: bool = False
     surrogate_norms: str = "all"
 
 
@@ -115,12 +126,34 @@ def text_weight(e: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
 
 def mix_texts(w_cls: torch.Tensor, e_cls: torch.Tensor, w_img: torch.Tensor, e_img: torch.Tensor,
               w_grp: torch.Tensor, e_grp: torch.Tensor,
-              w_cls_numerator: torch.Tensor | None = None) -> torch.Tensor:
+              w_cls_numerator: torch.Tensor | None = None,
+              broadcast_cls: bool = False) -> torch.Tensor:
     """Confidence-weighted mean of the class / image / group texts (per row).
 
-    ``w_cls_numerator`` replaces ``w_cls`` in the numerator only (the authors' bug)."""
+    Args:
+        w_cls, w_img, w_grp: (B,) float32 weights.
+        e_cls, e_img, e_grp: (B, D) text embeddings.
+        w_cls_numerator: replaces ``w_cls`` in the numerator only (the authors' bug).
+        broadcast_cls: the authors' ``train.py``: the (B,) class weight multiplies the
+            (B, D) class texts without ``unsqueeze``, i.e. scales column j by weight j
+            (needs B == D; ``docs/differences.md``).
+    Returns:
+        (B, D) mixed text features (not re-normalised).
+    Raises:
+        InputError: ``broadcast_cls`` with B != D.
+    """
     wn = w_cls if w_cls_numerator is None else w_cls_numerator
-    num = wn[:, None] * e_cls + w_img[:, None] * e_img + w_grp[:, None] * e_grp
+    if broadcast_cls:
+        if wn.shape[0] != e_cls.shape[1]:
+            raise InputError(
+                f"--reproduce-wcls-broadcast: a batch of {wn.shape[0]} images, but the "
+                f"authors' (B,) x (B, D) broadcast runs only when the batch equals the "
+                f"embedding dim D = {e_cls.shape[1]} (set --batch-size to D times the ranks "
+                f"and --grad-accum, and use at least D training images)")
+        cls_term = wn * e_cls  # (B,) broadcast along D, as the authors' code does
+    else:
+        cls_term = wn[:, None] * e_cls
+    num = cls_term + w_img[:, None] * e_img + w_grp[:, None] * e_grp
     return num / (w_cls + w_img + w_grp)[:, None]
 
 
@@ -438,9 +471,11 @@ class LatteCLIPModule(nn.Module):
             # every text weight 0 (all switches off): the class text alone
             w_ft = torch.where(w_ft + w_img + w_grp > 0, w_ft, torch.ones_like(w_ft))
             w_zs = torch.where(w_zs + w_img + w_grp > 0, w_zs, torch.ones_like(w_zs))
-        t_ft = mix_texts(w_ft, e_cls_ft, w_img, e_img, w_grp, e_grp)
+        bc = cfg.reproduce_wcls_broadcast
+        t_ft = mix_texts(w_ft, e_cls_ft, w_img, e_img, w_grp, e_grp, broadcast_cls=bc)
         t_zs = mix_texts(w_zs, e_cls_zs, w_img, e_img, w_grp, e_grp,
-                         w_cls_numerator=w_ft if cfg.reproduce_wcls_bug else None)
+                         w_cls_numerator=w_ft if cfg.reproduce_wcls_bug else None,
+                         broadcast_cls=bc)
         z_ft = prototype_targets(Pn, y_ft, t_ft, cfg.alpha)
         z_zs = prototype_targets(Pn, y_zs, t_zs, cfg.alpha)
         s = self.towers.scale()
@@ -665,6 +700,19 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
                          {"weak": encoder.transform}, cfg.seed)
     task = LatteCLIPTask(module, data, train_ds, held_ds, cfg, dev)
     tcfg = cfg.train_config(quiet)
+    if cfg.reproduce_wcls_broadcast:  # the authors' B = D broadcast: full batches only
+        D = int(cls_emb.shape[1])
+        micro = cfg.batch_size / (dist.get_world_size() * cfg.grad_accum)
+        if micro != D or int(train_rows.numel()) < cfg.batch_size:
+            raise InputError(
+                f"--reproduce-wcls-broadcast needs batches of exactly D = {D} images per rank "
+                f"and micro-batch (here --batch-size {cfg.batch_size} over "
+                f"{dist.get_world_size()} rank(s) x --grad-accum {cfg.grad_accum}, "
+                f"{int(train_rows.numel())} training images)")
+        tcfg.drop_last = True
+        tcfg.auto_micro_batch = False  # every forward must see exactly D images
+        say(f"latteclip: the authors' (B,) x (B, D) class-weight broadcast, B = D = {D}; "
+            "the last partial batch of each epoch is dropped, batches are not split")
     settings = {"latteclip": asdict(cfg), "rows": tensor_digest(data.train, data.heldout),
                 "zs": tensor_digest(zs), "texts": len(table), "captions": n_cap,
                 "text_ids": tensor_digest(torch.tensor(cap_id)),
@@ -679,7 +727,9 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     summary = {"method": "latteclip", "classes": list(classes),
                "train_images": int(train_rows.numel()), "heldout_images": int(data.heldout.numel()),
                "captions": n_cap, "group_caption_classes": len(pools),
-               "reproduce_wcls_bug": cfg.reproduce_wcls_bug, "selection": CRITERIA["latteclip"],
+               "reproduce_wcls_bug": cfg.reproduce_wcls_bug,
+               "reproduce_wcls_broadcast": cfg.reproduce_wcls_broadcast,
+               "selection": CRITERIA["latteclip"],
                "selected_epoch": res.selected_epoch, "criterion_value": res.best_score,
                "towers": towers.describe(), "seconds": time.perf_counter() - t0,
                "history": res.history, "encoder": encoder_info(encoder)}

@@ -16,7 +16,12 @@
    the CDE matrix, trainable), label-smoothed CE (ε = 0.1) against the labeller's
    targets, AdamW lr 0.004 (wd 0.01, 0 on biases), batch 512, 50 epochs, constant LR.
 
-Deliberate differences from the authors' code: the epoch is selected by an unlabeled
+Deliberate differences from the authors' code (all of them, with the flags that
+reproduce the original: ``docs/differences.md``): ``k`` and the confident subset are
+computed on the training split (the images left after the unlabeled held-out split,
+90 % by default), so no held-out image trains the labeller whose targets the held-out
+criterion compares with; the authors use all images (``subset_from="all"``,
+``--nola-subset all``); the epoch is selected by an unlabeled
 criterion (student vs labeller agreement on an unlabeled held-out split) instead of
 labeled-validation accuracy (= test accuracy on CIFAR/ImageNet) with early stopping;
 classes are enumerated as ``range(C)``, not ``set(ground_truth_labels)``; the DINO
@@ -71,12 +76,15 @@ from nolabels.methods.trainer import (
 @dataclass
 class NoLAConfig(RunSettings):
     """NoLA's hyper-parameters (defaults: the paper's code, ``config.yml`` / ``misc.py``);
-    run settings in :class:`RunSettings`."""
+    run settings in :class:`RunSettings`. ``subset_from``: the rows ``k`` and the
+    confident subset come from: "train" (default: the training split, without the
+    unlabeled held-out images) or "all" (every image, as the authors' code)."""
 
     templates: str | list = "simple"
     k_min: int = 16
     k_fraction: float = 0.2
     k_max: int | None = None
+    subset_from: str = "train"
     labeller_hidden: int = 256
     labeller_epochs: int = 50
     labeller_batch_size: int = 32
@@ -300,15 +308,18 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     if dino.shape[0] != data.n:
         raise InputError(f"dino features have {dino.shape[0]} rows, the data {data.n}")
 
-    # 1-2: CDE and the confident subset (training rows only)
+    # 1-2: CDE and the confident subset (training rows; "all": every row, as the authors)
+    if cfg.subset_from not in ("train", "all"):
+        raise InputError(f"nola: subset_from must be 'train' or 'all', got {cfg.subset_from!r}")
     cde = cde_embeddings(encoder, classes, descriptions, templates=cfg.templates).to(dev)
-    train_rows = data.train
-    k = find_k(int(train_rows.numel()), C, cfg.k_min, cfg.k_fraction, cfg.k_max)
-    sel = confident_subset(data.emb[train_rows].to(dev), cde, k, logit_scale=encoder.logit_scale)
-    sel_rows = train_rows[sel.indices.cpu()]
+    subset_rows = data.train if cfg.subset_from == "train" else torch.arange(data.n)
+    k = find_k(int(subset_rows.numel()), C, cfg.k_min, cfg.k_fraction, cfg.k_max)
+    sel = confident_subset(data.emb[subset_rows].to(dev), cde, k, logit_scale=encoder.logit_scale)
+    sel_rows = subset_rows[sel.indices.cpu()]
     per_class = torch.bincount(sel.labels.cpu(), minlength=C).tolist()
+    src = "the training split" if cfg.subset_from == "train" else "all images, as the authors"
     say(f"nola: CDE pseudo-labels, k = {k} per class -> {len(sel_rows)} images "
-        f"(per class {per_class})")
+        f"(per class {per_class}; from {src})")
     subset_acc = data.oracle.report(sel_rows, sel.labels.cpu())
 
     # 3: the labeller, then its constant targets for every row
@@ -345,6 +356,7 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     summary = {
         "method": "nola", "classes": list(classes), "train_images": int(data.train.numel()),
         "heldout_images": int(data.heldout.numel()), "k": k, "subset_size": len(sel_rows),
+        "subset_from": cfg.subset_from,
         "subset_per_class": per_class, "labeller": lab_summary,
         "selection": CRITERIA["nola"], "selected_epoch": res.selected_epoch,
         "criterion_value": res.best_score, "student": student.describe(),

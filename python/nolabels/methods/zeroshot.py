@@ -174,14 +174,36 @@ def descriptions_path(spec: str | os.PathLike) -> Path:
                             f"({', '.join(sorted(BUILTIN_DESCRIPTIONS))})")
 
 
+def compact_name(name: str) -> str:
+    """``name`` lower-cased with everything but letters and digits removed: the last
+    resort for matching a descriptions key to a class (``BareLand``, ``baseballdiamond``
+    and ``bare_land`` all give ``bareland``)."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
 def read_descriptions(path: str | os.PathLike, classes: Sequence[str]) -> dict[str, list[str]]:
     """A descriptions JSON ``{class name: [sentence, ...]}`` (LaFTer/NoLA/CuPL format),
-    keyed by the matching entry of ``classes`` (names matched with :func:`norm_name`).
-    ``path`` may also name a built-in set (``cifar10``).
+    keyed by the matching entry of ``classes``. ``path`` may also name a built-in set
+    (``cifar10``).
 
-    Every class must have a non-empty list of non-blank strings. Keys that match no class
-    are ignored (a large set can serve a subset of its classes; a misspelt key shows up
-    as its class missing).
+    This reads the authors' files as they ship them: LaFTer's
+    ``descriptions/generic/<Dataset>.json`` and ``descriptions/tap/<Dataset>.json``
+    (GPT-3 sentences, 25 per class for most sets, 50 for CIFAR) and NoLA's
+    ``descriptions/generic/<Dataset>.json`` / ``k_descriptions/...`` (the same layout).
+    Their keys are the dataset's folder names, so a key matches a class by
+    :func:`norm_name` (case, ``_``, ``-`` and spaces ignored) and, failing that, by
+    :func:`compact_name` (NoLA's ``BareLand`` or ``denseresidential`` for the classes
+    ``bare land`` / ``dense residential``), when exactly one key matches. Each sentence
+    is passed on as written, with runs of white space made one space and the ends
+    stripped, which is what CLIP's tokenizer does to it in the authors' code (their
+    files have sentences that start with ``"\\n"`` or a space).
+
+    Every class must have a non-empty list of non-blank strings: a class without
+    descriptions is an error that names it, never a silent template-only class. Keys
+    that match no class are ignored (a large set can serve a subset of its classes;
+    a misspelt key shows up as its class missing). Where the authors' code differs
+    (it takes the class list from the keys for 397 classes), see
+    ``docs/differences.md``.
 
     Raises:
         InputError: not a JSON object; classes without descriptions (the first few
@@ -200,10 +222,18 @@ def read_descriptions(path: str | os.PathLike, classes: Sequence[str]) -> dict[s
         other = by_norm.setdefault(norm_name(k), k)
         if other != k and any(norm_name(c) == norm_name(k) for c in classes):
             raise InputError(f"{file}: keys {other!r} and {k!r} both describe the same class")
+    by_compact: dict[str, list[str]] = {}
+    for k in raw:
+        by_compact.setdefault(compact_name(k), []).append(k)
     out: dict[str, list[str]] = {}
     missing: list[str] = []
     for c in classes:
         key = by_norm.get(norm_name(c))
+        if key is None:
+            keys = by_compact.get(compact_name(c), []) if compact_name(c) else []
+            if len(keys) > 1:
+                raise InputError(f"{file}: keys {keys[:3]} could each describe the class {c!r}")
+            key = keys[0] if keys else None
         if key is None:
             missing.append(c)
             continue
@@ -212,7 +242,7 @@ def read_descriptions(path: str | os.PathLike, classes: Sequence[str]) -> dict[s
                 or not all(isinstance(s, str) and s.strip() for s in v)):
             raise InputError(f"{file}: {key!r} must map to a non-empty list of non-blank "
                              f"strings, got {json.dumps(v)[:80]}")
-        out[c] = list(v)
+        out[c] = [" ".join(s.split()) for s in v]
     if missing:
         shown = ", ".join(repr(c) for c in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""

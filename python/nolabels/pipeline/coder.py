@@ -321,7 +321,7 @@ def coder(store: str | os.PathLike, out: str | os.PathLike, *,
           rerank: bool = True, zs_templates: Sequence[str] | None = None,
           augment_passes: int | None = None, shot_val_fraction: float = 0.25, seed: int = 0, model: str | None = None,
           encoder: str | None = None, cache_dir: str | None = None, batch_size: int = 256,
-          backend: str = "auto", evaluate: bool = False) -> dict:
+          backend: str = "auto", evaluate: bool = False, reproduce: Sequence[str] = ()) -> dict:
     """CODER zero-shot, CODER* (``rerank``) and few-shot CODER (``shots``) predictions.
 
     Args:
@@ -330,7 +330,9 @@ def coder(store: str | os.PathLike, out: str | os.PathLike, *,
         out: predictions, ``.parquet`` or ``.csv``: path, zs_pred, zs_score, reranked,
             [fs_pred], pred, label.
         classes: class names file (default: the knowledge file's classes).
-        knowledge: CODER knowledge JSON (:class:`nolabels.methods.coder.Knowledge`).
+        knowledge: CODER knowledge JSON (:class:`nolabels.methods.coder.Knowledge`), or the
+            authors' ``expert_knowledge`` folder (needs ``classes`` in their order;
+            :func:`nolabels.methods.coder.read_authors_knowledge`).
         shots: labelled few-shot embeddings (store, or a file with "emb" and "labels").
         dataset: a :mod:`nolabels.methods.presets` name (an unknown one is an InputError
             listing the known ones): CODER's template variant, CODER* τ, the few-shot
@@ -342,6 +344,8 @@ def coder(store: str | os.PathLike, out: str | os.PathLike, *,
             the preset's, else 0: the shots' stored embeddings). Needs ``shots`` to be a
             store embedded from images that are still readable.
         evaluate: also report accuracies against class-folder names (reporting only).
+        reproduce: the authors' text rendering: any of :data:`REPRODUCE` ("all": every
+            one; see ``docs/differences.md``).
     Returns:
         a JSON-serialisable summary (rows, classes, texts, reranked, ..., out).
     """
@@ -353,12 +357,12 @@ def coder(store: str | os.PathLike, out: str | os.PathLike, *,
     given = preset is not None
     claim_output_file(out)  # an existing --out that nolabels did not write is refused
     batches, store_model, store_spec = _image_batches(store, paths)
-    kn = C.Knowledge.load(knowledge) if knowledge else C.Knowledge()
-    if classes:
-        class_names = read_lines(classes)
-    elif kn.classes:
+    render = reproduce_flags(reproduce)
+    class_names = read_lines(classes) if classes else None
+    kn = C.load_knowledge(knowledge, class_names, dataset) if knowledge else C.Knowledge()
+    if class_names is None and kn.classes:
         class_names = list(kn.classes)
-    else:
+    elif class_names is None:
         raise InputError("coder: pass --classes (or a --knowledge file that lists the classes)")
     dataset = dataset or kn.dataset
     if preset is None and dataset:  # the knowledge file's data set, when it is a known one
@@ -411,14 +415,14 @@ def coder(store: str | os.PathLike, out: str | os.PathLike, *,
                          "--encoder")
 
     tset = templates or cs.get("templates") or dataset
-    bank = encode(C.TextBank.build(class_names, kn, templates=tset))
+    bank = encode(C.TextBank.build(class_names, kn, templates=tset, **render))
     few = fit = None
     if shots:
         sh = read_embeddings(os.fspath(shots))
         s_lab = labels_from(sh.paths, sh.labels, class_names)
         fs_bank = encode(C.TextBank.build(class_names, kn, templates=tset,
                                           types=("name", "att", "ana"), task="few-shot",
-                                          ovo=False))
+                                          ovo=False, **render))
         zs_t = list(zs_templates) if zs_templates else cs.get("zs_templates",
                                                                 ["a photo of a {c}."])
         passes = cs.get("augment_passes", 0) if augment_passes is None else augment_passes
@@ -524,6 +528,22 @@ def _shot_keys(shots, sh, passes: int, seed: int, batch_size: int) -> torch.Tens
                                   batch_size=min(batch_size, 64))
 
 
+#: ``coder(reproduce=...)`` / ``nolabels coder --reproduce``: the authors' text rendering
+#: quirks, each the :meth:`~nolabels.methods.coder.TextBank.build` argument it sets.
+REPRODUCE = {"none-synonyms": "none_synonyms", "underscores": "keep_underscores",
+             "dtd-ovo-comma": "fused_dtd_ovo"}
+
+
+def reproduce_flags(reproduce: Sequence[str]) -> dict[str, bool]:
+    """The ``TextBank.build`` keyword arguments for ``reproduce`` (names of
+    :data:`REPRODUCE`, or "all")."""
+    names = set(REPRODUCE) if "all" in reproduce else set(reproduce)
+    bad = names - set(REPRODUCE)
+    if bad:
+        raise InputError(f"reproduce: unknown {sorted(bad)}; use {sorted(REPRODUCE)} or all")
+    return {REPRODUCE[n]: True for n in sorted(names)}
+
+
 # --------------------------------------------------------------------------- knowledge
 def coder_knowledge(classes: str | os.PathLike, out: str | os.PathLike, *,
                     base_url: str | None = None, llm_model: str | None = None,
@@ -568,4 +588,5 @@ def coder_knowledge(classes: str | os.PathLike, out: str | os.PathLike, *,
             "out": os.fspath(out)}
 
 
-__all__ = ["Embeddings", "coder", "coder_knowledge", "read_embeddings", "read_lines"]
+__all__ = ["REPRODUCE", "Embeddings", "coder", "coder_knowledge", "read_embeddings", "read_lines",
+           "reproduce_flags"]
