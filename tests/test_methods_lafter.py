@@ -85,17 +85,19 @@ def _stage2(tiny, tmp_path, epochs, seed=0, lr=1e-2):
     student = PromptedViTStudent(tiny.encoder, num_prompts=4, seed=seed)
     module = lafter.LaFTerModule(student, W, copy.deepcopy(W), 0.1)
     tr, he = lafter.image_datasets(student, tiny.encoder, data, strong_aug="lafter", seed=seed,
-                                   prefix=None)
+                                   prefix=None, heldout_strong=True)
     return lafter.LaFTerTask(module, data, tr, he, lr, 0.01, 32, 0), data
 
 
 def test_lafter_loss_falls_on_tiny_vit(tiny, tmp_path):
     task, data = _stage2(tiny, tmp_path, 6)
     r = fit(task, TrainConfig(epochs=6, batch_size=8, seed=0, quiet=True))
-    losses = [h["loss"] for h in r.history]
+    losses = [h["loss"] for h in r.history if h["epoch"] >= 1]  # epoch 0: the initial model
     assert losses[-1] < losses[0] - 0.05, losses
-    assert all("heldout_agreement" in h and "oracle_heldout_accuracy" in h for h in r.history)
-    assert r.criterion == "heldout_agreement" and 1 <= r.selected_epoch <= 6
+    assert [h["epoch"] for h in r.history] == list(range(7))
+    assert all("heldout_balanced_agreement" in h and "oracle_heldout_accuracy" in h
+               for h in r.history)
+    assert r.criterion == "heldout_balanced_agreement" and 0 <= r.selected_epoch <= 6
 
 
 def test_lafter_resume_equals_uninterrupted(tiny, tmp_path):
@@ -121,8 +123,8 @@ def test_lafter_tune_writes_run(tiny, tmp_path):
                     config=lafter.LaFTerConfig(text_steps=10, epochs=2, batch_size=8,
                                                num_prompts=2), quiet=True)
     assert (tmp_path / "run" / "model.safetensors").is_file()
-    assert (tmp_path / "run" / "logs" / "lafter.jsonl").read_text().count("\n") == 2
-    assert s["selection"].startswith("heldout_agreement") and s["train_images"] == 19
+    assert (tmp_path / "run" / "logs" / "lafter.jsonl").read_text().count("\n") == 3  # 0-2
+    assert s["selection"].startswith("heldout_balanced_agreement") and s["train_images"] == 19
     model = load_run(tmp_path / "run")[1]
     assert set(model["student"]) == {n for n, _ in PromptedViTStudent(
         tiny.encoder, 2).named_trainable_parameters()}

@@ -102,7 +102,7 @@ def test_nola_on_cached_prefix(sur, tmp_path):
                                          k_min=1, labeller_epochs=3), log=lines.append)
     text = "\n".join(lines)
     assert "cached frozen-prefix features" in text and "last 1 BatchNorm" in text
-    assert len(s["history"]) == 3 and s["cached_prefix"]
+    assert len(s["history"]) == 4 and s["cached_prefix"]  # epochs 0 (initial) to 3
     # predictions from the cache equal predictions through the tower
     from nolabels.commands.predict import load_predictor
 

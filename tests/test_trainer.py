@@ -73,7 +73,7 @@ def test_holdout_split_and_selector():
     assert not torch.equal(he, holdout_split(50, 0.1, seed=4)[1])
     assert holdout_split(10, 0.0)[1].numel() == 0
     s = Selector("c")
-    assert not s.update(0, 0.9)  # the untrained state is never selected
+    assert not s.update(-1, 0.9)  # no such epoch (epoch 0, the initial model, is a candidate)
     assert s.update(1, 0.5) and not s.update(2, 0.5) and s.update(3, 0.7)
     assert not s.update(4, float("nan"))
     assert (s.best_epoch, s.best_score) == (3, 0.7)
@@ -155,6 +155,8 @@ class ToyTask(TrainTask):
 
     def evaluate(self, epoch):
         self.evaluated.append(epoch)
+        if epoch == 0:  # the initial model: a candidate, never the best of these toy runs
+            return {"score": -1e9, "oracle_accuracy": 0.0}
         if self.scores is None:
             return {"score": float(-self.module.lin.weight.norm())}
         # the oracle favours the last epoch: it must not influence the selection
@@ -189,7 +191,7 @@ def test_resume_equals_uninterrupted(tmp_path, stop, resumed):
     assert [h["loss"] for h in ra.history] == [h["loss"] for h in rb.history]
     assert ra.selected_epoch == rb.selected_epoch
     logs = (tmp_path / "b" / "logs" / "toy.jsonl").read_text().splitlines()
-    assert len(logs) == 3 and '"criterion": "score"' in logs[0]
+    assert len(logs) == 4 and '"criterion": "score"' in logs[0]  # epochs 0-3
     # a finished stage is not trained again
     c = ToyTask()
     rc = fit(c, TrainConfig(**cfg), tmp_path / "b")
@@ -211,7 +213,7 @@ def test_selection_is_label_free(tmp_path):
     t = ToyTask(scores=[0.2, 0.9, 0.5], scheduler=False)
     r = fit(t, TrainConfig(epochs=3, batch_size=8, seed=2, quiet=True), tmp_path / "x")
     assert r.selected_epoch == 2 and r.best_score == 0.9
-    assert [h["selected_so_far"] for h in r.history] == [1, 2, 2]
+    assert [h["selected_so_far"] for h in r.history] == [0, 1, 2, 2]
     t2 = ToyTask(scores=[0.2, 0.9], scheduler=False)
     fit(t2, TrainConfig(epochs=2, batch_size=8, seed=2, quiet=True))
     _assert_same(_state(t), _state(t2))
@@ -234,7 +236,7 @@ def test_grad_accumulation_matches_full_batch():
 def test_bf16_autocast_cpu():
     t = ToyTask(scheduler=False)
     r = fit(t, TrainConfig(epochs=1, batch_size=8, amp="bf16", seed=0, quiet=True))
-    assert math.isfinite(r.history[0]["loss"])
+    assert math.isfinite(r.history[-1]["loss"])
     with pytest.raises(ValueError, match="amp"):
         fit(ToyTask(), TrainConfig(amp="fp8"))
 

@@ -16,8 +16,9 @@
    train with AdamW lr 5e-4, wd 0.01 (0 on biases), constant LR.
 
 Deliberate differences from the authors' code: the epoch is selected by an unlabeled
-criterion (student/teacher agreement on an unlabeled held-out split), not by the
-best *test* accuracy the script prints; texts are encoded in batches (same result).
+criterion (the student's agreement with the *frozen epoch-0* teacher on an unlabeled
+held-out split, minus a class-balance penalty; epoch 0 is a candidate; see
+:mod:`nolabels.methods.selection`), not by the best *test* accuracy the script prints; texts are encoded in batches (same result).
 On the offline surrogate (no ViT) the BatchNorm affine parameters of its image
 tower are tuned instead of prompts + LayerNorms (:class:`ConSEStudent`); the logs say so.
 """
@@ -42,7 +43,7 @@ from nolabels.methods.common import (
     map_rows,
     save_run,
 )
-from nolabels.methods.selection import CRITERIA, agreement
+from nolabels.methods.selection import CRITERIA, agreement, balanced_agreement
 from nolabels.methods.students import (
     CachedViews,
     ImageViews,
@@ -220,27 +221,68 @@ class ViewTuningTask(TrainTask):
 
 
 class LaFTerTask(ViewTuningTask):
+    """LaFTer stage 2. Selection (:mod:`nolabels.methods.selection`): the student's
+    prediction on a seeded strong view of each held-out image against the label of the
+    **frozen epoch-0 teacher** (weak view), minus the class-balance penalty.
+
+    ``heldout_ds`` must give ``"weak"`` and ``"strong"`` views (:func:`image_datasets`
+    with ``heldout_strong=True``).
+
+    Attributes:
+        reference: (M,) int64 frozen epoch-0 teacher labels of the held-out images,
+            set by :meth:`prepare` (the teacher shares the trainable norms, so it is
+            evaluated once, before training, and never again).
+    """
+
     name = "lafter"
+    criterion = "heldout_balanced_agreement"
 
     def __init__(self, module: LaFTerModule, data: TuneData, train_ds, heldout_ds,
                  lr: float, wd: float, eval_batch_size: int, workers: int) -> None:
         super().__init__(module, data, train_ds, heldout_ds, lr, wd, eval_batch_size, workers,
                          module.teacher_weight.device)
+        self.reference: torch.Tensor | None = None
+
+    def _map(self, fn) -> torch.Tensor:
+        return map_rows(fn, self.heldout_ds, range(len(self.data.heldout)),
+                        batch_size=self.eval_batch_size, workers=self.workers, device=self.device)
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Freeze the epoch-0 teacher: its labels of the held-out weak views, computed now
+        (the module is in its initial state), equal those of a frozen copy of it."""
+        if self.data.heldout.numel() == 0:
+            self.reference = torch.empty(0, dtype=torch.int64)
+            return
+        was = self.module.training
+        self.module.eval()
+        self.reference = self._map(lambda b: self.module.teacher(b["weak"])).long()
+        self.module.train(was)
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
         held = self.data.heldout
         if held.numel() == 0:
             return {}
+        if self.reference is None:
+            raise RuntimeError("LaFTerTask.evaluate before prepare(): no frozen teacher")
         m = self.module
-        both = map_rows(lambda b: m.predict_both(b["weak"]), self.heldout_ds, range(len(held)),
-                        batch_size=self.eval_batch_size, workers=self.workers, device=self.device)
-        student, teacher = both[:, 0], both[:, 1]
-        out = {"heldout_agreement": agreement(student, teacher)}
+
+        def preds(b):  # [student weak, co-adapting teacher weak, student strong]
+            return torch.cat([m.predict_both(b["weak"]),
+                              m.logits(b["strong"]).argmax(1, keepdim=True)], 1)
+
+        got = self._map(preds)
+        student, teacher, strong = got[:, 0], got[:, 1], got[:, 2]
+        ref = self.reference.cpu()
+        out = balanced_agreement(strong, ref, int(m.teacher_weight.shape[0]))
+        out["heldout_agreement_weak"] = agreement(student, ref)
+        out["heldout_agreement_coadapting"] = agreement(student, teacher)  # reported only
         acc = self.data.oracle.report(held, student)
         if acc is not None:
             out["oracle_heldout_accuracy"] = acc
             out["oracle_heldout_teacher_accuracy"] = self.data.oracle.report(held, teacher)
+            out["oracle_heldout_frozen_teacher_accuracy"] = self.data.oracle.report(held, ref)
         return out
 
 
@@ -273,16 +315,19 @@ def tuned_model(method: str, student: Student, classifier: nn.Linear) -> dict:
 
 
 def image_datasets(student: Student, encoder, data: TuneData, *, strong_aug: str, seed: int,
-                   prefix: dict | None, need_weak: bool = True) -> tuple:
+                   prefix: dict | None, need_weak: bool = True,
+                   heldout_strong: bool = False) -> tuple:
     """(train dataset with the strong view (and the weak one if ``need_weak``), held-out
-    dataset with the weak view)."""
+    dataset with the weak view, and a seeded strong view if ``heldout_strong``; the
+    evaluation reads key epoch 0, so each held-out image has one fixed strong view)."""
     if prefix is not None:
         strong = [prefix[k] for k in sorted(prefix) if k.startswith("strong")]
         tr = data.train.numpy()
         he = data.heldout.numpy()
         return (CachedViews(_Rows(prefix["weak"], tr), [_Rows(s, tr) for s in strong], seed,
                             need_weak=need_weak),
-                CachedViews(_Rows(prefix["weak"], he), [], seed))
+                CachedViews(_Rows(prefix["weak"], he),
+                            [_Rows(s, he) for s in strong] if heldout_strong else [], seed))
     from nolabels.methods.students import image_stats
 
     size, mean, std = image_stats(encoder)
@@ -291,8 +336,11 @@ def image_datasets(student: Student, encoder, data: TuneData, *, strong_aug: str
         views = {"weak": encoder.transform, **views}
     items = [data.items[i] for i in data.train.tolist()]
     held = [data.items[i] for i in data.heldout.tolist()]
+    held_views = {"weak": encoder.transform}
+    if heldout_strong:
+        held_views["strong"] = views["strong"]
     return (ImageViews(data.source, items, views, seed),
-            ImageViews(data.source, held, {"weak": encoder.transform}, seed))
+            ImageViews(data.source, held, held_views, seed))
 
 
 class _Rows:
@@ -361,7 +409,7 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     W = W.to(encoder.device)
     module = LaFTerModule(student, W, copy.deepcopy(W), cfg.label_smoothing, cached=cached)
     train_ds, held_ds = image_datasets(student, encoder, data, strong_aug=cfg.strong_aug,
-                                       seed=cfg.seed, prefix=prefix)
+                                       seed=cfg.seed, prefix=prefix, heldout_strong=True)
     task = LaFTerTask(module, data, train_ds, held_ds, cfg.lr, cfg.weight_decay,
                       cfg.eval_batch_size, cfg.workers)
     tcfg = cfg.train_config(quiet)

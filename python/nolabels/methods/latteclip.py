@@ -53,9 +53,11 @@ rank and micro-batch) to hold exactly D images and drops the last partial batch.
 Together with ``reproduce_wcls_bug`` it is the authors' formula exactly. Every
 difference from the authors' code: ``docs/differences.md``.
 
-Deliberate differences: epochs are selected by an unlabeled criterion (mean
-prototype confidence on an unlabeled held-out split; the code has no rule and
-evaluates on test every epoch); the unused "distill" model and adapter are not
+Deliberate differences: epochs are selected by an unlabeled criterion (agreement of
+the prototype prediction on a seeded augmented view of each held-out image with its
+fixed zero-shot pseudo-label; epoch 0, the zero-shot prototypes, is a candidate; see
+:mod:`nolabels.methods.selection`; the code has no rule and evaluates on test every
+epoch); the unused "distill" model and adapter are not
 built; class-template texts are encoded once per unique class in a batch. On the
 offline surrogate the text tower (MiniLM) stays frozen and the image tower's
 BatchNorm affine parameters train (no ViT, no trainable text tower); the logs say so.
@@ -82,7 +84,7 @@ from nolabels import dist, ops
 from nolabels.errors import InputError
 from nolabels.llm import DEFAULT_API_KEY_ENV, ChatClient
 from nolabels.methods.common import RunSettings, TuneData, encoder_info, map_rows, save_run
-from nolabels.methods.selection import CRITERIA, mean_confidence
+from nolabels.methods.selection import CRITERIA, agreement
 from nolabels.methods.students import ConSEStudent, ImageViews, image_stats, is_vit_encoder
 from nolabels.methods.trainer import TrainTask, fit, sample_seed, tensor_digest
 
@@ -508,14 +510,22 @@ class _LatteDataset(torch.utils.data.Dataset):
 
 
 class LatteCLIPTask(TrainTask):
+    """LatteCLIP's training stage. Selection: the prototype prediction on the held-out
+    ``"strong"`` view (LatteCLIP's training augmentation, one seeded draw per image)
+    against ``heldout_zs``, the fixed zero-shot pseudo-labels (``heldout_ds`` gives
+    ``"weak"`` and ``"strong"``; the weak-view agreement is logged as
+    ``heldout_agreement_weak``)."""
+
     name = "latteclip"
-    criterion = "heldout_confidence"
+    criterion = "heldout_agreement"
 
     def __init__(self, module: LatteCLIPModule, data: TuneData, train_ds, heldout_ds,
-                 cfg: LatteCLIPConfig, device: torch.device) -> None:
+                 cfg: LatteCLIPConfig, device: torch.device,
+                 heldout_zs: torch.Tensor | None = None) -> None:
         self.module, self.data, self.cfg = module, data, cfg
         self.train_ds, self.heldout_ds = train_ds, heldout_ds
         self.device = device
+        self.heldout_zs = heldout_zs
 
     def make_optimizer(self):
         decay, no_decay = [], []
@@ -579,13 +589,22 @@ class LatteCLIPTask(TrainTask):
         held = self.data.heldout
         if held.numel() == 0:
             return {}
+        if self.heldout_zs is None:
+            raise InputError("LatteCLIPTask: no held-out zero-shot pseudo-labels (heldout_zs)")
         m = self.module
         Pn = F.normalize(m.prototypes, dim=-1)
-        probs = map_rows(lambda b: (100.0 * m.towers.image(b["weak"]) @ Pn.T).softmax(-1),
-                         self.heldout_ds, range(len(held)), batch_size=self.cfg.eval_batch_size,
-                         workers=self.cfg.workers, device=self.device)
-        out = {"heldout_confidence": mean_confidence(probs)}
-        acc = self.data.oracle.report(held, probs.argmax(1))
+
+        def preds(b):  # [weak view, augmented view] prototype predictions
+            return torch.stack([(m.towers.image(b["weak"]) @ Pn.T).argmax(1),
+                                (m.towers.image(b["strong"]) @ Pn.T).argmax(1)], 1)
+
+        got = map_rows(preds, self.heldout_ds, range(len(held)),
+                       batch_size=self.cfg.eval_batch_size, workers=self.cfg.workers,
+                       device=self.device)
+        zs = self.heldout_zs.cpu().long()
+        out = {"heldout_agreement": agreement(got[:, 1], zs),
+               "heldout_agreement_weak": agreement(got[:, 0], zs)}
+        acc = self.data.oracle.report(held, got[:, 0])
         if acc is not None:
             out["oracle_heldout_accuracy"] = acc
         return out
@@ -697,8 +716,9 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     train_ds = _LatteDataset(views, [cap_id[i] for i in train_rows.tolist()],
                              zs[train_rows].tolist(), pools, cfg.seed)
     held_ds = ImageViews(data.source, [data.items[i] for i in data.heldout.tolist()],
-                         {"weak": encoder.transform}, cfg.seed)
-    task = LatteCLIPTask(module, data, train_ds, held_ds, cfg, dev)
+                         {"weak": encoder.transform,
+                          "strong": latte_transform(size, mean, std)}, cfg.seed)
+    task = LatteCLIPTask(module, data, train_ds, held_ds, cfg, dev, heldout_zs=zs[data.heldout])
     tcfg = cfg.train_config(quiet)
     if cfg.reproduce_wcls_broadcast:  # the authors' B = D broadcast: full batches only
         D = int(cls_emb.shape[1])

@@ -22,7 +22,9 @@ computed on the training split (the images left after the unlabeled held-out spl
 90 % by default), so no held-out image trains the labeller whose targets the held-out
 criterion compares with; the authors use all images (``subset_from="all"``,
 ``--nola-subset all``); the epoch is selected by an unlabeled
-criterion (student vs labeller agreement on an unlabeled held-out split) instead of
+criterion (student vs labeller agreement on an unlabeled held-out split; epoch 0, the
+CDE student, is a candidate; the labeller's own held-out agreement is logged beside
+it) instead of
 labeled-validation accuracy (= test accuracy on CIFAR/ImageNet) with early stopping;
 classes are enumerated as ``range(C)``, not ``set(ground_truth_labels)``; the DINO
 features come from an embedding store, so they are L2-normalised (the code uses the
@@ -225,6 +227,22 @@ def labeller_targets(h: nn.Module, dino: torch.Tensor, batch_size: int = 4096) -
     return torch.cat([h(dino[i:i + batch_size]).argmax(1) for i in range(0, len(dino), batch_size)])
 
 
+def labeller_heldout_agreement(targets: torch.Tensor, emb: torch.Tensor, heldout: torch.Tensor,
+                               cde: torch.Tensor, logit_scale: float) -> float | None:
+    """The labeller's own held-out agreement: the fraction of held-out rows whose labeller
+    target equals their CDE zero-shot label (what the labeller was trained to reproduce,
+    on images it never saw). None without held-out rows. Reported, never selected on.
+
+    Args:
+        targets: (N,) int64 labeller targets of every row; emb: (N, D) store embeddings;
+        heldout: (M,) row indices; cde: (C, D) class embeddings.
+    """
+    if heldout.numel() == 0:
+        return None
+    pl = ops.pseudo_label(emb[heldout].to(cde.device), cde, logit_scale=logit_scale, topk=1)
+    return agreement(targets[heldout].cpu(), pl.labels.cpu().long())
+
+
 # --------------------------------------------------------------------------- student
 class NoLAModule(nn.Module):
     """Student ``W_cde · g(x_strong)`` against the constant labeller targets."""
@@ -254,10 +272,13 @@ class NoLATask(ViewTuningTask):
 
     def __init__(self, module: NoLAModule, data: TuneData, heldout_targets: torch.Tensor,
                  train_ds, heldout_ds, lr: float, wd: float, eval_batch_size: int,
-                 workers: int) -> None:
+                 workers: int, labeller_heldout_agreement: float | None = None) -> None:
         super().__init__(module, data, train_ds, heldout_ds, lr, wd, eval_batch_size, workers,
                          module.targets.device)
         self.heldout_targets = heldout_targets
+        #: the labeller vs the CDE zero-shot labels on the held-out images (a constant,
+        #: logged beside the criterion, never selected on)
+        self.labeller_heldout_agreement = labeller_heldout_agreement
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
@@ -269,6 +290,8 @@ class NoLATask(ViewTuningTask):
                         range(len(held)), batch_size=self.eval_batch_size, workers=self.workers,
                         device=self.device)
         out = {"heldout_agreement": agreement(pred, self.heldout_targets.cpu())}
+        if self.labeller_heldout_agreement is not None:
+            out["labeller_heldout_agreement"] = self.labeller_heldout_agreement
         acc = self.data.oracle.report(held, pred)
         if acc is not None:
             out["oracle_heldout_accuracy"] = acc
@@ -332,6 +355,11 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     say(f"nola: DINO labeller trained on {len(sel_rows)} images ({cfg.labeller_epochs} epochs); "
         f"targets computed once for all {data.n} images")
     lab_acc_train = data.oracle.report(data.train, targets[data.train])
+    lab_held = labeller_heldout_agreement(targets, data.emb, data.heldout, cde,
+                                          encoder.logit_scale)
+    if lab_held is not None:
+        say(f"nola: the labeller agrees with the CDE zero-shot labels on {lab_held:.4f} of the "
+            f"{int(data.heldout.numel())} held-out images (reported, not used for selection)")
 
     # 4: DINO-assisted tuning of the student
     student, cached = tuning_student(encoder, cfg, prefix, say, "nola")
@@ -340,7 +368,8 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     train_ds, held_ds = image_datasets(student, encoder, data, strong_aug=cfg.strong_aug,
                                        seed=cfg.seed, prefix=prefix, need_weak=False)
     task = NoLATask(module, data, targets[data.heldout], train_ds, held_ds, cfg.lr,
-                    cfg.weight_decay, cfg.eval_batch_size, cfg.workers)
+                    cfg.weight_decay, cfg.eval_batch_size, cfg.workers,
+                    labeller_heldout_agreement=lab_held)
     tcfg = cfg.train_config(quiet)
     settings = {"nola": asdict(cfg), "student": student.config(), "cached": cached,
                 "rows": tensor_digest(data.train, data.heldout), "targets": tensor_digest(targets),
@@ -352,12 +381,15 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     oracle = {}
     if subset_acc is not None:
         oracle = {"oracle_subset_accuracy": subset_acc,
-                  "oracle_labeller_train_accuracy": lab_acc_train}
+                  "oracle_labeller_train_accuracy": lab_acc_train,
+                  "oracle_labeller_heldout_accuracy": data.oracle.report(
+                      data.heldout, targets[data.heldout])}
     summary = {
         "method": "nola", "classes": list(classes), "train_images": int(data.train.numel()),
         "heldout_images": int(data.heldout.numel()), "k": k, "subset_size": len(sel_rows),
         "subset_from": cfg.subset_from,
         "subset_per_class": per_class, "labeller": lab_summary,
+        "labeller_heldout_agreement": lab_held,
         "selection": CRITERIA["nola"], "selected_epoch": res.selected_epoch,
         "criterion_value": res.best_score, "student": student.describe(),
         "cached_prefix": cached, "seconds": time.perf_counter() - t0,

@@ -28,7 +28,10 @@ A method describes *what* to train as a :class:`TrainTask`; :func:`fit` does the
   Tiny stages can pass ``ddp=False`` to run the same computation on every rank;
 * **label-free selection**: after every epoch ``task.evaluate`` returns metrics; the
   key named by ``task.criterion`` (an unlabeled score, higher is better, see
-  :mod:`nolabels.methods.selection`) picks the epoch kept at the end;
+  :mod:`nolabels.methods.selection`) picks the epoch kept at the end. The initial
+  model is a candidate: a fresh run first calls ``task.prepare()`` (freeze references)
+  and ``task.evaluate(0)`` and logs epoch 0 (loss None); ties keep the earlier epoch,
+  so a run that only degrades ends holding its initial state;
 * **progress bars** (tqdm, stderr) and a **JSON log** per epoch
   (``OUT/logs/NAME.jsonl``: one object per epoch with loss, lr, seconds, samples/s,
   the criterion and any ``oracle_*`` numbers, which are reported, never used).
@@ -183,9 +186,15 @@ class TrainTask:
     def after_micro_batch(self, out: Any) -> None:
         """Called after each micro-batch's backward with what ``module.forward`` cached."""
 
+    def prepare(self) -> None:
+        """Called once by :func:`fit` before a checkpoint is loaded or a step is taken (the
+        module holds its initial, epoch-0 state): freeze label-free references here (e.g.
+        the epoch-0 teacher's held-out labels). Not called for a finished stage."""
+
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict[str, float]:
-        """Metrics after epoch ``epoch`` (1-based): the criterion, ``oracle_*`` reports."""
+        """Metrics after epoch ``epoch`` (0: the initial model, before training): the
+        criterion, ``oracle_*`` reports."""
         return {}
 
     # state ------------------------------------------------------------------
@@ -424,6 +433,7 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     history: list[dict] = []
     acc: dict[str, Any] = {"loss_sum": 0.0, "n": 0, "metrics": {}}  # running epoch sums
 
+    task.prepare()  # the module is still in its initial state
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ck = load_checkpoint_file(ckpt_path, "resume")
         if ck.get("config_key") != _config_key(cfg, n, settings):
@@ -468,6 +478,20 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     best_state: dict | None = None
     if best_path is not None and best_path.is_file() and selector.best_epoch is not None:
         best_state = load_checkpoint_file(best_path, "best")["state"]
+
+    if task.criterion is not None and cfg.epochs and not history and step == 0:
+        # epoch 0: the initial model is a candidate (a fresh run only; a resumed one has it)
+        rec0 = _initial_record(task, opt, selector)
+        if rec0.pop("_best"):
+            best_state = task.trainable_state()
+            if best_path is not None and main:
+                save_checkpoint_file(best_path, "best", {"epoch": 0, "state": best_state})
+        history.append(rec0)
+        if log_path is not None and main:
+            _write_log(log_path, history)
+        crit = rec0.get(task.criterion)
+        say(f"{task.name} epoch 0 (initial model): {task.criterion} "
+            f"{'n/a' if not isinstance(crit, float) else f'{crit:.4f}'}")
 
     dataset = task.dataset() if n else None
     steps_this_call = 0
@@ -595,6 +619,22 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
             f", select={cfg.select})")
     dist.barrier() if distributed else None
     return result
+
+
+def _initial_record(task: TrainTask, opt: torch.optim.Optimizer, selector: Selector) -> dict:
+    """Evaluate the initial model as epoch 0 and offer it to ``selector``; the log record
+    (``_best``: whether it became the best, popped by the caller)."""
+    t = time.perf_counter()
+    task.module.eval()
+    with torch.no_grad():
+        ev = task.evaluate(0) or {}
+    rec: dict[str, Any] = {"epoch": 0, "step": 0, "loss": None,
+                           "lr": float(opt.param_groups[0]["lr"]),
+                           "seconds": round(time.perf_counter() - t, 4), **ev,
+                           "criterion": task.criterion}
+    rec["_best"] = selector.update(0, ev.get(task.criterion))
+    rec["selected_so_far"] = selector.best_epoch
+    return rec
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:

@@ -237,6 +237,14 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
             caps = latteclip.read_captions(files) if files else None
             summary = latteclip.tune(encoder, data, names, out, captions=caps, config=cfg,
                                      log=log, quiet=quiet)
+        if isinstance(summary.get("history"), list):
+            # the criterion curve's and the oracle curve's best epochs, one line each
+            from nolabels.methods.selection import curve_lines, curve_summary
+
+            summary["selection_curves"] = curve_summary(
+                summary["history"], CRITERIA[method].split(":")[0])
+            for line in curve_lines(summary["selection_curves"]):
+                log(line)
         summary["total_seconds"] = time.perf_counter() - t0
         summary["dataset_preset"] = None if preset is None else preset.name
         if ctx.is_main:
