@@ -4,30 +4,63 @@
 // s_ic = scale * <x_i/|x_i|, w_c/|w_c|>: its top-k, entropy and log-sum-exp.
 // The reference materialises the N x C logits; this kernel never does.
 //
-// Design (why it is fast and small):
+// Design:
 //   * The class matrix is normalised once and the logit scale is folded into
-//     it, W' = scale * W / |W| (C x D float32): the only O(C*D) buffer.
-//   * Images are split into row blocks of ~256K/C rows; each worker of torch's
-//     thread pool owns whole blocks: it loads the block (any dtype, any
-//     strides), normalises it into a float32 (rows x D) buffer, multiplies it
-//     with W'^T through torch's own matmul (single-threaded inside the
-//     parallel region: MKL / oneDNN through the dispatcher), and reduces the
-//     (rows x C) tile, still in its L2, row by row: max, sum exp,
-//     sum exp * x (entropy), top-k. No barrier separates GEMM and epilogue.
-//     Peak extra memory: W' (C x D floats) + per thread one block buffer and
-//     one ~1 MB tile, i.e. O(C*D + threads*tile), never O(N*C).
-//   * exp is a branch-free polynomial that GCC vectorises; the reduction is
-//     compiled twice (AVX2+FMA and baseline) and picked at load time, so the
-//     wheel stays portable.
+//     it, W' = scale * W / max(|W|, eps) (C x D float32).
+//   * The row normalisation is moved behind the GEMM: s_i = f_i * (x_i W'^T)
+//     with f_i = 1 / max(|x_i|, eps), applied to the tile in the epilogue. So
+//     float32 row-major images feed the GEMM in place (no copy, no extra pass
+//     before it); the epilogue reads the row norms, computed in a vectorised
+//     pass over the block (in double: squares of float32 overflow float32)
+//     just before its GEMM, which also brings the block into cache for it.
+//     A block holding a row whose raw products could leave float32's normal
+//     range (|x| outside [2^-60, 2^60], |x| * max|W'| outside
+//     [2^-90, 2^100]: zero, tiny or huge rows), a non-finite row, another
+//     dtype or a strided row is instead copied into a float32 buffer, each
+//     such row times an exact power of two 2^-e that brings its norm to
+//     [1, 2) (f_i becomes 2^e / max(|x_i|, eps)). Power-of-two scaling
+//     commutes with rounding, so a row and the same row times 2^62 or 2^126
+//     get the same GEMM results and the same pseudo-labels.
+//   * Workers of torch's thread pool take row blocks of R rows dynamically
+//     (an atomic counter, so a core slowed by another process takes fewer).
+//     Per block, the classes are walked in column tiles of at most Cb
+//     classes: a single-threaded GEMM (torch's mm.out into the worker's
+//     reused tile buffer; MKL / oneDNN through the dispatcher, which does not
+//     fan out again inside the parallel region) writes the (R x Cb) tile and
+//     the same worker reduces it at once, row by row: scale by f_i and
+//     running max in one pass, sum exp and sum exp * (s - max) in a second
+//     (an online-softmax merge across column tiles), top-k in a third pass
+//     that skips every 16-wide chunk whose maximum cannot enter. The passes
+//     after the first read a row of at most Cb floats from L1. Large R
+//     amortises the GEMM's packing of W' and per-call costs; Cb bounds the
+//     tile (R x Cb floats) so that it stays in L2 between GEMM and epilogue.
+//     topk > 32 keeps whole rows in one tile (Cb = C) and partial-sorts.
+//   * exp is a branch-free polynomial that GCC vectorises; the epilogue is
+//     compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load
+//     time, so the wheel stays portable.
+//
+// Peak extra memory (besides inputs and the O(N * topk) outputs):
+//   C*D floats (W') + per worker R*Cb floats (tile) + R*(2*topk + 4) words of
+//   row state + R*D floats (copy buffer; allocated only for blocks that need
+//   a copy). With R = 512, Cb = 1024 and 2 workers at C = 1,000, D = 512:
+//   2.0 MB + 2 x 2.0 MB (+ 2 x 1.0 MB with copies) = 6-8 MB, under 1 % of the
+//   N x C float32 logits for N = 200,000 (800 MB); at C = 100: 0.6-2.6 MB
+//   (0.8-3.3 % of 80 MB); at C = 21,841: 45 MB (W') + 4-6 MB (0.3 %).
 #include "common.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 namespace nolabels {
 namespace {
@@ -35,78 +68,108 @@ namespace {
 using torch::stable::Tensor;
 using torch::headeronly::ScalarType;
 
-constexpr float kNormEps = 1e-12f;  // same eps as torch.nn.functional.normalize
+constexpr double kNormEps = 1e-12;  // same eps as torch.nn.functional.normalize
+constexpr int64_t kSmallTopk = 32;  // insertion buffer up to here, partial sort above
 
-template <typename T>
-inline float to_float(T v) {
-  return static_cast<float>(v);
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NOLABELS_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NOLABELS_MULTIVERSION
+#endif
+
+torch::stable::Device cpu_device() {
+  return torch::stable::Device(torch::headeronly::DeviceType::CPU);
 }
 
-// Load row `r` of a (rows x D) strided matrix into `dst` as float32 and
-// return its sum of squares (accumulated in double: D may be large).
-template <typename T>
-double load_row(const Tensor& t, int64_t r, float* dst) {
-  const T* base = t.const_data_ptr<T>();
-  const int64_t s0 = t.stride(0), s1 = t.stride(1), D = t.size(1);
-  const T* row = base + r * s0;
+// out = a @ b (aten::mm.out through the stable dispatcher: the tile buffer is
+// reused across calls, no allocation per block).
+void mm_out(Tensor& out, const Tensor& a, const Tensor& b) {
+  std::array<StableIValue, 3> stack{torch::stable::detail::from(a),
+                                    torch::stable::detail::from(b),
+                                    torch::stable::detail::from(out)};
+  STABLE_TORCH_ERROR_CODE_CHECK(
+      torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
+  (void)torch::stable::detail::to<Tensor>(stack[0]);
+}
+
+// Sum of squares of a contiguous float32 row, in double (vectorised: the
+// simd reduction lets the compiler reorder the sum).
+NOLABELS_MULTIVERSION
+double sumsq_f32(const float* x, int64_t D) {
   double ss = 0.0;
-  if (s1 == 1) {
-    for (int64_t d = 0; d < D; ++d) {
-      float v = to_float(row[d]);
-      dst[d] = v;
-      ss += static_cast<double>(v) * v;
-    }
-  } else {
-    for (int64_t d = 0; d < D; ++d) {
-      float v = to_float(row[d * s1]);
-      dst[d] = v;
-      ss += static_cast<double>(v) * v;
-    }
-  }
+#pragma omp simd reduction(+ : ss)
+  for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(x[d]) * x[d];
   return ss;
 }
 
-double load_row_any(const Tensor& t, int64_t r, float* dst) {
+// Row r of a (rows x D) strided matrix of any supported dtype into dst as
+// float32 (exact: every float16 / bfloat16 value is a float32 value).
+template <typename T>
+void load_row_t(const Tensor& t, int64_t r, float* dst) {
+  const T* row = t.const_data_ptr<T>() + r * t.stride(0);
+  const int64_t s1 = t.stride(1), D = t.size(1);
+  if (s1 == 1) {
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(row[d]);
+  } else {
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(row[d * s1]);
+  }
+}
+
+void load_row(const Tensor& t, int64_t r, float* dst) {
   switch (t.scalar_type()) {
     case ScalarType::Float:
-      return load_row<float>(t, r, dst);
+      return load_row_t<float>(t, r, dst);
     case ScalarType::Half:
-      return load_row<torch::headeronly::Half>(t, r, dst);
+      return load_row_t<torch::headeronly::Half>(t, r, dst);
     case ScalarType::BFloat16:
-      return load_row<torch::headeronly::BFloat16>(t, r, dst);
+      return load_row_t<torch::headeronly::BFloat16>(t, r, dst);
     default:
       STD_TORCH_CHECK(false, "nolabels: unsupported dtype");
   }
-  return 0.0;
 }
 
-// Load rows [r0, r1) into a contiguous float32 buffer with leading dim D,
-// multiply each row by mul / max(|row|, eps) (or by mul alone), and mark
-// non-finite rows in `bad` (their result is forced to NaN later). Exact for
-// every finite float32 row, up to entries of 3e38 (norm and factor in double).
-void load_block(const Tensor& src, int64_t r0, int64_t r1, float* dst,
-                bool normalize, float mul, uint8_t* bad) {
+// Per-row factor applied after the GEMM, and whether the raw row may enter
+// the GEMM unscaled. `norm` = |x| (double), `wmax` = max_c |W'_c|.
+struct RowPlan {
+  float f;    // logits = f * (row entering the GEMM) . W'_c
+  int e;      // the row enters the GEMM times 2^-e (0: as is)
+  bool bad;   // non-finite row: results forced to NaN
+};
+
+RowPlan plan_row(double ss, bool normalize, double wmax) {
+  if (!std::isfinite(ss)) return {1.0f, 0, true};
+  if (!normalize) return {1.0f, 0, false};
+  const double a = std::sqrt(ss);
+  const double inv = 1.0 / std::max(a, kNormEps);
+  const double aw = a * wmax;
+  const bool safe = a >= 0x1p-60 && a <= 0x1p60 && aw <= 0x1p100 && (aw >= 0x1p-90 || wmax == 0.0);
+  if (safe || a == 0.0) return {static_cast<float>(inv), 0, false};
+  int e = 0;
+  std::frexp(a, &e);  // a = m 2^e, m in [0.5, 1)
+  e -= 1;             // a 2^-e in [1, 2)
+  return {static_cast<float>(std::ldexp(inv, e)), e, false};
+}
+
+// Rows [r0, r1) of `src` into `dst` (rows x D, float32, contiguous; already
+// there if `loaded`), each times its plan's 2^-e; non-finite rows are zeroed
+// (their results are NaN).
+void copy_block(const Tensor& src, int64_t r0, int64_t r1, float* dst, const RowPlan* plan,
+                bool loaded) {
   const int64_t D = src.size(1);
-  torch::stable::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      float* row = dst + (r - r0) * D;
-      double ss = load_row_any(src, r, row);
-      bool finite = std::isfinite(ss);
-      if (bad) bad[r - r0] = finite ? 0 : 1;
-      // The factor in double: the sum of squares (double) never overflows for
-      // float32 input, but the norm of a row with entries near 3e38 exceeds
-      // float32's range and its inverse is a float32 denormal.
-      double f = mul;
-      if (normalize) f = mul / std::max(std::sqrt(ss), static_cast<double>(kNormEps));
-      if (!finite) f = 1.0;
-      const float ff = static_cast<float>(f);
-      if (std::fabs(f) >= std::numeric_limits<float>::min() && std::isfinite(ff)) {
-        for (int64_t d = 0; d < D; ++d) row[d] *= ff;
-      } else {  // rare: scale in double, round once
-        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(row[d] * f);
-      }
+  for (int64_t r = r0; r < r1; ++r) {
+    float* row = dst + (r - r0) * D;
+    const RowPlan& p = plan[r - r0];
+    if (p.bad) {
+      std::fill(row, row + D, 0.0f);
+      continue;
     }
-  });
+    if (!loaded) load_row(src, r, row);
+    if (p.e != 0) {
+      const double m = std::ldexp(1.0, -p.e);  // scaled in double, rounded once
+      for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(row[d] * m);
+    }
+  }
 }
 
 // exp(x) for x <= 0, branch-free so loops over it vectorise. Cody-Waite
@@ -132,73 +195,204 @@ inline float exp_nonpos(float x) {
   return __builtin_bit_cast(float, bits);
 }
 
-struct RowStats {
-  float max, sum, sum_xm;  // max, sum exp(x - max), sum exp(x - max) * (x - max)
+// Running softmax statistics of one row over the column tiles seen so far,
+// relative to the running max m: s = sum exp(x - m), t = sum exp(x - m)(x - m).
+struct RowState {
+  float m, s, t;
 };
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NOLABELS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define NOLABELS_MULTIVERSION
-#endif
+// Merge a tile row's max cm into the running state (online softmax: when the
+// max grows, the old terms shrink by exp(m - cm)).
+inline void merge_max(RowState& st, float cm) {
+  if (cm > st.m) {
+    if (st.s > 0.0f) {
+      const float dm = st.m - cm;
+      const float a = std::exp(dm);
+      st.t = a * (st.t + dm * st.s);
+      st.s = a * st.s;
+    }
+    st.m = cm;
+  }
+}
 
+// Scale one tile row by f in place, then merge its softmax statistics into
+// st (online: rescale s and t when the max grows).
 NOLABELS_MULTIVERSION
-RowStats row_stats(const float* x, int64_t C) {
-  // The omp simd reductions let GCC reorder the sums (no -ffast-math needed,
-  // which would also break the isfinite checks elsewhere in this file).
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < C; ++c) m = x[c] > m ? x[c] : m;
+void scale_and_stats(float* x, int64_t n, float f, RowState& st) {
+  float cm = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : cm)
+  for (int64_t c = 0; c < n; ++c) {
+    const float v = x[c] * f;
+    x[c] = v;
+    cm = v > cm ? v : cm;
+  }
+  merge_max(st, cm);
+  const float m = st.m;
   float s = 0.f, t = 0.f;
 #pragma omp simd reduction(+ : s, t)
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = 0; c < n; ++c) {
     const float z = x[c] - m;
     const float e = exp_nonpos(z);
     s += e;
     t += e * z;
   }
-  return {m, s, t};
+  st.s += s;
+  st.t += t;
 }
 
-// Top-k of one row, descending, ties to the lower index. Small k: a sorted
-// insertion buffer, fed 16 elements at a time; a chunk whose (vectorised) max
-// does not beat the current k-th value is skipped, which is almost every
-// chunk once the buffer is full. Large k: partial sort of an index buffer.
-NOLABELS_MULTIVERSION
-void row_topk(const float* x, int64_t C, int64_t k, float* vals, int64_t* idx,
-              std::vector<int32_t>& scratch) {
-  if (k <= 32) {
-    constexpr int64_t kChunk = 16;
-    for (int64_t j = 0; j < k; ++j) {
-      vals[j] = -std::numeric_limits<float>::infinity();
-      idx[j] = -1;
-    }
-    float kth = -std::numeric_limits<float>::infinity();
-    int64_t filled = 0;
-    for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-      const int64_t c1 = std::min(C, c0 + kChunk);
-      if (filled == k && c1 - c0 == kChunk) {
-        float cm = x[c0];
-#pragma omp simd reduction(max : cm)
-        for (int64_t c = 1; c < kChunk; ++c) cm = x[c0 + c] > cm ? x[c0 + c] : cm;
-        if (!(cm > kth)) continue;
-      }
-      for (int64_t c = c0; c < c1; ++c) {
-        const float v = x[c];
-        if (filled == k && !(v > kth)) continue;
-        int64_t j = filled < k ? filled++ : k - 1;
-        while (j > 0 && v > vals[j - 1]) {
-          vals[j] = vals[j - 1];
-          idx[j] = idx[j - 1];
-          --j;
-        }
-        vals[j] = v;
-        idx[j] = c;
-        kth = vals[k - 1];
-      }
-    }
-    return;
+// Insert v (column c) into a descending buffer of k values; `filled` grows
+// to k first. Ties keep the lower index: columns arrive in increasing order
+// and only a strictly larger value moves up past an equal one.
+inline void topk_insert(float v, int64_t c, int64_t k, float* vals, int64_t* idx,
+                        int32_t& filled) {
+  int64_t j = filled < k ? filled++ : k - 1;
+  while (j > 0 && v > vals[j - 1]) {
+    vals[j] = vals[j - 1];
+    idx[j] = idx[j - 1];
+    --j;
   }
+  vals[j] = v;
+  idx[j] = c;
+}
+
+inline float topk_threshold(int64_t k, const float* vals, int32_t filled) {
+  return filled == k ? vals[k - 1] : -std::numeric_limits<float>::infinity();
+}
+
+// Small-k top-k, merged over column tiles (portable path): a chunk of 16
+// values whose (vectorised) max does not beat the current k-th value is
+// skipped, which is almost every chunk once the buffer is full.
+NOLABELS_MULTIVERSION
+void topk_small(const float* x, int64_t n, int64_t c0, int64_t k, float* vals, int64_t* idx,
+                int32_t& filled) {
+  constexpr int64_t kChunk = 16;
+  float kth = topk_threshold(k, vals, filled);
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    const int64_t j1 = std::min(n, j0 + kChunk);
+    if (filled == k && j1 - j0 == kChunk) {
+      float cm = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : cm)
+      for (int64_t j = 0; j < kChunk; ++j) cm = x[j0 + j] > cm ? x[j0 + j] : cm;
+      if (!(cm > kth)) continue;
+    }
+    for (int64_t c = j0; c < j1; ++c) {
+      const float v = x[c];
+      if (filled == k && !(v > kth)) continue;
+      topk_insert(v, c0 + c, k, vals, idx, filled);
+      kth = topk_threshold(k, vals, filled);
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define NOLABELS_AVX512_PATH 1
+#define NOLABELS_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma")))
+
+// exp_nonpos on 16 lanes: same reduction and polynomial, 2^n applied with
+// scalef (exact, also where the result is subnormal).
+NOLABELS_AVX512 inline __m512 exp_nonpos16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The k-th largest of the 16 lanes of a (k <= 16), counting repeats,
+// branch-free: rank_i = #{j : a_j > a_i} from 15 lane rotations; the answer
+// is the smallest a_i of rank < k.
+NOLABELS_AVX512 inline float kth_of_lanes(__m512 a, int64_t k) {
+  const __m512i one = _mm512_set1_epi32(1), fifteen = _mm512_set1_epi32(15);
+  __m512i perm = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i rank = _mm512_setzero_si512();
+  for (int r = 1; r < 16; ++r) {
+    perm = _mm512_and_si512(_mm512_add_epi32(perm, one), fifteen);
+    const __m512 b = _mm512_permutexvar_ps(perm, a);
+    rank = _mm512_mask_add_epi32(rank, _mm512_cmp_ps_mask(b, a, _CMP_GT_OQ), rank, one);
+  }
+  const __mmask16 top = _mm512_cmplt_epi32_mask(rank, _mm512_set1_epi32(static_cast<int>(k)));
+  return _mm512_mask_reduce_min_ps(top, a);
+}
+
+// The whole small-k epilogue of one tile row, three passes over it (the
+// second and third read it from L1):
+//   1. scale by f in place and running max, kept per lane (16 lanes);
+//   2. sum exp(s - m) and sum exp(s - m)(s - m);
+//   3. top-k. The 16 lane maxima are 16 distinct entries of the row, so
+//      their k-th largest, tau, is a lower bound of the row's k-th largest
+//      (k <= 16): only entries >= tau can enter, typically little more than
+//      k of them. A 16-lane compare finds them; they go, in column order,
+//      through the scalar insertion (which keeps the lower index on ties).
+//      Entries below tau are beaten by k entries of this very tile, so they
+//      are skipped even while the buffer is not full. For k > 16, tau = -inf
+//      and the bound is the running k-th value once the buffer is full.
+// The last partial vector is masked: no scalar tail.
+NOLABELS_AVX512
+void row_epilogue_avx512(float* x, int64_t n, float f, int64_t c0, RowState& st, int64_t k,
+                         float* vals, int64_t* idx, int32_t& filled) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const __m512 vf = _mm512_set1_ps(f);
+  __m512 vmax = _mm512_set1_ps(-kInf);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                    : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + j), vf);
+    _mm512_mask_storeu_ps(x + j, m, v);
+    vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
+  }
+  merge_max(st, _mm512_reduce_max_ps(vmax));
+  const __m512 vm = _mm512_set1_ps(st.m);
+  __m512 s = _mm512_setzero_ps(), t = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                    : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 z = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + j), vm);
+    const __m512 e = _mm512_maskz_mov_ps(m, exp_nonpos16(z));
+    s = _mm512_add_ps(s, e);
+    t = _mm512_fmadd_ps(e, z, t);
+  }
+  st.s += _mm512_reduce_add_ps(s);
+  st.t += _mm512_reduce_add_ps(t);
+
+  const float tau = k <= 16 ? kth_of_lanes(vmax, k) : -kInf;
+  float kth = topk_threshold(k, vals, filled);
+  __m512 vlo = _mm512_set1_ps(std::max(tau, kth));
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                    : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + j);
+    uint32_t hit = k > 16 && filled < k ? m : _mm512_mask_cmp_ps_mask(m, v, vlo, _CMP_GE_OQ);
+    while (hit) {
+      const int l = __builtin_ctz(hit);
+      hit &= hit - 1;
+      const float val = x[j + l];
+      if (filled == k && !(val > kth)) continue;
+      topk_insert(val, c0 + j + l, k, vals, idx, filled);
+      kth = topk_threshold(k, vals, filled);
+      vlo = _mm512_set1_ps(std::max(tau, kth));
+    }
+  }
+}
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+         std::getenv("NOLABELS_NO_AVX512") == nullptr;
+}
+#endif
+
+// Large-k top-k of a whole row (one column tile): partial sort of indices.
+void topk_large(const float* x, int64_t C, int64_t k, float* vals, int64_t* idx,
+                std::vector<int32_t>& scratch) {
   scratch.resize(C);
   std::iota(scratch.begin(), scratch.end(), 0);
   std::partial_sort(scratch.begin(), scratch.begin() + k, scratch.end(),
@@ -211,13 +405,21 @@ void row_topk(const float* x, int64_t C, int64_t k, float* vals, int64_t* idx,
   }
 }
 
+// Block geometry. NOLABELS_PL_ROWS / NOLABELS_PL_COLS override (tuning only).
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return dflt;
+  const long long x = std::atoll(v);
+  return x > 0 ? static_cast<int64_t>(x) : dflt;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> pseudo_label_cpu(
     const Tensor& image, const Tensor& cls, double scale, int64_t topk,
     bool normalize) {
   check_pseudo_label_args(image, cls, topk);
   STD_TORCH_CHECK(image.is_cpu() && cls.is_cpu(), "pseudo_label_cpu: CPU tensors expected");
   const int64_t N = image.size(0), D = image.size(1), C = cls.size(0);
-  const auto dev = torch::stable::Device(torch::headeronly::DeviceType::CPU);
+  const auto dev = cpu_device();
 
   Tensor probs = torch::stable::empty({N, topk}, ScalarType::Float, std::nullopt, dev);
   Tensor classes = torch::stable::empty({N, topk}, ScalarType::Long, std::nullopt, dev);
@@ -225,51 +427,139 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pseudo_label_cpu(
   Tensor lse = torch::stable::empty({N}, ScalarType::Float, std::nullopt, dev);
   if (N == 0) return {probs, classes, entropy, lse};
 
-  // W' = scale * normalize(W), float32, contiguous (C x D).
+  // W' = scale * W / max(|W|, eps), float32, contiguous (C x D); wmax = max |W'_c|.
   Tensor w = torch::stable::empty({C, D}, ScalarType::Float, std::nullopt, dev);
-  load_block(cls, 0, C, w.mutable_data_ptr<float>(), normalize,
-             static_cast<float>(scale), nullptr);
-  Tensor wt = torch::stable::transpose(w, 0, 1);  // (D x C) view
+  float* w_p = w.mutable_data_ptr<float>();
+  std::vector<double> wnorm(C);
+  torch::stable::parallel_for(0, C, 16, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      float* row = w_p + c * D;
+      load_row(cls, c, row);
+      const double ss = sumsq_f32(row, D);
+      double f = scale;
+      if (normalize) f = scale / std::max(std::sqrt(ss), kNormEps);
+      // The factor in double: the norm of a row with entries near 3e38
+      // exceeds float32's range and its inverse is a float32 denormal.
+      const float ff = static_cast<float>(f);
+      if (std::fabs(f) >= std::numeric_limits<float>::min() && std::isfinite(ff)) {
+        for (int64_t d = 0; d < D; ++d) row[d] *= ff;
+      } else {  // rare: scale in double, round once
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(row[d] * f);
+      }
+      wnorm[c] = std::sqrt(sumsq_f32(row, D));
+    }
+  });
+  const double wmax = *std::max_element(wnorm.begin(), wnorm.end());
 
   float* probs_p = probs.mutable_data_ptr<float>();
   int64_t* cls_p = classes.mutable_data_ptr<int64_t>();
   float* ent_p = entropy.mutable_data_ptr<float>();
   float* lse_p = lse.mutable_data_ptr<float>();
 
-  // Each worker owns whole row blocks: load + normalise, a single-threaded
-  // GEMM (torch's matmul inside a parallel region does not fan out again),
-  // then the epilogue while the tile is still in L2. No barrier between the
-  // GEMM and the epilogue, and the tile never leaves the core that made it.
-  // ~256K-float tiles (1 MB): at least 8 rows.
-  const int64_t block = std::max<int64_t>(8, (1 << 18) / C);
-  const int64_t nblocks = (N + block - 1) / block;
-  torch::stable::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    Tensor a = torch::stable::empty({block, D}, ScalarType::Float, std::nullopt, dev);
-    std::vector<uint8_t> bad(block);
+  const bool small_k = topk <= kSmallTopk;
+#ifdef NOLABELS_AVX512_PATH
+  const bool avx512 = cpu_has_avx512();
+#endif
+  const int64_t workers = std::max<int64_t>(1, torch::stable::get_num_threads());
+  // Rows per block: large enough to amortise the GEMM's packing of W', small
+  // enough that every worker gets blocks; column tiles of <= Cb classes.
+  int64_t R = env_int("NOLABELS_PL_ROWS", 2048);
+  int64_t cb_max = small_k ? env_int("NOLABELS_PL_COLS", 4096) : C;
+  if (!small_k) R = std::max<int64_t>(8, std::min<int64_t>(R, (int64_t{1} << 22) / C));
+  R = std::max<int64_t>(1, std::min(R, (N + workers - 1) / workers));
+  const int64_t ntiles = (C + cb_max - 1) / cb_max;
+  const int64_t cb = (C + ntiles - 1) / ntiles;  // balanced column tiles
+  const int64_t nblocks = (N + R - 1) / R;
+  const bool direct = image.scalar_type() == ScalarType::Float && image.stride(1) == 1;
+
+  std::atomic<int64_t> next{0};
+  torch::stable::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
+    if (wb >= we) return;
+    Tensor tile = torch::stable::empty({R, cb}, ScalarType::Float, std::nullopt, dev);
+    Tensor abuf;  // copy buffer, allocated on first use
+    std::vector<RowPlan> plan(R);
+    std::vector<RowState> st(R);
+    std::vector<float> vals(R * topk);
+    std::vector<int32_t> filled(R);
     std::vector<int32_t> scratch;
-    std::vector<float> vals(topk);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * block, r1 = std::min(N, r0 + block), rows = r1 - r0;
-      load_block(image, r0, r1, a.mutable_data_ptr<float>(), normalize, 1.0f, bad.data());
-      Tensor a_view = rows == block ? a : torch::stable::narrow(a, 0, 0, rows);
-      Tensor logits = torch::stable::matmul(a_view, wt);  // (rows x C) tile
-      STD_TORCH_CHECK(logits.is_contiguous(), "pseudo_label_cpu: unexpected tile layout");
-      const float* lp = logits.const_data_ptr<float>();
+    for (int64_t blk; (blk = next.fetch_add(1)) < nblocks;) {
+      const int64_t r0 = blk * R, r1 = std::min(N, r0 + R), rows = r1 - r0;
+      // Row norms and plans; the pass also brings the block into cache.
+      bool copy = !direct;
+      for (int64_t i = 0; i < rows; ++i) {
+        double ss;
+        if (direct) {
+          ss = sumsq_f32(image.const_data_ptr<float>() + (r0 + i) * image.stride(0), D);
+        } else {
+          if (!abuf.defined()) {
+            abuf = torch::stable::empty({R, D}, ScalarType::Float, std::nullopt, dev);
+          }
+          float* row = abuf.mutable_data_ptr<float>() + i * D;
+          load_row(image, r0 + i, row);
+          ss = sumsq_f32(row, D);
+        }
+        plan[i] = plan_row(ss, normalize, wmax);
+        copy |= plan[i].bad || plan[i].e != 0;
+      }
+      Tensor a;
+      if (copy) {
+        if (!abuf.defined()) {
+          abuf = torch::stable::empty({R, D}, ScalarType::Float, std::nullopt, dev);
+        }
+        copy_block(image, r0, r1, abuf.mutable_data_ptr<float>(), plan.data(), !direct);
+        a = rows == R ? abuf : torch::stable::narrow(abuf, 0, 0, rows);
+      } else {
+        Tensor img = image;  // narrow takes a non-const handle
+        a = torch::stable::narrow(img, 0, r0, rows);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        st[i] = {-std::numeric_limits<float>::infinity(), 0.0f, 0.0f};
+        filled[i] = 0;
+      }
+      for (int64_t c0 = 0; c0 < C; c0 += cb) {
+        const int64_t n = std::min(cb, C - c0);
+        Tensor tv = rows == R ? tile : torch::stable::narrow(tile, 0, 0, rows);
+        if (n != cb) tv = torch::stable::narrow(tv, 1, 0, n);
+        mm_out(tv, a, torch::stable::transpose(torch::stable::narrow(w, 0, c0, n), 0, 1));
+        float* tp = tv.mutable_data_ptr<float>();
+        const int64_t ld = tv.stride(0);
+        for (int64_t i = 0; i < rows; ++i) {
+          float* x = tp + i * ld;
+#ifdef NOLABELS_AVX512_PATH
+          if (small_k && avx512) {
+            row_epilogue_avx512(x, n, plan[i].f, c0, st[i], topk, vals.data() + i * topk,
+                                cls_p + (r0 + i) * topk, filled[i]);
+            continue;
+          }
+#endif
+          scale_and_stats(x, n, plan[i].f, st[i]);
+          if (small_k) {
+            topk_small(x, n, c0, topk, vals.data() + i * topk, cls_p + (r0 + i) * topk,
+                       filled[i]);
+          } else {
+            topk_large(x, n, topk, vals.data() + i * topk, cls_p + (r0 + i) * topk, scratch);
+          }
+        }
+      }
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t r = r0 + i;
-        const float* x = lp + i * C;
-        RowStats st = row_stats(x, C);
-        const float log_s = std::log(st.sum);
-        float l = st.max + log_s;
-        float h = log_s - st.sum_xm / st.sum;
-        if (bad[i]) {  // non-finite input row: report NaN, the caller raises
+        const float log_s = std::log(st[i].s);
+        float l = st[i].m + log_s;
+        float h = log_s - st[i].t / st[i].s;
+        if (plan[i].bad) {  // non-finite input row: report NaN, the caller raises
           l = std::numeric_limits<float>::quiet_NaN();
           h = l;
         }
         lse_p[r] = l;
         ent_p[r] = h;
-        row_topk(x, C, topk, vals.data(), cls_p + r * topk, scratch);
-        for (int64_t j = 0; j < topk; ++j) probs_p[r * topk + j] = std::exp(vals[j] - l);
+        if (small_k) {  // only NaN logits leave the buffer short: valid indices anyway
+          for (int64_t j = filled[i]; j < topk; ++j) {
+            vals[i * topk + j] = std::numeric_limits<float>::quiet_NaN();
+            cls_p[r * topk + j] = j;
+          }
+        }
+        const float* v = vals.data() + i * topk;
+        for (int64_t j = 0; j < topk; ++j) probs_p[r * topk + j] = std::exp(v[j] - l);
       }
     }
   });
