@@ -197,3 +197,13 @@ def test_cli_coder_runs_on_the_authors_bundle(tmp_path, capsys):
     assert "a photo of sea lion" in SEEN and "a photo of None" in SEEN
     assert "Because of wet skin, sea_lion is different from cat." in SEEN
     assert not any("sea-lion" in t or "retriever dog" in t for t in SEEN)
+
+
+def test_descriptions_given_in_memory_must_cover_every_class():
+    enc = RecordingEncoder()
+    with pytest.raises(InputError, match=r"none for 1 of the 2 classes: 'harbor'"):
+        cde_embeddings(enc, ["airport", "harbor"], {"airport": ["A long runway."]})
+    with pytest.raises(InputError, match=r"none for 1 of the 2 classes: 'harbor'"):
+        text_dataset(enc, ["airport", "harbor"], ["a {}."], {"Airport": ["A long runway."]})
+    _, labels, texts = text_dataset(enc, ["sea_lion"], ["a {}."], {"Sea Lion": ["Flippers."]})
+    assert texts == ["a sea lion.", "Flippers."] and labels.tolist() == [0, 0]

@@ -253,14 +253,35 @@ def read_descriptions(path: str | os.PathLike, classes: Sequence[str]) -> dict[s
 
 def class_texts(classes: Sequence[str], templates: Sequence[str],
                 descriptions: Mapping[str, Sequence[str]] | None = None) -> list[list[str]]:
-    """``T_c`` for every class: filled templates, then its descriptions."""
-    out = []
+    """``T_c`` for every class: filled templates, then its descriptions.
+
+    Args:
+        classes: C class names ("_" is shown as a space in the templates).
+        templates: format strings with one ``{}``.
+        descriptions: ``{class: [sentences]}`` keyed by the class names (an exact key, else
+            one equal under :func:`norm_name`), as :func:`read_descriptions` returns.
+    Returns:
+        C lists of texts.
+    Raises:
+        InputError: ``descriptions`` given (non-empty) but some classes have none: they
+            are named; a class is never silently left with its templates only.
+    """
+    by_norm = {norm_name(k): k for k in descriptions} if descriptions else {}
+    out, missing = [], []
     for c in classes:
         name = c.replace("_", " ")
         texts = [t.format(name) for t in templates]
         if descriptions:
-            texts += list(descriptions.get(c, []))
+            key = c if c in descriptions else by_norm.get(norm_name(c))
+            if key is None:
+                missing.append(c)
+            else:
+                texts += list(descriptions[key])
         out.append(texts)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise InputError(f"descriptions: none for {len(missing)} of the {len(classes)} classes: "
+                         f"{', '.join(repr(c) for c in missing[:5])}{more}")
     return out
 
 
