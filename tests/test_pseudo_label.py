@@ -30,8 +30,7 @@ def _available_backends(device: str) -> list:
     out = [pytest.param("torch", id="torch")]
     if device == "cpu":
         out.append(
-            pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(
-                library_cpu_status() is not None, reason=str(library_cpu_status())))
+            pytest.param("cpu", id="cpu", marks=pytest.mark.cpu_kernel)  # conftest's rule
         )
         out.append(
             pytest.param("triton", id="triton-interp", marks=pytest.mark.skipif(
@@ -183,6 +182,83 @@ def test_mixed_dtypes_cast_class_emb(gen, backend):
     check_against_reference(pl, x, w.to(torch.bfloat16), 100.0, 2, True, backend)
 
 
+# ----------------------------------------------------------------------------- cpu tiling
+# The cpu kernel takes row blocks of up to 2048 rows and column tiles of up to 4096
+# classes; topk <= 16 uses a lane-maximum bound, 17..32 the running k-th value, above 32
+# a partial sort; float32 rows with unit column stride feed the GEMM in place unless a
+# row of the block is extreme (then the block is copied, extreme rows scaled by 2^-e).
+# Each case runs on the AVX-512 epilogue (where the CPU has it) and on the portable one.
+CPU_ONLY = pytest.mark.skipif(library_cpu_status() is not None, reason=str(library_cpu_status()))
+EPILOGUES = [pytest.param(False, id="avx512-if-any"), pytest.param(True, id="portable")]
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("portable", EPILOGUES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_rows_not_a_multiple_of_the_block(gen, monkeypatch, portable, threads):
+    if portable:
+        monkeypatch.setenv("NOLABELS_NO_AVX512", "1")
+    x, w = make_inputs(gen, 4099 + 2048 * (threads - 1), 37, 16, torch.float32)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pl = pseudo_label(x, w, topk=3, backend="cpu")
+    finally:
+        torch.set_num_threads(old)
+    check_against_reference(pl, x, w, 100.0, 3, True, "cpu")
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("portable", EPILOGUES)
+@pytest.mark.parametrize("topk", [1, 3, 16, 17, 32, 33])
+def test_cpu_classes_span_several_column_tiles(gen, monkeypatch, portable, topk):
+    if portable:
+        monkeypatch.setenv("NOLABELS_NO_AVX512", "1")
+    x, w = make_inputs(gen, 21, 9001, 8, torch.float32)  # 3 column tiles of 3001 / 3000
+    x[3] = w[8999] * 2.0  # best classes in the last tile, the first and the middle
+    x[4] = w[2]
+    x[5] = w[4500] + w[4501]
+    pl = pseudo_label(x, w, topk=topk, logit_scale=20.0, backend="cpu")
+    check_against_reference(pl, x, w, 20.0, topk, True, "cpu")
+    assert pl.labels[3].item() == 8999 and pl.labels[4].item() == 2
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("portable", EPILOGUES)
+def test_cpu_topk_up_to_c(gen, monkeypatch, portable):
+    if portable:
+        monkeypatch.setenv("NOLABELS_NO_AVX512", "1")
+    x, w = make_inputs(gen, 2100, 45, 12, torch.float32)
+    for topk in (16, 32, 33, 45):
+        pl = pseudo_label(x, w, topk=topk, backend="cpu")
+        check_against_reference(pl, x, w, 100.0, topk, True, "cpu")
+
+
+@CPU_ONLY
+def test_cpu_row_strided_float32_in_place_and_extreme_rows_in_one_block(gen):
+    base = torch.randn(4500, 40, generator=gen)
+    x = base[:, 3:35]  # unit column stride, row stride 40: fed to the GEMM in place
+    w = torch.randn(29, 32, generator=gen)
+    plain = pseudo_label(x, w, topk=4, backend="cpu")
+    check_against_reference(plain, x, w, 100.0, 4, True, "cpu")
+    # Extreme rows in the second block only: that block is copied, the first is not.
+    y = x.clone()
+    rows = torch.tensor([2100, 2500, 4499])
+    y[rows[0]] *= 2.0**126
+    y[rows[1]] *= 2.0**-110
+    y[rows[2]] = 0.0
+    pl = pseudo_label(y, w, topk=4, backend="cpu")
+    check_against_reference(pl, y, w, 100.0, 4, True, "cpu")
+    # Cosine is scale-free down to the normalisation eps (1e-12): the 2^126 row keeps its
+    # labels; the 2^-110 row (norm far below eps) and the zero row give uniform ones.
+    same = torch.ones(4500, dtype=torch.bool)
+    same[rows[1:]] = False
+    torch.testing.assert_close(pl.probs[same], plain.probs[same], rtol=1e-5, atol=1e-6)
+    assert torch.equal(pl.classes[same], plain.classes[same])
+    for r in rows[1:]:
+        assert torch.allclose(pl.probs[r], torch.full((4,), 1 / 29), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("where", ["image_nan", "image_inf", "class_nan"])
@@ -250,10 +326,8 @@ def test_auto_prefers_cpu_library():
 
 
 # ----------------------------------------------------------------------------- compile
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=pytest.mark.cpu_kernel)])
 def test_torch_compile_fullgraph(gen, backend):
-    if backend == "cpu" and library_cpu_status() is not None:
-        pytest.skip(library_cpu_status())
     x, w = make_inputs(gen, 21, 5, 12, torch.float32)
 
     def f(a, b):
