@@ -306,16 +306,10 @@ def test_few_shot_affinity_computed_once_and_grid_is_exact(gen, monkeypatch):
     fit = few.fit(steps=(30, 12), rounds=1, val_fraction=0.34, seed=3)
     assert len(calls) == 1  # one affinity for the whole grid search
 
-    # brute force over the same split and grid with dense CODER vectors
-    g = torch.Generator().manual_seed(3)
-    perm = torch.randperm(sy.numel(), generator=g)
-    lab = sy[perm]
-    order = torch.argsort(lab, stable=True)
-    perm, lab = perm[order], lab[order]
-    counts = torch.bincount(lab)
-    rank = torch.arange(lab.numel()) - (torch.cumsum(counts, 0) - counts)[lab]
-    is_val = rank < torch.floor(counts.double() * 0.34).long().clamp_min(1)[lab]
-    vx, vy, kx, ky = sx[perm[is_val]], sy[perm[is_val]], sx[perm[~is_val]], sy[perm[~is_val]]
+    # brute force over the same split (the library's) and grid with dense CODER vectors
+    val, cache = C.stratified_split(sy, 0.34, 4, seed=3)
+    assert fit.n_val == val.numel() and fit.n_cache == cache.numel()
+    vx, vy, kx, ky = sx[val], sy[val], sx[cache], sy[cache]
     t = F.normalize(bank.emb.double(), dim=1)
 
     def coder_vec(z):
@@ -333,6 +327,20 @@ def test_few_shot_affinity_computed_once_and_grid_is_exact(gen, monkeypatch):
                 best = (acc, b, al)
     assert fit.val_acc == pytest.approx(best[0])
     assert (fit.beta, fit.alpha) == (pytest.approx(best[1]), pytest.approx(best[2]))
+
+
+def test_stratified_split_holds_out_per_class(gen):
+    labels = torch.tensor([0] * 8 + [1] * 3 + [2] * 1 + [3] * 4)[torch.randperm(16, generator=gen)]
+    val, cache = C.stratified_split(labels, 0.25, 5, seed=11)
+    assert sorted(torch.cat([val, cache]).tolist()) == list(range(16))  # disjoint, complete
+    # floor(0.25 K_c), at least 1; a one-shot class and an empty class keep everything
+    assert torch.bincount(labels[val], minlength=5).tolist() == [2, 1, 0, 1, 0]
+    assert labels[val].tolist() == sorted(labels[val].tolist())  # grouped by class
+    again, _ = C.stratified_split(labels, 0.25, 5, seed=11)
+    other = [C.stratified_split(labels, 0.25, 5, seed=s)[0] for s in range(12, 20)]
+    assert torch.equal(val, again) and any(not torch.equal(val, o) for o in other)
+    none, everything = C.stratified_split(labels, 0.0, 5)
+    assert none.numel() == 0 and everything.numel() == 16
 
 
 def test_few_shot_one_shot_uses_init_and_validates(gen):

@@ -29,46 +29,40 @@ def _torchrun(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess
 
 COLLECTIVES = r"""
 import json, sys, torch
-from nolabels import dist, ops
+from nolabels import dist
 with dist.dist_session("cpu") as ctx:
     assert ctx.world_size == 2 and ctx.backend == "gloo"
     # all_gather_variable: uneven sizes, one rank empty in the second call
     x = torch.arange(3 * (ctx.rank + 1) * 2, dtype=torch.float32).reshape(-1, 2) + 100 * ctx.rank
     g = dist.all_gather_variable(x)
     e = dist.all_gather_variable(torch.ones(ctx.rank, 4, dtype=torch.int64))
-    # merged selection == global selection on skewed random pseudo-labels
-    gen = torch.Generator().manual_seed(7)
-    n, c, k = 400, 9, 5
-    logits = torch.randn(n, c, generator=gen) * 3
-    logits[:, 7:] -= 6  # classes 7, 8 rarely top-1: the fallback ranks are used
-    emb = torch.nn.functional.normalize(torch.randn(n, 16, generator=gen), dim=-1)
-    cls = torch.nn.functional.normalize(torch.randn(c, 16, generator=gen), dim=-1)
-    full = ops.pseudo_label(logits, torch.eye(c), logit_scale=1.0, topk=3, normalize=False)
-    ids = torch.arange(n)
-    mine = ids[ids % 2 == ctx.rank]  # interleaved shards
-    pl = full.take(mine)
-    local = ops.select_per_class(pl, k, row_ids=mine, num_classes=c)
-    pos = {int(i): j for j, i in enumerate(mine.tolist())}
-    take = torch.tensor([pos[int(i)] for i in local.indices.tolist()])
-    cand = pl.take(take)
-    gi = dist.all_gather_variable(mine[take])
-    gc = dist.all_gather_variable(cand.classes)
-    gp = dist.all_gather_variable(cand.probs)
-    z = torch.zeros(len(gi))
-    merged = ops.select_per_class(ops.PseudoLabels(gc[:, 0], gp, gc, z, z), k, row_ids=gi,
-                                  num_classes=c)
-    ref = ops.select_per_class(full, k, num_classes=c)
-    fallback = int((torch.bincount(full.labels, minlength=c) == 0).sum())
-    out = {"g": g.tolist(), "e": e.tolist(), "merged": merged.indices.tolist(),
-           "merged_labels": merged.labels.tolist(), "ref": ref.indices.tolist(),
-           "ref_labels": ref.labels.tolist(), "fallback_classes": fallback,
-           "obj": dist.all_gather_object(ctx.rank * 10)}
+    s = dist.all_gather_strings(["a", None, "\u00e9t\u00e9"] if ctx.rank == 0 else ["b"])
+    out = {"g": g.tolist(), "e": e.tolist(), "s": s, "obj": dist.all_gather_object(ctx.rank * 10)}
     if ctx.rank == 0:
         json.dump(out, open(sys.argv[1], "w"))
 """
 
+# ``label``'s selection under torchrun: each rank labels its shards and keeps bounded
+# candidates (groups of CHUNK_ROWS rows: several adds, flushes and prefilter passes per
+# rank), the candidates are gathered and merged on every rank, rank 0 writes them.
+SELECTION = r"""
+import sys, torch
+from nolabels import dist
+from nolabels.data.sources import NpySource
+from nolabels.pipeline import label as lab
+npy, out, k, rows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+lab.CHUNK_ROWS = rows
+with dist.dist_session("cpu"):
+    src = NpySource(npy, max_rows=rows // 2)
+    c = src.dim
+    info = {"classes": [f"c{i}" for i in range(c)], "model_id": "test-logits"}
+    rep = lab.label_source(src, torch.eye(c), out, info, scale=1.0, topk=3, normalize=False,
+                           select_per_class=k, quiet=True)
+    assert rep.selected is not None and rep.rows == src.num_rows
+"""
 
-def test_collectives_and_selection_merge(tmp_path):
+
+def test_collectives(tmp_path):
     script = tmp_path / "coll.py"
     script.write_text(COLLECTIVES)
     _torchrun([str(script), str(tmp_path / "out.json")], tmp_path)
@@ -76,9 +70,40 @@ def test_collectives_and_selection_merge(tmp_path):
     assert out["g"] == ([[float(2 * i), float(2 * i + 1)] for i in range(3)]
                         + [[100.0 + 2 * i, 101.0 + 2 * i] for i in range(6)])
     assert out["e"] == [[1, 1, 1, 1]]
+    assert out["s"] == ["a", None, "\u00e9t\u00e9", "b"]
     assert out["obj"] == [0, 10]
-    assert out["fallback_classes"] >= 1  # the fallback path is exercised
-    assert out["merged"] == out["ref"] and out["merged_labels"] == out["ref_labels"]
+
+
+def test_label_selection_merged_across_ranks_equals_global_selection(tmp_path):
+    """``label_source``'s per-class selection on 2 ranks (interleaved shards, candidates
+    merged through the collectives) is ``ops.select_per_class`` over all rows."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from nolabels import ops
+
+    gen = torch.Generator().manual_seed(7)
+    n, c, k, rows = 24_000, 9, 5, 1_000
+    logits = torch.randn(n, c, generator=gen) * 3
+    logits[:, 7:] -= 14  # classes 7, 8 never top-1: the fallback ranks decide them
+    np.save(tmp_path / "x.npy", logits.numpy())
+    paths = [f"img/{i:05d}.jpg" for i in range(n)]
+    pq.write_table(pa.table({"path": paths}), tmp_path / "x.parquet")  # NpySource's sidecar
+    script = tmp_path / "sel.py"
+    script.write_text(SELECTION)
+    _torchrun([str(script), str(tmp_path / "x.npy"), str(tmp_path / "out"), str(k), str(rows)],
+              tmp_path)
+
+    full = ops.pseudo_label(logits, torch.eye(c), logit_scale=1.0, topk=3, normalize=False)
+    ref = ops.select_per_class(full, k, num_classes=c)
+    o = torch.argsort(ref.indices)
+    assert int((torch.bincount(full.labels, minlength=c) == 0).sum()) >= 1  # fallback used
+    got = pq.read_table(tmp_path / "out" / "_selected.parquet").to_pydict()
+    assert got["item"] == ref.indices[o].tolist()
+    assert got["selected_for"] == ref.labels[o].tolist()
+    assert got["path"] == [paths[i] for i in got["item"]]  # carried through the gather
+    manifest = json.loads((tmp_path / "out" / "_nolabels.json").read_text())
+    assert manifest["num_parts"] == 2 * n // rows and manifest["complete"]
+    assert manifest["selected"]["rows"] == len(got["item"])
 
 
 def test_dist_helpers_single_process():

@@ -982,6 +982,36 @@ def grid(lo: float, hi: float, steps: int) -> torch.Tensor:
     return lo + torch.arange(steps, dtype=torch.float64) * (hi - lo) / steps
 
 
+def stratified_split(labels: torch.Tensor, val_fraction: float, num_classes: int, *,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class, hold out ``floor(val_fraction * K_c)`` shots (at least 1 when
+    ``val_fraction > 0``; none of a class with a single shot), drawn by a seeded
+    permutation.
+
+    Args:
+        labels: (S,) int64 class of each shot, in [0, num_classes).
+        val_fraction: in [0, 1).
+        num_classes: C.
+        seed: the permutation's seed (same seed, same split).
+    Returns:
+        ``(val_idx, cache_idx)``: int64 indices into ``labels``, disjoint, together
+        every shot; grouped by class (ascending), in permuted order within a class.
+    """
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(labels.numel(), generator=g)
+    lab = labels[perm]
+    order = torch.argsort(lab, stable=True)
+    perm, lab = perm[order], lab[order]  # grouped by class, random within class
+    counts = torch.bincount(lab, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(lab.numel()) - starts[lab]
+    n_val = torch.floor(counts.double() * val_fraction).long()
+    n_val = torch.where(counts > 1, n_val.clamp_min(1 if val_fraction > 0 else 0),
+                        torch.zeros_like(n_val))
+    is_val = rank < n_val[lab]
+    return perm[is_val], perm[~is_val]
+
+
 #: The augmentation of the authors' few-shot cache keys (``classify_few_shot.py``:
 #: RandomResizedCrop(224, scale (0.5, 1), bicubic), HFlip(0.5), CLIP normalisation).
 CACHE_CROP_SCALE = (0.5, 1.0)
@@ -1128,18 +1158,7 @@ class CoderFewShot:
         if init is None:
             init = FEW_SHOT_INIT.get(_canon(dataset) or "", DEFAULT_FEW_SHOT_INIT)
         c = self.bank.num_classes
-        g = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(self.labels.numel(), generator=g)
-        lab = self.labels[perm]
-        order = torch.argsort(lab, stable=True)
-        perm, lab = perm[order], lab[order]  # grouped by class, random within class
-        counts = torch.bincount(lab, minlength=c)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(lab.numel()) - starts[lab]
-        n_val = torch.floor(counts.double() * val_fraction).long()
-        n_val = torch.where(counts > 1, n_val.clamp_min(1 if val_fraction > 0 else 0), torch.zeros_like(n_val))
-        is_val = rank < n_val[lab]
-        val_idx, cache_idx = perm[is_val], perm[~is_val]
+        val_idx, cache_idx = stratified_split(self.labels, val_fraction, c, seed=seed)
         if val_idx.numel() == 0:
             self.beta, self.alpha = float(init[0]), float(init[1])
             self.fit_info = FewShotFit(self.beta, self.alpha, None, cache_idx.numel(), 0, False)
