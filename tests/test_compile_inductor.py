@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nolabels.backends import library_cpu_status
 from nolabels.ops import (
     coder_affinity,
     coder_class_scores,
@@ -15,8 +14,7 @@ from nolabels.ops import (
     topk_similarity,
 )
 
-CPU_BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
-    library_cpu_status() is not None, reason=str(library_cpu_status())))]
+CPU_BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.cpu_kernel)]  # conftest's rule
 
 
 def _compiled(f):

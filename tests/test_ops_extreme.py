@@ -16,7 +16,7 @@ import os
 
 import pytest
 import torch
-from nolabels.backends import library_cpu_status, triton_status
+from nolabels.backends import triton_status
 from nolabels.errors import InputError
 from nolabels.ops import (
     PseudoLabels,
@@ -35,8 +35,7 @@ from test_topk_similarity import check as check_topk
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = [
     pytest.param("torch", id="torch"),
-    pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(
-        library_cpu_status() is not None, reason=str(library_cpu_status()))),
+    pytest.param("cpu", id="cpu", marks=pytest.mark.cpu_kernel),  # conftest's rule
     pytest.param("triton", id="triton-interp", marks=pytest.mark.skipif(
         triton_status() is not None or not _INTERP, reason="triton interpreter not enabled")),
 ]
@@ -103,8 +102,8 @@ def test_pseudo_label_scaling_a_row_changes_nothing(gen, backend):
 
 
 # =========================================================================== topk_similarity
-@pytest.mark.parametrize("backend", BACKENDS + [pytest.param("cpu-exact", id="cpu-exact", marks=pytest.mark.skipif(
-    library_cpu_status() is not None, reason=str(library_cpu_status())))])
+@pytest.mark.parametrize("backend", BACKENDS + [pytest.param("cpu-exact", id="cpu-exact",
+                                                             marks=pytest.mark.cpu_kernel)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("which", WHICH)
 @pytest.mark.parametrize("s", SCALES, ids=lambda s: f"{s:g}")
@@ -243,13 +242,12 @@ def test_select_per_class_bad_arguments(kw, match):
 
 
 
+@pytest.mark.cpu_kernel
 @pytest.mark.parametrize("backend", ["cpu", "cpu-exact"])
 def test_cpu_rows_near_float32_max_normalise_to_full_precision(gen, monkeypatch, backend):
     """A row of norm above ~8.5e37 has 1/|x| below FLT_MIN: a float32 factor keeps only
     ~18 bits there. The same rows scaled by 2^-100 (an exact power of two, ordinary
     magnitudes) must give the same similarities and scores to float32 rounding."""
-    if library_cpu_status() is not None:
-        pytest.skip(str(library_cpu_status()))
     monkeypatch.setenv("NOLABELS_TOPK_FILTER", "off" if backend == "cpu-exact" else "on")
     big = scaled(gen, 40, 512, 3e38)
     small = big * 2.0**-100
