@@ -9,43 +9,48 @@
 //     it, W' = scale * W / max(|W|, eps) (C x D float32).
 //   * The row normalisation is moved behind the GEMM: s_i = f_i * (x_i W'^T)
 //     with f_i = 1 / max(|x_i|, eps), applied to the tile in the epilogue. So
-//     float32 row-major images feed the GEMM in place (no copy, no extra pass
-//     before it); the epilogue reads the row norms, computed in a vectorised
-//     pass over the block (in double: squares of float32 overflow float32)
-//     just before its GEMM, which also brings the block into cache for it.
-//     A block holding a row whose raw products could leave float32's normal
-//     range (|x| outside [2^-60, 2^60], |x| * max|W'| outside
-//     [2^-90, 2^100]: zero, tiny or huge rows), a non-finite row, another
-//     dtype or a strided row is instead copied into a float32 buffer, each
-//     such row times an exact power of two 2^-e that brings its norm to
-//     [1, 2) (f_i becomes 2^e / max(|x_i|, eps)). Power-of-two scaling
-//     commutes with rounding, so a row and the same row times 2^62 or 2^126
-//     get the same GEMM results and the same pseudo-labels.
-//   * Workers of torch's thread pool take row blocks of R rows dynamically
-//     (an atomic counter, so a core slowed by another process takes fewer).
-//     Per block, the classes are walked in column tiles of at most Cb
-//     classes: a single-threaded GEMM (torch's mm.out into the worker's
-//     reused tile buffer; MKL / oneDNN through the dispatcher, which does not
-//     fan out again inside the parallel region) writes the (R x Cb) tile and
-//     the same worker reduces it at once, row by row: scale by f_i and
+//     float32 rows with unit column stride feed the GEMM in place (no copy,
+//     no pass over them before it). Their norms (sums of squares in double,
+//     vectorised) are taken right after the block's first GEMM, which has
+//     just brought the rows into cache. A block holding a row whose raw
+//     products could leave float32's normal range (|x| outside
+//     [2^-60, 2^60] or |x| max|W'| outside [2^-90, 2^100], zero rows
+//     excepted) or a non-finite row is then copied and its first GEMM redone;
+//     other dtypes and strides are always copied (converted) first. In the
+//     copy each such row is multiplied by an exact power of two 2^-e that
+//     brings its norm to [1, 2), and f_i = 2^e / max(|x_i|, eps): scaling by
+//     a power of two commutes with rounding, so a row and the same row times
+//     2^62 or 2^126 get the same pseudo-labels. Non-finite rows are zeroed in
+//     the copy and their results forced to NaN (the caller raises).
+//   * Workers of torch's thread pool take row blocks dynamically (an atomic
+//     counter, so a core slowed by another process takes fewer). Per block
+//     the classes are walked in balanced column tiles of at most 4096: a
+//     single-threaded GEMM (torch's mm.out into the worker's reused tile
+//     buffer; MKL / oneDNN through the dispatcher, which does not fan out
+//     again inside the parallel region) writes the tile and the same worker
+//     reduces it at once, row by row, merging the tiles online (running max,
+//     rescaled sums, running top-k). Blocks are 2048 rows (512 for C <= 512):
+//     small GEMMs (the former ~262-row blocks at C = 1,000) run well below
+//     the speed of a large one.
+//   * Epilogue per tile row, AVX-512 where the CPU has it (checked at run
+//     time; NOLABELS_NO_AVX512=1 forces the portable path): scale and
 //     running max in one pass, sum exp and sum exp * (s - max) in a second
-//     (an online-softmax merge across column tiles), top-k in a third pass
-//     that skips every 16-wide chunk whose maximum cannot enter. The passes
-//     after the first read a row of at most Cb floats from L1. Large R
-//     amortises the GEMM's packing of W' and per-call costs; Cb bounds the
-//     tile (R x Cb floats) so that it stays in L2 between GEMM and epilogue.
-//     topk > 32 keeps whole rows in one tile (Cb = C) and partial-sorts.
-//   * exp is a branch-free polynomial that GCC vectorises; the epilogue is
-//     compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load
-//     time, so the wheel stays portable.
+//     (a branch-free exp polynomial, masked tails), top-k in a third: only
+//     entries >= the k-th largest of the 16 lane maxima (k <= 16) or beating
+//     the running k-th value can enter; a 16-lane compare finds them. The
+//     portable path does the same with target_clones-vectorised loops
+//     (AVX2+FMA or baseline x86-64); topk > 32 keeps whole rows in one tile
+//     and partial-sorts.
 //
-// Peak extra memory (besides inputs and the O(N * topk) outputs):
-//   C*D floats (W') + per worker R*Cb floats (tile) + R*(2*topk + 4) words of
-//   row state + R*D floats (copy buffer; allocated only for blocks that need
-//   a copy). With R = 512, Cb = 1024 and 2 workers at C = 1,000, D = 512:
-//   2.0 MB + 2 x 2.0 MB (+ 2 x 1.0 MB with copies) = 6-8 MB, under 1 % of the
-//   N x C float32 logits for N = 200,000 (800 MB); at C = 100: 0.6-2.6 MB
-//   (0.8-3.3 % of 80 MB); at C = 21,841: 45 MB (W') + 4-6 MB (0.3 %).
+// Peak extra memory (besides the inputs and the O(N * topk) outputs), with
+// W = torch's thread count: W' (C*D floats) + per worker one tile of
+// R x min(C, 4096) floats, R*(topk + 5) words of row state and, only for
+// blocks that are copied, an R x D float buffer (R = 512 or 2048; topk > 32:
+// R <= 2^22 / C). At N = 200,000, D = 512, 2 workers, float32 in place:
+//   C = 100:    0.2 MB + 2 x 0.2 MB                = 0.6 MB (0.7 % of the 80 MB logits),
+//   C = 1,000:  2.0 MB + 2 x 7.8 MB                = 18 MB  (2.2 % of 800 MB),
+//   C = 21,841: 44.7 MB + 2 x 2048 x 3641 x 4 B    = 104 MB (0.6 % of 17.5 GB);
+// a copy buffer adds 2 x 1 MB (C <= 512) or 2 x 4 MB.
 #include "common.h"
 
 #include <algorithm>
@@ -405,14 +410,6 @@ void topk_large(const float* x, int64_t C, int64_t k, float* vals, int64_t* idx,
   }
 }
 
-// Block geometry. NOLABELS_PL_ROWS / NOLABELS_PL_COLS override (tuning only).
-int64_t env_int(const char* name, int64_t dflt) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return dflt;
-  const long long x = std::atoll(v);
-  return x > 0 ? static_cast<int64_t>(x) : dflt;
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor> pseudo_label_cpu(
     const Tensor& image, const Tensor& cls, double scale, int64_t topk,
     bool normalize) {
@@ -463,8 +460,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pseudo_label_cpu(
   const int64_t workers = std::max<int64_t>(1, torch::stable::get_num_threads());
   // Rows per block: large enough to amortise the GEMM's packing of W', small
   // enough that every worker gets blocks; column tiles of <= Cb classes.
-  int64_t R = env_int("NOLABELS_PL_ROWS", 2048);
-  int64_t cb_max = small_k ? env_int("NOLABELS_PL_COLS", 4096) : C;
+  // Few classes: 512-row blocks, whose rows (1 MB at D = 512) are still in L2
+  // when the norm pass reads them after the GEMM. More classes: 2048 rows,
+  // so the GEMM's packing of W' and its per-call costs are amortised.
+  int64_t R = C <= 512 ? 512 : 2048;
+  const int64_t cb_max = small_k ? 4096 : C;
   if (!small_k) R = std::max<int64_t>(8, std::min<int64_t>(R, (int64_t{1} << 22) / C));
   R = std::max<int64_t>(1, std::min(R, (N + workers - 1) / workers));
   const int64_t ntiles = (C + cb_max - 1) / cb_max;
@@ -484,30 +484,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pseudo_label_cpu(
     std::vector<int32_t> scratch;
     for (int64_t blk; (blk = next.fetch_add(1)) < nblocks;) {
       const int64_t r0 = blk * R, r1 = std::min(N, r0 + R), rows = r1 - r0;
-      // Row norms and plans; the pass also brings the block into cache.
-      bool copy = !direct;
-      for (int64_t i = 0; i < rows; ++i) {
-        double ss;
-        if (direct) {
-          ss = sumsq_f32(image.const_data_ptr<float>() + (r0 + i) * image.stride(0), D);
-        } else {
-          if (!abuf.defined()) {
-            abuf = torch::stable::empty({R, D}, ScalarType::Float, std::nullopt, dev);
-          }
-          float* row = abuf.mutable_data_ptr<float>() + i * D;
-          load_row(image, r0 + i, row);
-          ss = sumsq_f32(row, D);
-        }
-        plan[i] = plan_row(ss, normalize, wmax);
-        copy |= plan[i].bad || plan[i].e != 0;
-      }
-      Tensor a;
-      if (copy) {
+      // Row norms and plans. Other dtypes / strides: loaded into the copy
+      // buffer first. In-place float32 rows: after the first GEMM, which has
+      // just read them (from memory, overlapped with its arithmetic), so this
+      // pass reads them from cache; a block with a row that cannot enter the
+      // GEMM raw is then copied and its first GEMM redone (rare).
+      auto ensure_abuf = [&]() {
         if (!abuf.defined()) {
           abuf = torch::stable::empty({R, D}, ScalarType::Float, std::nullopt, dev);
         }
-        copy_block(image, r0, r1, abuf.mutable_data_ptr<float>(), plan.data(), !direct);
+      };
+      auto make_plans = [&](const float* base, int64_t ld) {
+        bool copy = false;
+        for (int64_t i = 0; i < rows; ++i) {
+          plan[i] = plan_row(sumsq_f32(base + i * ld, D), normalize, wmax);
+          copy |= plan[i].bad || plan[i].e != 0;
+        }
+        return copy;
+      };
+      Tensor a;
+      auto use_copy = [&](bool loaded) {
+        ensure_abuf();
+        copy_block(image, r0, r1, abuf.mutable_data_ptr<float>(), plan.data(), loaded);
         a = rows == R ? abuf : torch::stable::narrow(abuf, 0, 0, rows);
+      };
+      if (!direct) {
+        ensure_abuf();
+        float* buf = abuf.mutable_data_ptr<float>();
+        for (int64_t i = 0; i < rows; ++i) load_row(image, r0 + i, buf + i * D);
+        make_plans(buf, D);
+        use_copy(true);
       } else {
         Tensor img = image;  // narrow takes a non-const handle
         a = torch::stable::narrow(img, 0, r0, rows);
@@ -520,7 +526,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pseudo_label_cpu(
         const int64_t n = std::min(cb, C - c0);
         Tensor tv = rows == R ? tile : torch::stable::narrow(tile, 0, 0, rows);
         if (n != cb) tv = torch::stable::narrow(tv, 1, 0, n);
-        mm_out(tv, a, torch::stable::transpose(torch::stable::narrow(w, 0, c0, n), 0, 1));
+        const Tensor wt = torch::stable::transpose(torch::stable::narrow(w, 0, c0, n), 0, 1);
+        mm_out(tv, a, wt);
+        if (direct && c0 == 0 &&
+            make_plans(image.const_data_ptr<float>() + r0 * image.stride(0), image.stride(0))) {
+          use_copy(false);
+          mm_out(tv, a, wt);
+        }
         float* tp = tv.mutable_data_ptr<float>();
         const int64_t ld = tv.stride(0);
         for (int64_t i = 0; i < rows; ++i) {

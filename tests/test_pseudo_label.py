@@ -183,7 +183,7 @@ def test_mixed_dtypes_cast_class_emb(gen, backend):
 
 
 # ----------------------------------------------------------------------------- cpu tiling
-# The cpu kernel takes row blocks of up to 2048 rows and column tiles of up to 4096
+# The cpu kernel takes row blocks of 512 (C <= 512) or 2048 rows and column tiles of <= 4096
 # classes; topk <= 16 uses a lane-maximum bound, 17..32 the running k-th value, above 32
 # a partial sort; float32 rows with unit column stride feed the GEMM in place unless a
 # row of the block is extreme (then the block is copied, extreme rows scaled by 2^-e).
