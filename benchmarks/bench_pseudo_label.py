@@ -57,9 +57,10 @@ def _ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def matmul_chunks(n: int, c: int, device: str) -> list[int | str]:
+def matmul_chunks(n: int, c: int, device: str, tried=None) -> list[int | str]:
     """Row chunkings tried for the bare matmul (``"full"``: one call over all rows)."""
-    chunks: list[int | str] = [k for k in CPU_CHUNKS if k < n] if device == "cpu" else []
+    tried = CPU_CHUNKS if tried is None else tried
+    chunks: list[int | str] = [k for k in tried if k < n] if device == "cpu" else []
     itemsize = 4
     if device == "cpu":
         fits = n * c * itemsize <= _ram_bytes() // 4
@@ -86,7 +87,7 @@ def bare_matmul(x, wn, rows):
     return run
 
 
-def candidates(x, w, topk, device, refs=True):
+def candidates(x, w, topk, device, refs=True, chunks=None):
     """name -> zero-argument callable, for every candidate that can run here."""
     out = {}
     if refs:
@@ -95,7 +96,7 @@ def candidates(x, w, topk, device, refs=True):
             pseudo_label_reference(xc, w, 100.0, topk, True) for xc in x.split(8192)
         ]
     wn = F.normalize(w.float(), dim=1).to(w.dtype)
-    for rows in matmul_chunks(x.shape[0], w.shape[0], device):
+    for rows in matmul_chunks(x.shape[0], w.shape[0], device, chunks):
         out[f"matmul@{rows}"] = bare_matmul(x, wn, rows)
     call = {"device": x.device, "dtype": x.dtype, "topk": topk}
     for impl in BACKEND_IMPLS:
@@ -110,7 +111,9 @@ def candidates(x, w, topk, device, refs=True):
 def _cpu_setup(name, n, c, d, dtype, k, threads):
     torch.set_num_threads(threads)
     xs, ws = make_inputs(n, c, d, dtype, "cpu")
-    return candidates(xs, ws, k, "cpu", refs=name in ("reference", "chunked_torch"))[name]
+    refs = name in ("reference", "chunked_torch")
+    chunks = [int(name.split("@")[1])] if name.startswith("matmul@") and name != "matmul@full" else []
+    return candidates(xs, ws, k, "cpu", refs=refs, chunks=chunks)[name]
 
 
 def time_interleaved(cands: dict, device: str, repeat: int) -> dict[str, list[float]]:
@@ -134,7 +137,7 @@ def bench_shape(args, n, c, d, k, dtype, repeat) -> list[dict]:
     """Rows of the result table for one (N, C, D)."""
     refs = args.all or n * c <= REFERENCE_MAX_NC
     x, w = make_inputs(n, c, d, dtype, args.device)
-    cands = candidates(x, w, k, args.device, refs=refs)
+    cands = candidates(x, w, k, args.device, refs=refs, chunks=args.chunks)
     if args.only:
         cands = {name: f for name, f in cands.items()
                  if name in args.only or name.startswith("matmul@")}
@@ -187,6 +190,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--repeat", type=int, default=None,
                     help="interleaved timed rounds (default 5 CPU, 20 GPU)")
+    ap.add_argument("--chunks", type=int, nargs="+", default=None,
+                    help=f"row chunkings tried for the CPU bare matmul (default {CPU_CHUNKS}, plus full)")
     ap.add_argument("--all", action="store_true", help="run the torch references at any N x C")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     ap.add_argument("--only", nargs="*", help="run only these candidates (the matmul@ ones always run)")
