@@ -180,3 +180,13 @@ def test_triton_host_code_asks_the_kernel_not_the_environment(monkeypatch):
     assert not interpret()
     assert att.fwd_config(64, torch.float32)["BLOCK_M"] == 16  # the interpreter's blocks
     assert att._rne(torch.bfloat16) and att._f32_dots(torch.bfloat16)
+
+
+def test_auto_without_a_fit_lists_every_backend():
+    cuda_only = BackendImpl("cuda", _never, devices=("cuda",), dtypes=SUPPORTED_DTYPES, max={"k": 4})
+    f32_only = BackendImpl("torch", _never, devices=(ANY_DEVICE,), dtypes=(torch.float32,))
+    call = {"device": CPU, "dtype": torch.float16, "k": 5}
+    with pytest.raises(ValueError, match="no backend can take this call") as e:
+        dispatch("op", (cuda_only, f32_only), "auto", CPU, call)
+    assert "cuda: the cuda backend takes CUDA tensors, got cpu; k=5 > 4" in str(e.value)
+    assert "torch: dtype float16 is not one of float32" in str(e.value)

@@ -375,16 +375,12 @@ def dispatch(
     if backend == "auto":
         backend = preferred_backend(op, list(by_name))
     if backend == "auto":
-        rejected = []
         for impl in impls:
-            if not impl.takes(device):  # not tried (nor probed) off its devices
-                why = impl.device_reasons(device) or ["for tests only"]
-                rejected.append(f"{impl.name}: " + "; ".join(why))
-                continue
-            why = impl.not_supported_reasons(call)
-            if not why:
+            # not tried (nor probed) off its own device types
+            if impl.takes(device) and not impl.not_supported_reasons(call):
                 return impl
-            rejected.append(f"{impl.name}: " + "; ".join(why))
+        rejected = [f"{b.name}: " + "; ".join(b.not_supported_reasons(call) or ["for tests only"])
+                    for b in impls]
         raise ValueError(f"{op}: no backend can take this call:\n  " + "\n  ".join(rejected))
     if backend not in by_name:
         kind = "unknown backend" if backend not in BACKENDS else "no such backend for this op:"
