@@ -200,14 +200,16 @@ def test_tune_nola_from_store_one_weak_pass_then_resumed(shared, tmp_path, monke
     real = students._weak_pass
     monkeypatch.setattr(students, "_weak_pass",
                         lambda *a, **k: passes.append(sorted(a[3])) or real(*a, **k))
-    _tune(env, "nola", env.d / "store", tmp_path / "run", "--descriptions", "cifar10")
+    _tune(env, "nola", env.d / "store", tmp_path / "run", "--descriptions", "cifar10",
+          "--full-tower")
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert passes == [["pooled"]]
     # weak view once, then one epoch: the strong view of each training image, the weak
     # view of each held-out image
     assert env.count["surrogate"] == env.n + s["train_images"] + s["heldout_images"]
     assert not (tmp_path / "run" / "dino_store").exists()
-    _tune(env, "nola", env.d / "store", tmp_path / "run", "--descriptions", "cifar10")
+    _tune(env, "nola", env.d / "store", tmp_path / "run", "--descriptions", "cifar10",
+          "--full-tower")
     assert passes == [["pooled"]]  # resumed: no further weak-view pass
 
 
@@ -215,7 +217,7 @@ def test_lafter_heldout_evaluation_one_pass(shared, tmp_path):
     """LaFTer on the surrogate: the student's prediction and the teacher's label of a held-out
     image come from one pass (the teacher is the student's own normalised feature)."""
     env = shared
-    _tune(env, "lafter", env.d / "store", tmp_path / "run", "--text-steps", "5")
+    _tune(env, "lafter", env.d / "store", tmp_path / "run", "--text-steps", "5", "--full-tower")
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     # weak (teacher) + strong (student) per training image, weak once per held-out image
     assert env.count["surrogate"] == 2 * s["train_images"] + s["heldout_images"]

@@ -1,4 +1,4 @@
-"""The shared trainer: label smoothing by hand, data plan, resume == uninterrupted,
+"""The shared trainer: the methods' label-smoothed loss by hand, data plan, resume == uninterrupted,
 label-free selection, gradient accumulation, bf16 autocast, DDP under torchrun."""
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from nolabels.methods.trainer import (
     TrainingInterrupted,
     TrainTask,
     fit,
-    label_smoothing_ce,
     plan_epoch,
     sample_seed,
     seeded,
@@ -28,24 +27,34 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- losses
-def test_label_smoothing_by_hand():
-    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
-    target = torch.tensor([0, 1])
-    eps = 0.1
-    # row 0: log-softmax by hand
-    z0 = math.log(math.exp(2.0) + math.exp(0.0) + math.exp(-1.0))
-    lp0 = [2.0 - z0, 0.0 - z0, -1.0 - z0]
-    z1 = math.log(2 * math.exp(0.5) + math.exp(3.0))
-    lp1 = [0.5 - z1, 0.5 - z1, 3.0 - z1]
-    row0 = eps * (-sum(lp0) / 3) + (1 - eps) * (-lp0[0])
-    row1 = eps * (-sum(lp1) / 3) + (1 - eps) * (-lp1[1])
-    got = label_smoothing_ce(logits, target, eps)
-    assert got.item() == pytest.approx((row0 + row1) / 2, abs=1e-6)
-    # the same as torch's label_smoothing (methods.md §1.5: eps spread over all C classes)
-    ref = nn.functional.cross_entropy(logits, target, label_smoothing=eps)
-    assert got.item() == pytest.approx(ref.item(), abs=1e-6)
-    assert label_smoothing_ce(logits, target, 0.0).item() == pytest.approx(
-        nn.functional.cross_entropy(logits, target).item(), abs=1e-6)
+def _smoothed_ce_float64(logits, target, eps):
+    """methods.md §1.5 by hand in float64: eps * mean_c(-log p_c) + (1 - eps) * (-log p_y)."""
+    rows = []
+    for z, y in zip(logits.double().tolist(), target.tolist(), strict=True):
+        lse = math.log(sum(math.exp(v) for v in z))
+        lp = [v - lse for v in z]
+        rows.append(eps * (-sum(lp) / len(lp)) + (1 - eps) * (-lp[y]))
+    return sum(rows) / len(rows)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.0, 0.3])
+def test_label_smoothing_by_hand(eps):
+    """The label-smoothed CE LaFTer/NoLA train with (``F.cross_entropy(label_smoothing=eps)``
+    in LaFTer's text stage, its self-training and NoLA's student) equals the float64 hand
+    computation; here through LaFTer's text-classifier module (noise off)."""
+    from nolabels.methods.lafter import TextClassifierModule
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(7, 5, generator=g)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    m = TextClassifierModule(emb, labels, 4, noise_std=0.0, eps=eps, seed=3)
+    loss, _ = m(None)
+    with torch.no_grad():
+        logits = emb.double() @ m.classifier.weight.double().T
+    assert loss.item() == pytest.approx(_smoothed_ce_float64(logits, labels, eps), abs=1e-6)
+    # eps reaches the loss: smoothing changes it
+    if eps:
+        assert abs(loss.item() - _smoothed_ce_float64(logits, labels, 0.0)) > 1e-3
 
 
 # --------------------------------------------------------------------------- plan
@@ -112,7 +121,7 @@ class ToyModule(nn.Module):
         x = batch["x"] + self.noise * torch.randn_like(batch["x"])  # per-step noise
         logits = self.lin(x)
         self.last = (x.detach(), batch["y"])
-        return label_smoothing_ce(logits, batch["y"]), {"acc": float((logits.argmax(1) == batch["y"]).float().mean())}
+        return nn.functional.cross_entropy(logits, batch["y"], label_smoothing=0.1), {"acc": float((logits.argmax(1) == batch["y"]).float().mean())}
 
 
 class ToyTask(TrainTask):

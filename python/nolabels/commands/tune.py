@@ -121,10 +121,16 @@ def register(subparsers) -> None:
     p.add_argument("--surrogate-norms", dest="surrogate_norms", choices=("all", "block", "last"),
                    help="surrogate (no ViT): tune all BatchNorm affines (default), the last "
                         "block's and the head's, or only the last one")
-    p.add_argument("--cache-views", dest="cache_views", type=nonneg_int, default=0, metavar="A",
-                   help="lafter/nola on the surrogate: train on cached frozen-prefix features "
-                        "(weak view + A seeded strong views per image; implies "
-                        "--surrogate-norms block unless given; 0, the default: no cache)")
+    path = p.add_mutually_exclusive_group()
+    path.add_argument("--cache-views", dest="cache_views", type=nonneg_int, default=None,
+                      metavar="A",
+                      help="lafter/nola on the surrogate: train on cached frozen-prefix "
+                           "features (weak view + A seeded strong views per image; implies "
+                           "--surrogate-norms block unless given; 0: the whole tower). "
+                           "Default: A = 2 on a CPU, the whole tower on a GPU")
+    path.add_argument("--full-tower", dest="cache_views", action="store_const", const=0,
+                      help="lafter/nola: back-propagate through the whole image tower with a "
+                           "fresh augmentation each epoch (the same as --cache-views 0)")
     p.add_argument("--reproduce-wcls-bug", action="store_true",
                    help="latteclip: the authors' w_cls mixing formula (fixed by default)")
     p.add_argument("--reproduce-wcls-broadcast", action="store_true",

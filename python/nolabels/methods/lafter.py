@@ -56,7 +56,6 @@ from nolabels.methods.trainer import (
     TrainTask,
     adamw_no_bias_decay,
     fit,
-    label_smoothing_ce,
     sample_seed,
     seeded,
     tensor_digest,
@@ -110,7 +109,7 @@ class TextClassifierModule(nn.Module):
     def forward(self, _batch):
         x = self.emb + self.noise_std * torch.randn_like(self.emb)
         logits = self.classifier(x)
-        loss = label_smoothing_ce(logits, self.labels, self.eps)
+        loss = F.cross_entropy(logits.float(), self.labels, label_smoothing=self.eps)
         return loss, {"text_accuracy": float((logits.argmax(1) == self.labels).float().mean())}
 
 
@@ -197,7 +196,7 @@ class LaFTerModule(nn.Module):
     def forward(self, batch):
         yhat = self.teacher(batch["weak"])
         logits = self.logits(batch["strong"])
-        loss = label_smoothing_ce(logits, yhat, self.eps)
+        loss = F.cross_entropy(logits.float(), yhat, label_smoothing=self.eps)
         return loss, {"train_agreement": float((logits.argmax(1) == yhat).float().mean())}
 
 

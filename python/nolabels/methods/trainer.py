@@ -12,6 +12,29 @@ A method describes *what* to train as a :class:`TrainTask`; :func:`fit` does the
   (LaFTer's text noise) is reproducible;
 * **gradient accumulation** (``grad_accum`` micro-batches per step; DDP gradient
   sync only on the last one) and **bf16 autocast** on CUDA (``amp="auto"``);
+* **micro-batches that fit** (``auto_micro_batch``, on by default): the effective batch
+  stays ``batch_size``; only how it is cut into micro-batches changes. Each micro-batch's
+  loss is weighted by its share of the rank's batch, so for a loss that is a mean over
+  the batch the accumulated gradient is the full batch's (tested to float32 rounding;
+  a loss that couples samples, e.g. a contrastive one, is only approximated). The rule:
+
+  - on the CPU the first step's first micro-batch (:data:`PROBE_SAMPLES` samples) is
+    the probe: its forward counts the bytes autograd saves for backward per sample
+    (``saved_tensors_hooks``; parameters and buffers excluded; no extra pass), and the
+    rest of that step and every later one use micro-batches capped at
+    ``floor(MEMORY_FRACTION * available / (ACTIVATION_FACTOR * bytes per sample))``
+    (available: ``memory_budget``, else ``MemAvailable`` of ``/proc/meminfo`` lowered to
+    the cgroup's limit). Measured on the surrogate's tower, peak RSS growth of forward + backward is
+    1.03-1.27 x the saved bytes, hence the factor 2;
+  - on CUDA (any device raising ``torch.OutOfMemoryError``) the step that ran out of
+    memory is undone (gradients dropped, task tensors restored), the cache emptied and
+    the step redone with the micro-batch halved (accumulation doubled), as
+    ``accelerate.find_executable_batch_size`` does;
+  - the micro-batch chosen is kept for the rest of the stage and in its checkpoints (a
+    resumed run goes on with it); the log says ``micro-batch M x accumulation A =
+    effective batch B``; when even one sample does not fit, :class:`InputError` says
+    what to change. Under DDP the ranks take the smallest CPU size; an out-of-memory
+    error is not retried (the ranks would disagree), it raises that message;
 * **checkpoint and resume**: every ``checkpoint_every`` steps and at each epoch end
   (atomic writes) the trainable state, optimizer, scheduler, task state, position
   and log go to ``OUT/checkpoints/NAME.safetensors`` (a tensor tree of
@@ -39,6 +62,7 @@ A method describes *what* to train as a :class:`TrainTask`; :func:`fit` does the
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -58,6 +82,13 @@ from nolabels.methods.selection import Selector
 from nolabels.progress import progress
 
 AMP_MODES = ("auto", "bf16", "off")
+
+#: CPU micro-batch sizing (see the module docstring): samples in the probe micro-batch, the
+#: share of the available memory the saved activations may take, and peak memory per
+#: saved byte (measured 1.03-1.27 on the surrogate's EfficientNet tower, rounded up).
+PROBE_SAMPLES = 2
+MEMORY_FRACTION = 0.75
+ACTIVATION_FACTOR = 2.0
 
 
 # --------------------------------------------------------------------------- seeds
@@ -96,6 +127,11 @@ class TrainConfig:
         quiet: no progress bars or log lines.
         stop_after_steps: testing only: raise :class:`TrainingInterrupted` after this
             many steps (in this call), as if the process had been killed.
+        auto_micro_batch: cut each step into micro-batches that fit in memory (sized
+            on the CPU, halved on out-of-memory; see the module docstring). False: only
+            ``grad_accum`` splits a step and an out-of-memory error is raised.
+        memory_budget: bytes the CPU sizing may plan with instead of the measured
+            available memory (None: measured).
     """
 
     epochs: int = 1
@@ -111,11 +147,15 @@ class TrainConfig:
     ddp: bool = True
     quiet: bool = False
     stop_after_steps: int | None = None
+    auto_micro_batch: bool = True
+    memory_budget: int | None = None
 
     def validate(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise InputError(f"bad TrainConfig: epochs={self.epochs}, batch_size="
                              f"{self.batch_size}, grad_accum={self.grad_accum}")
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise InputError(f"memory_budget must be >= 1 byte, got {self.memory_budget}")
         if self.amp not in AMP_MODES:
             raise InputError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.select not in ("best", "last"):
@@ -263,6 +303,99 @@ def split_batch(batch: list[int], world: int, rank: int, accum: int,
     return [mine[i:i + size] for i in range(0, len(mine), size)]
 
 
+def micro_split(batch: list[int], world: int, rank: int, accum: int, cap: int,
+                fill: Sequence[int]) -> list[list[int]]:
+    """This rank's micro-batches of one global batch, each of at most ``cap`` samples.
+
+    The accumulation is ``max(accum, ceil(share / cap))`` (``share`` = the largest rank
+    share), then :func:`split_batch` cuts the share into contiguous micro-batches (the
+    last one may be smaller). ``cap`` never adds samples: only ``accum`` can top up.
+    """
+    share = math.ceil(len(batch) / world)
+    return split_batch(batch, world, rank, max(accum, math.ceil(share / max(cap, 1))), fill)
+
+
+def micro_plan(batch_size: int, world: int, accum: int, cap: int) -> tuple[int, int]:
+    """(micro-batch, micro-batches per step) of a full global batch for :func:`micro_split`."""
+    share = math.ceil(batch_size / world)
+    a = max(accum, math.ceil(share / max(cap, 1)))
+    m = math.ceil(share / a)
+    return m, math.ceil(share / m)
+
+
+def micro_batch_for_memory(budget_bytes: float, bytes_per_sample: float) -> int:
+    """The CPU micro-batch cap: ``floor(MEMORY_FRACTION * budget / (ACTIVATION_FACTOR *
+    bytes_per_sample))`` (0 when not even one sample fits; a huge number when nothing is
+    saved for backward)."""
+    if bytes_per_sample <= 0:
+        return 1 << 62
+    return int(MEMORY_FRACTION * budget_bytes // (ACTIVATION_FACTOR * bytes_per_sample))
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: ``MemAvailable`` of ``/proc/meminfo``, lowered
+    to the cgroup's free share when a memory limit is set (v2 ``memory.max`` /
+    ``memory.current``, v1 ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``).
+    Without ``/proc/meminfo`` (not Linux): psutil's figure when installed, else None."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            import psutil  # optional
+
+            avail = int(psutil.virtual_memory().available)
+        except ImportError:
+            return None
+    for limit_f, used_f in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                            ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                             "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_f).read_text().strip()
+            used = int(Path(used_f).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < (1 << 60):
+            avail = min(avail, max(int(limit) - used, 0))
+        break
+    return avail
+
+
+def saved_activation_bytes(module: nn.Module, batch: Any,
+                           autocast: contextlib.AbstractContextManager | None = None) -> int:
+    """Bytes autograd saves for backward in one ``module(batch)`` forward (the memory a
+    training step holds that grows with the micro-batch; what the CPU sizing measures on
+    its probe micro-batch). Parameters and buffers of ``module`` are not counted; a
+    storage saved twice counts once. The forward's effects on the global RNG and on
+    BatchNorm running statistics are undone."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.training and m.track_running_stats]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
+    counted: dict = {}
+    with torch.random.fork_rng(devices=[]), _count_saved(module, counted), (
+            autocast or contextlib.nullcontext()):
+        out = module(batch)
+    del out
+    with torch.no_grad():
+        for m, sd in zip(bns, saved, strict=True):
+            m.load_state_dict(sd)
+    return counted["bytes"]
+
+
+def _too_big(name: str, where: str) -> InputError:
+    return InputError(
+        f"{name}: one training sample does not fit in {where}. Use a smaller model, train "
+        "on cached frozen-prefix features (--cache-views A, the surrogate), --amp bf16 on a "
+        "GPU, or a device with more memory (--batch-size and --grad-accum only change how "
+        "many samples a step holds, not the memory one sample needs)")
+
+
 class _Keys(torch.utils.data.Sampler):
     """Batch sampler over micro-batches of ``(epoch, position)`` keys."""
 
@@ -291,6 +424,8 @@ class TrainResult:
         steps: optimizer steps done in total.
         seconds: wall time of this call.
         resumed_from: the step a checkpoint resumed from (None: fresh start).
+        micro_batch: samples per micro-batch at the end (see ``auto_micro_batch``).
+        accumulation: micro-batches per full step (each rank) at the end.
     """
 
     name: str
@@ -301,6 +436,8 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
     resumed_from: int | None = None
+    micro_batch: int | None = None
+    accumulation: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -370,6 +507,90 @@ def _optimizer_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
                 st[k] = v.to(device)
 
 
+# --------------------------------------------------------------------------- micro-batches
+def _say_plan(say: Callable[[str], None], name: str, cfg: TrainConfig, world: int, cap: int,
+              why: str) -> None:
+    m, a = micro_plan(cfg.batch_size, world, cfg.grad_accum, cap)
+    ranks = f" x {world} ranks" if world > 1 else ""
+    say(f"{name}: micro-batch {m} x accumulation {a}{ranks} = effective batch "
+        f"{cfg.batch_size}{why}")
+
+
+def _cpu_cap(task: TrainTask, cfg: TrainConfig, world: int, full_cap: int,
+             distributed: bool, per_sample: float, say: Callable[[str], None]) -> int:
+    """The CPU micro-batch cap from the probe's saved bytes per sample (module docstring);
+    under DDP the smallest over the ranks."""
+    if cfg.memory_budget is not None:
+        budget, src = cfg.memory_budget, "the memory budget"
+    else:
+        budget, src = available_memory(), "available memory"
+    if budget is None:
+        cap, why = full_cap, " (available memory unknown: not sized)"
+    else:
+        fits = micro_batch_for_memory(budget, per_sample)
+        if fits < 1:
+            raise _too_big(task.name, f"{src} ({budget / 2**30:.2f} GiB; about "
+                           f"{ACTIVATION_FACTOR * per_sample / 2**30:.2f} GiB per sample)")
+        cap = min(full_cap, fits)
+        why = (f" (sized for {budget / 2**30:.1f} GiB of {src}: ~{per_sample / 2**20:.1f} MiB "
+               "saved for backward per sample)")
+    if distributed:
+        t = torch.tensor([cap], dtype=torch.int64,
+                         device=task.device if task.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        cap = int(t.item())
+    _say_plan(say, task.name, cfg, world, cap, why)
+    return cap
+
+
+@contextlib.contextmanager
+def _count_saved(module: nn.Module, counted: dict) -> Iterator[None]:
+    """Count into ``counted["bytes"]`` the storage bytes autograd saves for backward in
+    the block (``module``'s parameters and buffers excluded; a storage counted once)."""
+    own = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+    seen: dict[tuple[str, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse / nested: not counted
+            return t
+        ptr = st.data_ptr()
+        if ptr and ptr not in own:
+            seen.setdefault((str(t.device), ptr), st.nbytes())
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+    finally:
+        counted["bytes"] = sum(seen.values())
+
+
+def _micro(task: TrainTask, model: nn.Module, module: nn.Module, batch: Any, weight: float,
+           no_sync: bool, amp_dtype: torch.dtype | None, epoch: int, step: int,
+           counted: dict | None = None, after_forward: Callable[[], None] | None = None
+           ) -> tuple[float, dict[str, float]]:
+    """Forward and backward of one micro-batch, its loss weighted by ``weight`` (its share
+    of the rank's batch; gradients accumulate); returns (loss, metrics)."""
+    sync = (model.no_sync() if no_sync and isinstance(model, nn.parallel.DistributedDataParallel)
+            else contextlib.nullcontext())
+    ac = (torch.autocast(task.device.type, dtype=amp_dtype) if amp_dtype is not None
+          else contextlib.nullcontext())
+    count = _count_saved(module, counted) if counted is not None else contextlib.nullcontext()
+    with sync:
+        with ac, count:
+            loss, metrics = model(batch)
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(
+                f"{task.name}: non-finite loss at epoch {epoch + 1}, step {step}")
+        if after_forward is not None:
+            after_forward()
+        (loss.float() * weight).backward()
+    task.after_micro_batch(getattr(module, "last", None))
+    return float(loss.detach()), {k: float(v) for k, v in (metrics or {}).items()}
+
+
 # --------------------------------------------------------------------------- fit
 def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None, *,
         log: Callable[[str], None] | None = None, resume: bool = True,
@@ -432,6 +653,7 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     step, epoch, step_in_epoch = 0, 0, 0
     history: list[dict] = []
     acc: dict[str, Any] = {"loss_sum": 0.0, "n": 0, "metrics": {}}  # running epoch sums
+    cap: int | None = None  # the micro-batch cap (None: not chosen yet)
 
     task.prepare()  # the module is still in its initial state
     if resume and ckpt_path is not None and ckpt_path.is_file():
@@ -452,6 +674,9 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
         selector.load_state_dict(ck["selector"])
         result.resumed_from = step
         say(f"{task.name}: resuming at epoch {epoch + 1}, step {step} from {ckpt_path}")
+        if cfg.auto_micro_batch and isinstance(ck.get("micro_batch"), int):
+            cap = ck["micro_batch"]
+            _say_plan(say, task.name, cfg, world, cap, " (from the checkpoint)")
 
     amp_dtype = resolve_amp(cfg.amp, task.device)
     trainable = [p for p in module.parameters() if p.requires_grad]
@@ -471,7 +696,7 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
             "extra": task.extra_state(), "step": step, "epoch": epoch,
             "step_in_epoch": step_in_epoch, "history": history, "epoch_sums": acc,
             "selector": selector.state_dict(), "config": asdict(cfg),
-            "config_key": _config_key(cfg, n, settings),
+            "config_key": _config_key(cfg, n, settings), "micro_batch": cap,
         })
 
     best_path = checkpoint_path(out_p, task.name, "best") if out_p else None
@@ -495,6 +720,11 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
 
     dataset = task.dataset() if n else None
     steps_this_call = 0
+    auto = cfg.auto_micro_batch
+    full_cap = math.ceil(math.ceil(cfg.batch_size / world) / cfg.grad_accum)
+    if cap is None and not (auto and task.device.type == "cpu" and trainable):
+        cap = full_cap  # CUDA: halved on out-of-memory; no sizing without trainables
+        _say_plan(say, task.name, cfg, world, cap, "")
     while epoch < cfg.epochs:
         if step_in_epoch == 0:
             task.before_epoch(epoch)
@@ -502,46 +732,104 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
         batches = plan_epoch(n, epoch, cfg.seed, cfg.batch_size, drop_last=cfg.drop_last)
         fill = [p for b in batches for p in b]
         todo = batches[step_in_epoch:]
-        micro_all = [split_batch(b, world, rank, cfg.grad_accum, fill) for b in todo]
-        flat = [m for ms in micro_all for m in ms]
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=_Keys(flat, epoch), num_workers=cfg.workers,
-            collate_fn=task.collate, pin_memory=task.device.type == "cuda",
-            persistent_workers=False)
-        it = iter(loader)
         module.train()
         te = time.perf_counter()
         samples = 0
         metric_sums = acc["metrics"]
         bar = progress(len(todo), f"{task.name} epoch {epoch + 1}/{cfg.epochs}",
                        quiet=cfg.quiet, main=main, unit="step", leave=False)
-        for micros in micro_all:
+        i = 0
+        it = loader = None
+        first: list[list[int]] | None = None  # the probe step's micro-batches after the probe
+        while i < len(todo):
             torch.manual_seed(sample_seed(cfg.seed, step, rank, 31337))
             opt.zero_grad(set_to_none=True)
-            mine = sum(len(m) for m in micros)
-            step_loss = 0.0
-            for j, m in enumerate(micros):
-                batch = task.to_device(next(it))
-                sync = (contextlib.nullcontext() if not isinstance(model, nn.parallel.DistributedDataParallel)
-                        or j == len(micros) - 1 else model.no_sync())
-                ac = (torch.autocast(task.device.type, dtype=amp_dtype) if amp_dtype is not None
-                      else contextlib.nullcontext())
-                with sync:
-                    with ac:
-                        loss, metrics = model(batch)
-                    if not torch.isfinite(loss.detach()):
-                        raise FloatingPointError(
-                            f"{task.name}: non-finite loss at epoch {epoch + 1}, step {step}")
-                    (loss.float() * (len(m) / mine)).backward()
-                task.after_micro_batch(getattr(module, "last", None))
-                step_loss += float(loss.detach()) * len(m) / mine
-                for k, v in (metrics or {}).items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * len(m)
+            snapshot = ({k: v.detach().clone() for k, v in task.extra_tensors().items()}
+                        if auto else None)
+            biggest = 0
+            try:
+                if cap is None:
+                    # CPU sizing: this step's first PROBE_SAMPLES samples are the probe
+                    # micro-batch; the rest of the step is cut by the cap it gives
+                    share = [p for m in micro_split(todo[i], world, rank, cfg.grad_accum,
+                                                    full_cap, fill) for p in m]
+                    probe, rest = share[:PROBE_SAMPLES], share[PROBE_SAMPLES:]
+                    biggest = len(probe)
+                    x = task.to_device(task.collate([dataset[(epoch, p)] for p in probe]))
+                    counted: dict = {}
+
+                    def decide(counted=counted, probe=probe) -> None:
+                        nonlocal cap
+                        cap = _cpu_cap(task, cfg, world, full_cap, distributed,
+                                       counted["bytes"] / len(probe), say)
+
+                    lp, mp = _micro(task, model, module, x, len(probe) / len(share),
+                                    bool(rest), amp_dtype, epoch, step, counted, decide)
+                    del x
+                    first = (split_batch(rest, 1, 0, math.ceil(len(rest) / cap), rest)
+                             if rest else [])
+                    biggest = max([len(probe)] + [len(m) for m in first])
+                    it = loader = None
+                    step_loss, step_metrics = lp * len(probe) / len(share), {
+                        k: v * len(probe) for k, v in mp.items()}
+                    micros, mine = first, len(share)
+                else:
+                    step_loss, step_metrics, micros, mine = 0.0, {}, None, None
+                if it is None:  # (re)built at the epoch start, after sizing or halving
+                    plan = [first] if first is not None else []
+                    plan += [micro_split(b, world, rank, cfg.grad_accum, cap, fill)
+                             for b in todo[i + (first is not None):]]
+                    first = None
+                    # (built mid-step: its base seed must not move the step's RNG)
+                    with torch.random.fork_rng(devices=[]):
+                        loader = torch.utils.data.DataLoader(
+                            dataset, batch_sampler=_Keys([m for ms in plan for m in ms], epoch),
+                            num_workers=cfg.workers, collate_fn=task.collate,
+                            pin_memory=task.device.type == "cuda", persistent_workers=False)
+                        it = iter(loader)
+                    plan_it = iter(plan)
+                step_micros = next(plan_it)
+                if micros is None:
+                    micros, mine = step_micros, sum(len(m) for m in step_micros)
+                biggest = max([biggest] + [len(m) for m in micros])
+                for j, m in enumerate(micros):
+                    lm, mm = _micro(task, model, module, task.to_device(next(it)),
+                                    len(m) / mine, j < len(micros) - 1, amp_dtype, epoch, step)
+                    step_loss += lm * len(m) / mine
+                    for k, v in mm.items():
+                        step_metrics[k] = step_metrics.get(k, 0.0) + v * len(m)
+            except torch.OutOfMemoryError as e:
+                if not auto or distributed:
+                    raise InputError(
+                        f"{task.name}: out of memory at micro-batch {biggest} ("
+                        f"{'DDP: not retried, the ranks would disagree' if auto else 'auto_micro_batch off'}"
+                        "); raise --grad-accum, lower --batch-size, use a smaller model or "
+                        "--cache-views A, or a device with more memory") from e
+                if biggest <= 1:
+                    raise _too_big(task.name, f"{task.device} memory") from e
+                oom = biggest
+            else:
+                oom = 0
+            if oom:  # the exception and its frames are gone: free, halve, redo the step
+                opt.zero_grad(set_to_none=True)
+                if snapshot:
+                    task.load_extra_tensors(snapshot)
+                it = loader = first = None
+                gc.collect()
+                if task.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                cap = (oom + 1) // 2
+                _say_plan(say, task.name, cfg, world, cap,
+                          f" (out of memory at micro-batch {oom}: halved, step {step} redone)")
+                continue
+            for k, v in step_metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + v
             if cfg.max_grad_norm is not None and trainable:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             opt.step()
             if sched is not None:
                 sched.step()
+            i += 1
             step += 1
             step_in_epoch += 1
             steps_this_call += 1
@@ -571,6 +859,8 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
             "lr": float(opt.param_groups[0]["lr"]),
             "seconds": round(time.perf_counter() - te, 4),
             "samples_per_s": round(samples * world / max(time.perf_counter() - te, 1e-9), 2),
+            "micro_batch": None if cap is None else micro_plan(cfg.batch_size, world,
+                                                               cfg.grad_accum, cap)[0],
         }
         for k, v in metric_sums.items():
             rec[k] = v / max(acc["n"], 1)
@@ -607,6 +897,9 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     result.selected_epoch = selected if cfg.epochs else None
     result.best_score = selector.best_score if task.criterion else None
     result.steps = step
+    if cap is not None:
+        result.micro_batch, result.accumulation = micro_plan(cfg.batch_size, world,
+                                                             cfg.grad_accum, cap)
     result.seconds = time.perf_counter() - t0
     if final_path is not None and main:
         save_checkpoint_file(final_path, "final", {
@@ -650,23 +943,15 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 def _config_key(cfg: TrainConfig, n: int, settings: dict | None = None) -> str:
     """What must not change between a checkpoint and its resume."""
     d = {k: v for k, v in asdict(cfg).items()
-         if k not in ("quiet", "workers", "stop_after_steps", "checkpoint_every")}
+         if k not in ("quiet", "workers", "stop_after_steps", "checkpoint_every",
+                      "auto_micro_batch", "memory_budget")}
     d["num_samples"] = n
     d["settings"] = settings or {}
     d["world"] = dist.get_world_size() if (dist.is_distributed() and cfg.ddp) else 1
     return json.dumps(d, sort_keys=True, default=str)
 
 
-# --------------------------------------------------------------------------- losses / optim
-def label_smoothing_ce(logits: torch.Tensor, target: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
-    """LaFTer/NoLA's label-smoothed CE (methods.md §1.5), averaged over the batch:
-    ``eps * mean_c(-log p_c) + (1 - eps) * (-log p_y)``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    nll = -logp.gather(1, target[:, None]).squeeze(1)
-    smooth = -logp.mean(dim=-1)
-    return ((1.0 - eps) * nll + eps * smooth).mean()
-
-
+# --------------------------------------------------------------------------- optim
 def adamw_no_bias_decay(named_params: Sequence[tuple[str, nn.Parameter]], lr: float,
                         weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8
                         ) -> torch.optim.AdamW:

@@ -28,6 +28,10 @@ from nolabels.progress import Log
 METHODS = ("zeroshot", "cde", "lafter", "nola", "latteclip")
 PIXEL_METHODS = ("lafter", "nola", "latteclip")
 SURROGATE_DINO = "surrogate:effnet-lite0"
+#: Cached strong views per image of the CPU default for lafter/nola on the surrogate: the
+#: setting ``benchmarks/eval_methods.py`` documents (``--views`` default 2, the README's
+#: surrogate table), not a value tuned here.
+DEFAULT_CACHE_VIEWS = 2
 
 
 def _is_store(path: str | os.PathLike) -> bool:
@@ -48,7 +52,7 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
          captions: Sequence[str] = (), caption_endpoint: str | None = None,
          caption_model: str | None = None, caption_api_key_env: str = "OPENAI_API_KEY",
          caption_noun: str = "object", groups_per_class: int = 8,
-         hyper: dict[str, Any] | None = None, cache_views: int = 0,
+         hyper: dict[str, Any] | None = None, cache_views: int | None = None,
          device: str | None = "auto",
          embed_workers: int | str = "auto", embed_batch_size: int = 64,
          dataset: str | None = None, quiet: bool = False) -> dict:
@@ -72,7 +76,11 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
         hyper: overrides of the method's config fields (``epochs``, ``lr``, ``seed``, ...).
         cache_views: lafter / nola with the surrogate and ``surrogate_norms`` "block" or
             "last": cache the frozen prefix of the weak view and this many seeded strong
-            views per image (``RUN/prefix_cache``) and train on them (CPU-friendly).
+            views per image (``RUN/prefix_cache``) and train on them (CPU-friendly); 0:
+            back-propagate through the whole tower. None (default): on a CPU, lafter/nola
+            with the surrogate use :data:`DEFAULT_CACHE_VIEWS` views with ``surrogate_norms``
+            "block" (unless other norms are asked for); otherwise 0 (see
+            :func:`training_path`).
     Returns:
         the run summary.
     """
@@ -132,10 +140,12 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
             if encoder.model_id != st.model["model_id"]:
                 raise InputError(f"{store_dir} was embedded with {st.model['model_id']} but "
                                  f"the model loaded is {encoder.model_id}")
+            cache_views = training_path(method, encoder, cache_views, hyper, ctx.device, log)
         else:
             if model is None:
                 raise InputError("--model is required when IMAGES is not an embedding store")
             encoder = load_encoder(model, checkpoint=checkpoint, device=ctx.device)
+            cache_views = training_path(method, encoder, cache_views, hyper, ctx.device, log)
             store_dir = out / "store"
             # the surrogate: the weak view's prefix / DINO stand-in come from this same pass
             from nolabels.methods.nola import own_tower_stand_in
@@ -253,6 +263,42 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
 
             atomic_write_json(out / "summary.json", _jsonable(summary))
         return summary
+
+
+def training_path(method: str, encoder, cache_views: int | None, hyper: dict[str, Any],
+                  device, log) -> int:
+    """How lafter/nola train, said in the log; returns the number of cached strong views.
+
+    ``cache_views`` None (the default) means: on a CPU, the surrogate (no ViT) trains on
+    cached frozen-prefix features, :data:`DEFAULT_CACHE_VIEWS` strong views per image with
+    ``surrogate_norms`` "block" (``hyper`` is updated), unless ``surrogate_norms`` "all"
+    is asked for (no frozen prefix); elsewhere (a GPU, a ViT) the whole tower trains.
+    An explicit number is kept (0: the whole tower, ``--full-tower``).
+    """
+    if method not in ("lafter", "nola"):
+        return cache_views or 0  # a non-zero count is refused later, with the reason
+    from nolabels.methods.students import is_vit_encoder
+
+    surrogate = (not is_vit_encoder(encoder) and hasattr(encoder, "image_model")
+                 and hasattr(encoder, "imagenet_emb"))
+    why = ""
+    if cache_views is None:
+        cache_views = 0
+        if surrogate and getattr(device, "type", str(device)) == "cpu":
+            if hyper.get("surrogate_norms", "block") in ("block", "last"):
+                hyper.setdefault("surrogate_norms", "block")
+                cache_views = DEFAULT_CACHE_VIEWS
+                why = "; the CPU default for the surrogate, --full-tower trains the whole tower"
+            else:
+                why = "; --surrogate-norms all has no frozen prefix to cache"
+    if cache_views:
+        log(f"{method}: training path: cached frozen prefix (the weak view and {cache_views} "
+            f"seeded strong views per image, surrogate norms "
+            f"{hyper.get('surrogate_norms', 'block')}{why})")
+    else:
+        log(f"{method}: training path: full tower (back-propagation through the whole image "
+            f"tower, a fresh strong augmentation each epoch{why})")
+    return cache_views
 
 
 def _prefix_cache(encoder, data, cfg, views: int, out: Path, batch_size: int, log, quiet,
