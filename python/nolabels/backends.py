@@ -15,7 +15,7 @@ decides. Dispatch (:func:`dispatch`):
   passed explicitly; an op without it uses ``auto``;
 * an explicit backend that cannot take the call raises ``ValueError`` with every reason.
 
-``nolabels info`` prints every op's table per visible device (:func:`backend_table`).
+``nolabels info`` prints every op's table per visible device (``nolabels.info.backend_table``).
 To add a backend: write its ``run`` (or name a library op with :func:`library` /
 a Triton host function with :func:`lazy`), add one ``BackendImpl`` to the op's
 ``define_op`` in ``nolabels/ops/<family>.py``.
