@@ -1,5 +1,9 @@
 """Shared benchmark plumbing: timing, peak memory, machine facts, JSON output.
 
+Timing (:func:`time_call`): ``torch.utils.benchmark.Timer`` on the CPU and
+``triton.testing.do_bench`` on a GPU (L2 cache flushed before each timed call), both
+after warm-up.
+
 Timings of all candidates of one benchmark are taken in one process on the
 same inputs. CPU peak memory is measured in a fresh child process per
 candidate (RSS growth: VmHWM after the call minus VmRSS before it, with the
@@ -16,6 +20,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +34,89 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@dataclass
+class Timing:
+    """Seconds per call of one timed callable.
+
+    Attributes:
+        median, min: over ``samples``.
+        samples: seconds per call of each measurement (CPU: a block of ``number`` calls of
+            ``torch.utils.benchmark.Timer.blocked_autorange``; GPU: one call of
+            ``triton.testing.do_bench``).
+        calls: timed calls in all (warm-up not included).
+    """
+
+    median: float
+    min: float
+    samples: list[float]
+    calls: int
+
+
+def time_call(fn: Callable[[], Any], device: str, repeat: int = 5, warmup: int = 1) -> Timing:
+    """Time ``fn()`` with the maintained timers, after warm-up.
+
+    CPU: ``warmup`` untimed calls (lazy initialisation: thread pools, oneDNN kernels,
+    Triton compiles), then ``torch.utils.benchmark.Timer.blocked_autorange`` on this
+    process's thread count, for at least ``repeat`` times the last warm-up call's
+    duration (so about ``repeat`` calls of a slow ``fn``, blocks of many of a fast one).
+    CUDA: ``triton.testing.do_bench`` (which warms up itself, flushes the L2 cache before
+    every timed call and times with CUDA events) for at least ``repeat`` calls; without
+    Triton, the same with torch's CUDA events and a 256 MiB flush buffer.
+    """
+    warmup = max(1, warmup)
+    if device.startswith("cuda"):
+        return _time_cuda(fn, repeat, warmup)
+    from torch.utils.benchmark import Timer
+
+    for _ in range(warmup - 1):
+        fn()
+    t0 = time.perf_counter()  # sizes the measurement only; the numbers come from the Timer
+    fn()
+    est = time.perf_counter() - t0
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=max(1e-3, est * max(1, repeat)))
+    samples = [float(t) for t in m.times]
+    return Timing(statistics.median(samples), min(samples), samples,
+                  m.number_per_run * len(m.raw_times))
+
+
+def _time_cuda(fn: Callable[[], Any], repeat: int, warmup: int) -> Timing:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    est_ms = max(start.elapsed_time(end), 1e-3)
+    rep_ms = max(100.0, est_ms * max(1, repeat))  # do_bench runs rep_ms / estimate calls
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        ms = do_bench(fn, warmup=max(25.0, est_ms * warmup), rep=rep_ms, return_mode="all")
+    else:  # the same protocol by hand
+        flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+        for _ in range(warmup):
+            fn()
+        n = max(1, int(rep_ms / est_ms))
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(n)]
+        for a, b in ev:
+            flush.zero_()
+            a.record()
+            fn()
+            b.record()
+        torch.cuda.synchronize()
+        ms = [a.elapsed_time(b) for a, b in ev]
+    samples = [float(x) / 1e3 for x in ms]
+    return Timing(statistics.median(samples), min(samples), samples, len(samples))
+
+
 def median_time(fn: Callable[[], Any], device: str, repeat: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds (CUDA: synchronised around each call)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds per call of ``fn()`` (:func:`time_call`)."""
+    return time_call(fn, device, repeat, warmup).median
 
 
 def cuda_peak_bytes(fn: Callable[[], Any]) -> int:

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -161,27 +159,18 @@ def _mem_setup(problem, name, s, dtype):
 def run_problem(problem, s, dtype, device, repeat, memory):
     ours, peers, flops = PROBLEMS[problem](s, dtype, device)
     cands = {**ours, **peers}
-    for fn in cands.values():  # warm-up (oneDNN kernel JIT, Triton compile, faiss threads)
-        fn()
-    common.sync(device)
-    times = {name: [] for name in cands}
-    for _ in range(repeat):
-        for name, fn in cands.items():
-            common.sync(device)
-            t0 = time.perf_counter()
-            fn()
-            common.sync(device)
-            times[name].append(time.perf_counter() - t0)
+    # warm-up inside (oneDNN kernel JIT, Triton compile, faiss threads); same inputs
+    times = {name: common.time_call(fn, device, repeat, warmup=1) for name, fn in cands.items()}
     rows = []
-    for name, ts in times.items():
-        med = statistics.median(ts)
+    for name, t in times.items():
         row = {"problem": problem, "candidate": name, "kind": "ours" if name in ours else "peer",
-               "median_s": med, "min_s": min(ts), "dense_gflops": flops / med / 1e9}
+               "median_s": t.median, "min_s": t.min, "timed_calls": t.calls,
+               "dense_gflops": flops / t.median / 1e9}
         rows.append(row)
     for row in rows:
         if row["kind"] == "ours":
             for p in peers:
-                row[f"speedup_vs_{p}"] = statistics.median(times[p]) / row["median_s"]
+                row[f"speedup_vs_{p}"] = times[p].median / row["median_s"]
     if memory and device == "cpu":
         for row in rows:
             if row["kind"] == "ours":

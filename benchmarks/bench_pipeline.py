@@ -42,7 +42,7 @@ MODELS = {
 
 def decode_rate(source, transform, batch_size: int, workers: int) -> float:
     """Images/s of the DataLoader alone."""
-    from nolabels.commands.embed import ShardBatches
+    from nolabels.pipeline.embed import ShardBatches
     from nolabels.data import ImageDataset, collate
 
     loader = torch.utils.data.DataLoader(
@@ -57,8 +57,7 @@ def decode_rate(source, transform, batch_size: int, workers: int) -> float:
 
 def model_rate(enc, batch: torch.Tensor, repeat: int) -> float:
     """Images/s of ``encode_image`` on one preprocessed batch (median of ``repeat``)."""
-    enc.encode_image(batch)  # warm-up
-    t = common.median_time(lambda: enc.encode_image(batch), enc.device.type, repeat, warmup=0)
+    t = common.median_time(lambda: enc.encode_image(batch), enc.device.type, repeat, warmup=1)
     return batch.shape[0] / t
 
 
@@ -78,7 +77,7 @@ def main() -> None:
         args.batch_sizes, args.workers = args.batch_sizes[-1:], [0, 1]
 
     from nolabels.commands.demo import unpack
-    from nolabels.commands.embed import embed
+    from nolabels.pipeline.embed import embed
     from nolabels.data import open_source
     from nolabels.data.transforms import decode_image
     from nolabels.models import load_encoder
