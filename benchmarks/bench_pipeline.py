@@ -42,8 +42,8 @@ MODELS = {
 
 def decode_rate(source, transform, batch_size: int, workers: int) -> float:
     """Images/s of the DataLoader alone."""
-    from nolabels.pipeline.embed import ShardBatches
     from nolabels.data import ImageDataset, collate
+    from nolabels.pipeline.embed import ShardBatches
 
     loader = torch.utils.data.DataLoader(
         ImageDataset(source, transform), batch_sampler=ShardBatches([range(len(source))], batch_size),
@@ -77,10 +77,10 @@ def main() -> None:
         args.batch_sizes, args.workers = args.batch_sizes[-1:], [0, 1]
 
     from nolabels.commands.demo import unpack
-    from nolabels.pipeline.embed import embed
     from nolabels.data import open_source
     from nolabels.data.transforms import decode_image
     from nolabels.models import load_encoder
+    from nolabels.pipeline.embed import embed
 
     tmp = Path(tempfile.mkdtemp(prefix="nolabels-bench-"))
     try:
