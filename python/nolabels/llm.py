@@ -13,10 +13,12 @@ longer wait is not attempted: the error names it). Any other HTTP error (400, 40
 fails at once. Every failure is one line: :class:`LLMError`.
 
 The API key is read from the environment only, from the variable named by ``api_key_env``
-(default ``OPENAI_API_KEY``; unset or empty: no ``Authorization`` header). It is never
-printed: error messages and log records (logger ``nolabels.llm``) show the endpoint with
-the key, a password embedded in the base URL (``https://user:KEY@host/v1``) and secret
-query values (``?api_key=KEY``) replaced by ``***``.
+(default ``OPENAI_API_KEY``; unset or empty: no ``Authorization`` header), and sent as a
+Bearer token (it wins over credentials in the base URL, which are otherwise sent as Basic
+auth). It is never printed: error messages, ``repr`` and log records (``nolabels.llm``, and
+httpx's own request log) show the endpoint with the key, a password embedded in the base
+URL (``https://user:KEY@host/v1``) and secret query values (``?api_key=KEY``) replaced by
+``***``.
 """
 from __future__ import annotations
 
