@@ -259,6 +259,16 @@ def test_cpu_row_strided_float32_in_place_and_extreme_rows_in_one_block(gen):
         assert torch.allclose(pl.probs[r], torch.full((4,), 1 / 29), atol=1e-6)
 
 
+@CPU_ONLY
+def test_cpu_expanded_rows_in_place(gen):
+    """Row stride 0 (an expanded row) also feeds the GEMM in place."""
+    x = torch.randn(1, 64, generator=gen).expand(700, 64)
+    w = torch.randn(30, 64, generator=gen)
+    pl = pseudo_label(x, w, topk=3, backend="cpu")
+    check_against_reference(pl, x, w, 100.0, 3, True, "cpu")
+    assert bool((pl.classes == pl.classes[0]).all())
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("where", ["image_nan", "image_inf", "class_nan"])
