@@ -219,8 +219,10 @@ def test_lafter_heldout_evaluation_one_pass(shared, tmp_path):
     env = shared
     _tune(env, "lafter", env.d / "store", tmp_path / "run", "--text-steps", "5", "--full-tower")
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    # weak (teacher) + strong (student) per training image, weak once per held-out image
-    assert env.count["surrogate"] == 2 * s["train_images"] + s["heldout_images"]
+    # weak (teacher) + strong (student) per training image; per held-out image: the frozen
+    # epoch-0 teacher's weak view once, then weak (student and co-adapting teacher in one
+    # pass) + strong (the criterion) at epoch 0 and after each of the 1 epochs
+    assert env.count["surrogate"] == 2 * s["train_images"] + 5 * s["heldout_images"]
     student = students.ConSEStudent(env.enc, "all")
     w = torch.randn(len(env.classes), student.dim, generator=torch.Generator().manual_seed(1))
     m = lafter.LaFTerModule(student, w, F.normalize(w, dim=-1))
