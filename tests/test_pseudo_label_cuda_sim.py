@@ -223,7 +223,9 @@ def test_op_with_this_kernel_matches_float64_at_any_magnitude(lib, gen, monkeypa
                                normalize=normalize)
         return out.probs, out.classes, out.entropy, out.lse
 
-    monkeypatch.setitem(pl_mod._BY_NAME, "cuda", dataclasses.replace(pl_mod._BY_NAME["cuda"], run=run))
+    op = pl_mod.PSEUDO_LABEL
+    sim = tuple(dataclasses.replace(b, run=run) if b.name == "cuda" else b for b in op.backends)
+    monkeypatch.setattr(pl_mod, "PSEUDO_LABEL", dataclasses.replace(op, backends=sim))
     x, w = mixed(gen, 40, 24, dtype), mixed(gen, 11, 24, dtype)
     probs, classes, entropy, lse = pl_mod._pseudo_label_op(x, w, 100.0, 3, True, "cuda")
     got = PseudoLabels(classes[:, 0].clone(), probs, classes, entropy, lse)

@@ -204,9 +204,10 @@ def test_tune_nola_from_store_one_weak_pass_then_resumed(shared, tmp_path, monke
           "--full-tower")
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert passes == [["pooled"]]
-    # weak view once, then one epoch: the strong view of each training image, the weak
-    # view of each held-out image
-    assert env.count["surrogate"] == env.n + s["train_images"] + s["heldout_images"]
+    # weak view once, then one epoch: the strong view of each training image; the weak
+    # view of each held-out image to score the student at epoch 0 (the untrained
+    # candidate) and after the epoch
+    assert env.count["surrogate"] == env.n + s["train_images"] + 2 * s["heldout_images"]
     assert not (tmp_path / "run" / "dino_store").exists()
     _tune(env, "nola", env.d / "store", tmp_path / "run", "--descriptions", "cifar10",
           "--full-tower")

@@ -84,10 +84,15 @@ def test_the_payloads_are_live(tmp_path):
 
 
 def one_line_error(capsys, command: str, path: Path) -> str:
+    """The error is one line, the last, naming ``path``; no traceback. Lines before it may
+    only be the command's own log lines (e.g. which defaults it uses)."""
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"nolabels {command}: error: ") and str(path) in err, err
-    return err
+    lines = err.splitlines()
+    assert "Traceback" not in err, err
+    assert all(ln.startswith(f"{command}: ") for ln in lines[:-1]), err
+    last = lines[-1]
+    assert last.startswith(f"nolabels {command}: error: ") and str(path) in last, err
+    return last
 
 
 # ----------------------------------------------------------------------------- safe_io

@@ -518,6 +518,7 @@ class LatteCLIPTask(TrainTask):
 
     name = "latteclip"
     criterion = "heldout_agreement"
+    couples_samples = True  # the image-text contrastive loss is over the whole batch
 
     def __init__(self, module: LatteCLIPModule, data: TuneData, train_ds, heldout_ds,
                  cfg: LatteCLIPConfig, device: torch.device,

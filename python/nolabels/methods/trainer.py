@@ -184,6 +184,11 @@ class TrainTask:
     module: nn.Module
     criterion: str | None = None
     device: torch.device = torch.device("cpu")
+    #: The loss couples the samples of a batch (a contrastive loss): a step cut into
+    #: micro-batches only approximates the full batch. The CPU sizing then probes with a
+    #: separate forward that trains nothing (the first step is not cut for the probe), and
+    #: a plan that cuts steps is logged as an approximation.
+    couples_samples: bool = False
 
     # data ---------------------------------------------------------------
     train_ds: torch.utils.data.Dataset | None = None
@@ -748,6 +753,22 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
                         if auto else None)
             biggest = 0
             try:
+                if cap is None and task.couples_samples:
+                    # CPU sizing for a coupled loss: a separate probe forward (no step
+                    # is cut for it), then this step runs as planned below
+                    share = [p for m in micro_split(todo[i], world, rank, cfg.grad_accum,
+                                                    full_cap, fill) for p in m]
+                    probe = share[:PROBE_SAMPLES]
+                    biggest = len(probe)
+                    x = task.to_device(task.collate([dataset[(epoch, p)] for p in probe]))
+                    ac = (torch.autocast(task.device.type, dtype=amp_dtype)
+                          if amp_dtype is not None else None)
+                    per_sample = saved_activation_bytes(module, x, ac) / len(probe)
+                    del x
+                    cap = _cpu_cap(task, cfg, world, full_cap, distributed, per_sample, say)
+                    if cap < full_cap:
+                        say(f"{task.name}: warning: its loss couples the samples of a batch; "
+                            f"micro-batches of {cap} approximate the full batch")
                 if cap is None:
                     # CPU sizing: this step's first PROBE_SAMPLES samples are the probe
                     # micro-batch; the rest of the step is cut by the cap it gives
@@ -821,6 +842,9 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
                 cap = (oom + 1) // 2
                 _say_plan(say, task.name, cfg, world, cap,
                           f" (out of memory at micro-batch {oom}: halved, step {step} redone)")
+                if task.couples_samples:
+                    say(f"{task.name}: warning: its loss couples the samples of a batch; "
+                        f"micro-batches of {cap} approximate the full batch")
                 continue
             for k, v in step_metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v

@@ -214,10 +214,8 @@ def load_text_encoder(model: str | None, factory: str | None, device: str = "cpu
         obj = getattr(importlib.import_module(mod), attr)
         return obj() if callable(obj) and not hasattr(obj, "encode_text") else obj
     if model:
-        try:
-            from nolabels.models import load_encoder  # type: ignore[attr-defined]
-        except ImportError:
-            from nolabels.models.base import load_encoder  # type: ignore[no-redef]
+        from nolabels.models import load_encoder
+
         return load_encoder(model, device=device)
     return None
 
