@@ -198,7 +198,9 @@ def pseudo_label(
             that cannot take the call (with every reason).
 
     Memory: the fused backends allocate O(tile) beyond inputs and outputs
-    (cpu: a float32 copy of the normalised class matrix plus ~4 MB tiles);
+    (cpu: a float32 copy of the class matrix plus, per worker thread, one
+    R x min(C, 4096) float32 logit tile, R = 2048 rows (512 for C <= 512): 18 MB at
+    C = 1,000 with 2 threads, 2.2 % of the N x C logits at N = 200,000);
     the torch backend materialises the (N, C) logits.
     """
     _validate(image_emb, class_emb, logit_scale, topk)
