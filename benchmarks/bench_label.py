@@ -15,7 +15,9 @@ For each store size N (synthetic stores: D = 512, float16 rows, 4,096 rows per s
 Each measurement runs in a fresh spawned process (peak RSS = VmHWM of that process, over
 what it held before the call); both sides use the same threads and backend. Each is
 repeated ``--repeat`` times, alternating label and bare runs, and the minimum is kept
-(shared machines are noisy; the minimum is the least disturbed run). Text
+(shared machines are noisy; the minimum is the least disturbed run). Times are wall
+clock (``time.perf_counter``): each measurement is one multi-second job in its own process,
+where ``torch.utils.benchmark.Timer``'s repeated blocks would add nothing. Text
 embeddings come from a weight-free hash text tower (the text tower is not what is measured).
 
 Usage:

@@ -11,6 +11,11 @@ and a random-init open_clip ViT-B/32, which has CLIP's exact cost) and each
   model_share     fraction of the embed loop spent in the model
   wait_share      fraction spent waiting for the DataLoader
 
+``model_img_s`` is timed with ``common.time_call`` (warm-up, ``torch.utils.benchmark.Timer``);
+the DataLoader and ``embed()`` rates are wall clock over one pass (``time.perf_counter``):
+they are throughputs of a whole loop with worker processes, which a repeat-a-statement
+timer cannot express.
+
 Images: the 1,000 CIFAR-10 test images shipped for ``nolabels demo`` (32 px JPEGs,
 upsampled by each model's preprocessing), or ``--images DIR``.
 

@@ -117,7 +117,16 @@ def _cpu_setup(name, n, c, d, dtype, k, threads):
 
 
 def time_interleaved(cands: dict, device: str, repeat: int) -> dict[str, list[float]]:
-    """Wall times of ``repeat`` calls of every candidate, one call of each per round."""
+    """Seconds per call of every candidate.
+
+    CPU: ``repeat`` wall-clock calls of each, one call of each per round in rotated order,
+    so that load from other processes on a shared machine hits every candidate alike (a
+    per-candidate ``Timer.blocked_autorange`` would time each in a different load window).
+    CUDA (a device of our own): ``triton.testing.do_bench`` per candidate
+    (``common.time_call``: warm-up, L2 flush before every call, CUDA events)."""
+    if device.startswith("cuda"):
+        return {name: common.time_call(fn, device, repeat=repeat).samples
+                for name, fn in cands.items()}
     for fn in cands.values():  # warm-up: thread pools, packing buffers, page faults
         fn()
     common.sync(device)
