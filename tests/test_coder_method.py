@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from nolabels.methods import coder as C
+from nolabels.methods.coder import few_shot
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -295,13 +296,13 @@ def test_few_shot_beats_zero_shot_on_clusters(gen):
 def test_few_shot_affinity_computed_once_and_grid_is_exact(gen, monkeypatch):
     bank, zs, sx, sy, _, _ = synthetic_few_shot(gen, c=4, k=6, n_test=50)
     calls = []
-    real = C.ops.coder_affinity
+    real = few_shot.ops.coder_affinity
 
     def counting(*a, **kw):
         calls.append(a[0].shape[0])
         return real(*a, **kw)
 
-    monkeypatch.setattr(C.ops, "coder_affinity", counting)
+    monkeypatch.setattr(few_shot.ops, "coder_affinity", counting)  # the ops few_shot calls
     few = C.CoderFewShot(bank, zs, sx, sy)
     fit = few.fit(steps=(30, 12), rounds=1, val_fraction=0.34, seed=3)
     assert len(calls) == 1  # one affinity for the whole grid search

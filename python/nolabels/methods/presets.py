@@ -35,7 +35,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from nolabels.errors import InputError
-from nolabels.methods.coder import FEW_SHOT_INIT, TAU
+from nolabels.methods.coder.templates import FEW_SHOT_INIT, TAU
 from nolabels.methods.lafter import TEXT_STEPS
 
 # --------------------------------------------------------------------------- sources

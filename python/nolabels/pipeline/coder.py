@@ -186,7 +186,7 @@ def read_embeddings(spec: str, paths_file: str | None = None) -> Embeddings:
 
 def labels_from(paths: list[str], labels, class_names: list[str]) -> torch.Tensor:
     """Shot labels: given ints / names, else the parent folder of each path."""
-    from nolabels.methods.coder import Knowledge
+    from nolabels.methods.coder.knowledge import Knowledge
 
     index = {Knowledge._key(c): i for i, c in enumerate(class_names)}
     if labels is None:
