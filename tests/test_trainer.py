@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from nolabels.methods import trainer
 from nolabels.methods.selection import Selector, agreement, holdout_split, mean_confidence
 from nolabels.methods.trainer import (
     TrainConfig,
@@ -18,6 +19,7 @@ from nolabels.methods.trainer import (
     fit,
     plan_epoch,
     sample_seed,
+    saved_activation_bytes,
     seeded,
     split_batch,
 )
@@ -248,6 +250,100 @@ def test_bf16_autocast_cpu():
     assert math.isfinite(r.history[-1]["loss"])
     with pytest.raises(ValueError, match="amp"):
         fit(ToyTask(), TrainConfig(amp="fp8"))
+
+
+def test_workers_do_not_change_the_result():
+    """DataLoader worker processes load the same samples (keys, per-sample seeds) and do
+    not move the step's RNG: the same parameters as loading in the main process."""
+    a, b = ToyTask(), ToyTask()
+    ra = fit(a, TrainConfig(epochs=2, batch_size=8, seed=6, quiet=True))
+    rb = fit(b, TrainConfig(epochs=2, batch_size=8, seed=6, workers=2, quiet=True))
+    _assert_same(_state(a), _state(b))
+    assert [h["loss"] for h in ra.history] == [h["loss"] for h in rb.history]
+
+
+# --------------------------------------------------------------------------- micro-batches
+class CoupledModule(ToyModule):
+    """A loss that couples the samples of a batch (logits centred on the batch mean)."""
+
+    def forward(self, batch):
+        x = batch["x"] + self.noise * torch.randn_like(batch["x"])
+        logits = self.lin(x)
+        logits = logits - logits.mean(0, keepdim=True)
+        self.last = (x.detach(), batch["y"])
+        return nn.functional.cross_entropy(logits, batch["y"]), {}
+
+
+class CoupledTask(ToyTask):
+    name = "coupled"
+    couples_samples = True
+
+    def __init__(self):
+        super().__init__()
+        self.module = CoupledModule()
+
+
+def _budget_for(task, cap):
+    """A memory budget the CPU sizing turns into micro-batch ``cap``."""
+    per = saved_activation_bytes(task.module, task.collate([task.data[(0, p)] for p in range(4)])) / 4
+    return int((cap + 0.5) * trainer.ACTIVATION_FACTOR * per / trainer.MEMORY_FRACTION)
+
+
+@pytest.mark.parametrize("cap", [3, 100])
+def test_coupled_loss_probe_trains_nothing(cap):
+    """A task whose loss couples samples is sized by a separate probe forward: its steps
+    are cut only by the cap (10 -> 3 + 3 + 3 + 1, logged as an approximation, the same as
+    ``grad_accum=4``) or not at all (the same as the full batch, no warning); the probe
+    itself changes neither parameters, prototypes nor the RNG."""
+    t = CoupledTask()
+    lines = []
+    r = fit(t, TrainConfig(epochs=2, batch_size=10, seed=3, memory_budget=_budget_for(t, cap)),
+            log=lines.append)
+    ref = CoupledTask()
+    fit(ref, TrainConfig(epochs=2, batch_size=10, seed=3, grad_accum=4 if cap == 3 else 1,
+                         auto_micro_batch=False, quiet=True))
+    _assert_same(_state(t), _state(ref))
+    assert (r.micro_batch, r.accumulation) == ((3, 4) if cap == 3 else (10, 1))
+    warned = [x for x in lines if "couples the samples" in x]
+    assert warned == (["coupled: warning: its loss couples the samples of a batch; "
+                       "micro-batches of 3 approximate the full batch"] if cap == 3 else [])
+
+
+class OOMToyModule(ToyModule):
+    """Runs out of memory (as CUDA would) on more than 2 samples."""
+
+    def forward(self, batch):
+        if batch["x"].shape[0] > 2:
+            raise torch.OutOfMemoryError(f"simulated: {batch['x'].shape[0]} samples")
+        return super().forward(batch)
+
+
+class OOMToyTask(ToyTask):
+    def __init__(self):
+        super().__init__()
+        self.module = OOMToyModule()
+
+
+def test_halved_micro_batch_is_checkpointed(tmp_path):
+    """The micro-batch halved on out-of-memory errors (8 -> 6 after the probe -> 3 -> 2)
+    goes into the checkpoints: a run interrupted after the halving resumes with it (no
+    new sizing, no error) and equals the uninterrupted run."""
+    cfg = dict(epochs=2, batch_size=8, seed=7, checkpoint_every=1)
+    a = OOMToyTask()
+    la = []
+    ra = fit(a, TrainConfig(**cfg), tmp_path / "a", log=la.append)
+    assert (ra.micro_batch, ra.accumulation) == (2, 4)
+    assert sum("halved, step 0 redone" in x for x in la) == 2
+    with pytest.raises(TrainingInterrupted):
+        fit(OOMToyTask(), TrainConfig(**cfg, stop_after_steps=2, quiet=True), tmp_path / "b")
+    b = OOMToyTask()
+    lb = []
+    rb = fit(b, TrainConfig(**cfg), tmp_path / "b", log=lb.append)
+    assert rb.resumed_from == 2
+    assert [x for x in lb if "micro-batch" in x] == [
+        "toy: micro-batch 2 x accumulation 4 = effective batch 8 (from the checkpoint)"]
+    _assert_same(_state(a), _state(b))
+    assert [h["loss"] for h in ra.history] == [h["loss"] for h in rb.history]
 
 
 # --------------------------------------------------------------------------- DDP

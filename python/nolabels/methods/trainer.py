@@ -39,7 +39,8 @@ A method describes *what* to train as a :class:`TrainTask`; :func:`fit` does the
   (atomic writes) the trainable state, optimizer, scheduler, task state, position
   and log go to ``OUT/checkpoints/NAME.safetensors`` (a tensor tree of
   :mod:`nolabels.data.safe_io`: safetensors + JSON, never a pickle, so a checkpoint
-  someone hands you cannot run code); a re-run resumes there. Because
+  someone hands you cannot run code; :class:`nolabels.methods.checkpoint.Checkpointer`
+  owns these files); a re-run resumes there. Because
   data order, augmentations and step noise depend only on the seed and the
   position, an interrupted run resumed gives exactly the same parameters as an
   uninterrupted one (float32 on CPU; tested). A finished stage leaves
@@ -64,7 +65,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
-import json
 import math
 import os
 import time
@@ -77,7 +77,12 @@ import torch
 from torch import nn
 
 from nolabels import dist
-from nolabels.errors import CorruptFileError, InputError
+from nolabels.errors import InputError
+from nolabels.methods.checkpoint import CHECKPOINT_KINDS as CHECKPOINT_KINDS  # re-exported
+from nolabels.methods.checkpoint import Checkpointer, Position, config_key
+from nolabels.methods.checkpoint import checkpoint_path as checkpoint_path
+from nolabels.methods.checkpoint import load_checkpoint_file as load_checkpoint_file
+from nolabels.methods.checkpoint import save_checkpoint_file as save_checkpoint_file
 from nolabels.methods.selection import Selector
 from nolabels.progress import progress
 
@@ -448,68 +453,12 @@ class TrainResult:
         return asdict(self)
 
 
-# --------------------------------------------------------------------------- io
-CHECKPOINT_KINDS = {"resume": "nolabels.trainer-checkpoint", "final": "nolabels.trainer-final",
-                    "best": "nolabels.trainer-best"}
-_CHECKPOINT_SUFFIX = {"resume": ".safetensors", "final": ".final.safetensors",
-                      "best": ".best.safetensors"}
-_CHECKPOINT_KEYS = {
-    "resume": ("state", "optimizer", "step", "epoch", "step_in_epoch", "history", "epoch_sums",
-               "selector", "config_key"),
-    "final": ("state", "result", "config_key"),
-    "best": ("epoch", "state"),
-}
-
-
-def checkpoint_path(out: str | os.PathLike, name: str, which: str = "resume") -> Path:
-    """``OUT/checkpoints/NAME{.safetensors,.final.safetensors,.best.safetensors}``: the
-    resumable checkpoint, the finished stage, or the best epoch's state of stage ``name``."""
-    return Path(out) / "checkpoints" / f"{name}{_CHECKPOINT_SUFFIX[which]}"
-
-
-def save_checkpoint_file(path: str | os.PathLike, which: str, tree: dict) -> None:
-    """Write a trainer checkpoint ``tree`` (see :func:`checkpoint_path`) atomically."""
-    from nolabels.data.safe_io import save_tree
-
-    save_tree(path, tree, kind=CHECKPOINT_KINDS[which])
-
-
-def load_checkpoint_file(path: str | os.PathLike, which: str) -> dict:
-    """A trainer checkpoint written by :func:`save_checkpoint_file` (tensors on the CPU).
-
-    Raises:
-        CorruptFileError: not such a checkpoint (a pickle, truncated, another kind,
-            entries missing); nothing in the file is executed.
-    """
-    from nolabels.data.safe_io import load_tree
-
-    tree = load_tree(path, kind=CHECKPOINT_KINDS[which])
-    missing = [k for k in _CHECKPOINT_KEYS[which] if not isinstance(tree, dict) or k not in tree]
-    if missing:
-        raise CorruptFileError(path, f"a trainer checkpoint without {missing}")
-    return tree
-
-
-def _write_log(path: Path, history: list[dict]) -> None:
-    from nolabels.data.store import atomic_write_bytes
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(h, sort_keys=False) + "\n" for h in history)
-    atomic_write_bytes(path, text.encode())
-
-
+# --------------------------------------------------------------------------- amp
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: bf16 on CUDA for "auto", bf16 for "bf16", else None."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
-
-
-def _optimizer_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
-    for st in opt.state.values():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor) and k != "step":
-                st[k] = v.to(device)
 
 
 # --------------------------------------------------------------------------- micro-batches
@@ -596,6 +545,192 @@ def _micro(task: TrainTask, model: nn.Module, module: nn.Module, batch: Any, wei
     return float(loss.detach()), {k: float(v) for k, v in (metrics or {}).items()}
 
 
+class _MicroBatcher:
+    """Runs the forward and backward passes of each step as micro-batches that fit.
+
+    Owns the micro-batch cap (None until the CPU probe sets it; module docstring), the
+    DataLoader over an epoch's planned micro-batches, the CPU probe and the out-of-memory
+    halving. :meth:`step` accumulates one step's gradients; the caller zeroes them before
+    and takes the optimizer step after.
+    """
+
+    def __init__(self, task: TrainTask, cfg: TrainConfig, model: nn.Module,
+                 opt: torch.optim.Optimizer, amp_dtype: torch.dtype | None,
+                 dataset: torch.utils.data.Dataset | None, *, world: int, rank: int,
+                 distributed: bool, say: Callable[[str], None], resumed_cap: int | None) -> None:
+        """``resumed_cap``: the cap a resumed checkpoint recorded (kept with
+        ``auto_micro_batch``); without one a cap is chosen now (no CPU sizing: the full
+        share) or by the first step's probe (CPU sizing)."""
+        self.task, self.cfg, self.model, self.opt = task, cfg, model, opt
+        self.module, self.amp_dtype, self.dataset = task.module, amp_dtype, dataset
+        self.world, self.rank, self.distributed, self.say = world, rank, distributed, say
+        self.auto = cfg.auto_micro_batch
+        #: the largest micro-batch a step may take: this rank's share / ``grad_accum``
+        self.full_cap = math.ceil(math.ceil(cfg.batch_size / world) / cfg.grad_accum)
+        self.cap: int | None = None
+        if self.auto and resumed_cap is not None:
+            self.cap = resumed_cap
+            self._say(" (from the checkpoint)")
+        sizes = self.auto and task.device.type == "cpu" and any(
+            p.requires_grad for p in self.module.parameters())
+        if self.cap is None and not sizes:
+            self.cap = self.full_cap  # CUDA: halved on out-of-memory; nothing to size
+            self._say("")
+        self._epoch, self._todo, self._fill = 0, [], []
+        self._it = self._loader = self._plan_it = None
+        self._biggest = 0  # the largest micro-batch the current step has started
+
+    def plan(self) -> tuple[int, int] | None:
+        """(micro-batch, micro-batches per step) of a full step (None: no cap yet)."""
+        if self.cap is None:
+            return None
+        return micro_plan(self.cfg.batch_size, self.world, self.cfg.grad_accum, self.cap)
+
+    def _say(self, why: str) -> None:
+        _say_plan(self.say, self.task.name, self.cfg, self.world, self.cap, why)
+
+    def _warn_coupled(self) -> None:
+        self.say(f"{self.task.name}: warning: its loss couples the samples of a batch; "
+                 f"micro-batches of {self.cap} approximate the full batch")
+
+    def start_epoch(self, epoch: int, todo: list[list[int]], fill: list[int]) -> None:
+        """Epoch ``epoch``'s remaining global batches ``todo`` (positions) and its order
+        ``fill`` (tops up batches too small to split)."""
+        self._epoch, self._todo, self._fill = epoch, todo, fill
+        self._it = self._loader = None
+
+    def end_epoch(self) -> None:
+        """Drop the epoch's DataLoader (its workers stop)."""
+        self._it = self._loader = None
+
+    def step(self, i: int, step: int) -> tuple[float, dict[str, float], int] | None:
+        """Forward and backward of the epoch's ``i``-th remaining batch (global step
+        ``step``), gradients accumulated. Returns (the rank's mean loss, metric sums over
+        its samples, its samples), or None after an out-of-memory error: the step was
+        undone (gradients dropped, task tensors restored) and the cap halved; redo it.
+
+        Raises:
+            InputError: out of memory and not retried (``auto_micro_batch`` off, DDP) or
+                at one sample; one sample does not fit the CPU budget.
+        """
+        task = self.task
+        snapshot = ({k: v.detach().clone() for k, v in task.extra_tensors().items()}
+                    if self.auto else None)
+        self._biggest = 0
+        try:
+            return self._run(i, step)
+        except torch.OutOfMemoryError as e:
+            if not self.auto or self.distributed:
+                raise InputError(
+                    f"{task.name}: out of memory at micro-batch {self._biggest} ("
+                    f"{'DDP: not retried, the ranks would disagree' if self.auto else 'auto_micro_batch off'}"
+                    "); raise --grad-accum, lower --batch-size, use a smaller model or "
+                    "--cache-views A, or a device with more memory") from e
+            if self._biggest <= 1:
+                raise _too_big(task.name, f"{task.device} memory") from e
+            oom = self._biggest
+        # the exception and its frames are gone: free, halve, redo the step
+        self.opt.zero_grad(set_to_none=True)
+        if snapshot:
+            task.load_extra_tensors(snapshot)
+        self._it = self._loader = None
+        gc.collect()
+        if task.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.cap = (oom + 1) // 2
+        self._say(f" (out of memory at micro-batch {oom}: halved, step {step} redone)")
+        if task.couples_samples:
+            self._warn_coupled()
+        return None
+
+    def _share(self, batch: list[int]) -> list[int]:
+        """This rank's samples of global batch ``batch``."""
+        return [p for m in micro_split(batch, self.world, self.rank, self.cfg.grad_accum,
+                                       self.full_cap, self._fill) for p in m]
+
+    def _probe_batch(self, probe: list[int]) -> Any:
+        self._biggest = len(probe)
+        return self.task.to_device(self.task.collate(
+            [self.dataset[(self._epoch, p)] for p in probe]))
+
+    def _run(self, i: int, step: int) -> tuple[float, dict[str, float], int]:
+        task = self.task
+        step_loss, step_metrics, micros, mine = 0.0, {}, None, None
+        first = None  # the probe step's micro-batches after the probe
+        if self.cap is None and task.couples_samples:
+            self._probe_apart(self._todo[i])
+        if self.cap is None:
+            step_loss, step_metrics, first, mine = self._probe_in_step(self._todo[i], step)
+            micros = first
+            self._it = self._loader = None
+        if self._it is None:  # (re)built at the epoch start, after sizing or halving
+            self._build_loader(i, first)
+        step_micros = next(self._plan_it)
+        if micros is None:
+            micros, mine = step_micros, sum(len(m) for m in step_micros)
+        self._biggest = max([self._biggest] + [len(m) for m in micros])
+        for j, m in enumerate(micros):
+            lm, mm = _micro(task, self.model, self.module, task.to_device(next(self._it)),
+                            len(m) / mine, j < len(micros) - 1, self.amp_dtype, self._epoch,
+                            step)
+            step_loss += lm * len(m) / mine
+            for k, v in mm.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + v * len(m)
+        return step_loss, step_metrics, mine
+
+    def _probe_apart(self, batch: list[int]) -> None:
+        """CPU sizing for a loss that couples samples: a separate forward of the probe
+        samples that trains nothing (no step is cut for it) sets the cap."""
+        probe = self._share(batch)[:PROBE_SAMPLES]
+        x = self._probe_batch(probe)
+        ac = (torch.autocast(self.task.device.type, dtype=self.amp_dtype)
+              if self.amp_dtype is not None else None)
+        per_sample = saved_activation_bytes(self.module, x, ac) / len(probe)
+        del x
+        self.cap = _cpu_cap(self.task, self.cfg, self.world, self.full_cap, self.distributed,
+                            per_sample, self.say)
+        if self.cap < self.full_cap:
+            self._warn_coupled()
+
+    def _probe_in_step(self, batch: list[int], step: int
+                       ) -> tuple[float, dict[str, float], list[list[int]], int]:
+        """CPU sizing: this step's first PROBE_SAMPLES samples are the probe micro-batch
+        (its forward sets the cap); returns its weighted loss and metric sums, the rest of
+        the step cut by the cap, and the rank's samples in the step."""
+        share = self._share(batch)
+        probe, rest = share[:PROBE_SAMPLES], share[PROBE_SAMPLES:]
+        x = self._probe_batch(probe)
+        counted: dict = {}
+
+        def decide() -> None:
+            self.cap = _cpu_cap(self.task, self.cfg, self.world, self.full_cap,
+                                self.distributed, counted["bytes"] / len(probe), self.say)
+
+        lp, mp = _micro(self.task, self.model, self.module, x, len(probe) / len(share),
+                        bool(rest), self.amp_dtype, self._epoch, step, counted, decide)
+        del x
+        first = split_batch(rest, 1, 0, math.ceil(len(rest) / self.cap), rest) if rest else []
+        self._biggest = max([len(probe)] + [len(m) for m in first])
+        return (lp * len(probe) / len(share), {k: v * len(probe) for k, v in mp.items()},
+                first, len(share))
+
+    def _build_loader(self, i: int, first: list[list[int]] | None) -> None:
+        """A DataLoader over the micro-batches of batches ``todo[i:]`` (``first``: those of
+        ``todo[i]``, already planned)."""
+        cfg = self.cfg
+        plan = [first] if first is not None else []
+        plan += [micro_split(b, self.world, self.rank, cfg.grad_accum, self.cap, self._fill)
+                 for b in self._todo[i + (first is not None):]]
+        # (built mid-step: its base seed must not move the step's RNG)
+        with torch.random.fork_rng(devices=[]):
+            self._loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=_Keys([m for ms in plan for m in ms], self._epoch),
+                num_workers=cfg.workers, collate_fn=self.task.collate,
+                pin_memory=self.task.device.type == "cuda", persistent_workers=False)
+            self._it = iter(self._loader)
+        self._plan_it = iter(plan)
+
+
 # --------------------------------------------------------------------------- fit
 def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None, *,
         log: Callable[[str], None] | None = None, resume: bool = True,
@@ -620,316 +755,115 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     main = dist.get_rank() == 0
     say = (log if (log is not None and main and not cfg.quiet) else (lambda _m: None))
-    out_p = Path(out) if out is not None else None
-    ckpt_path = checkpoint_path(out_p, task.name) if out_p else None
-    final_path = checkpoint_path(out_p, task.name, "final") if out_p else None
-    log_path = out_p / "logs" / f"{task.name}.jsonl" if out_p else None
-
-    module = task.module
-    result = TrainResult(task.name, criterion=task.criterion)
-
-    if out_p is not None and main:
-        old = [f"{task.name}{x}.pt" for x in ("", ".final", ".best")
-               if (out_p / "checkpoints" / f"{task.name}{x}.pt").is_file()]
-        if old:
-            say(f"{task.name}: ignoring {old} in {out_p / 'checkpoints'} (pickled checkpoints of "
-                "an older nolabels are never loaded)")
-
-    # A finished stage: load its selected state and return.
-    if resume and final_path is not None and final_path.is_file():
-        fin = load_checkpoint_file(final_path, "final")
-        if fin.get("config_key") != _config_key(cfg, task.num_samples(), settings):
-            raise InputError(
-                f"{final_path} was written by a run with different settings "
-                f"({fin.get('config')}); use another --out or delete the run")
-        task.load_trainable_state(fin["state"])
-        r = fin["result"]
-        say(f"{task.name}: already trained (epoch {r['selected_epoch']} kept); "
-            f"loaded {final_path}")
-        return TrainResult(**{**r, "seconds": time.perf_counter() - t0})
-
     n = task.num_samples()
+    ckp = Checkpointer(out, task.name, config_key(cfg, n, settings), asdict(cfg), main=main,
+                       say=say)
+    ckp.note_old_pickles()
+    if resume and (done := ckp.load_final(task)) is not None:  # a finished stage
+        return TrainResult(**{**done, "seconds": time.perf_counter() - t0})
+
+    # prepare -> resume
     steps_per_epoch = len(plan_epoch(n, 0, cfg.seed, cfg.batch_size, shuffle=False,
                                      drop_last=cfg.drop_last)) if n else 0
-    total_steps = steps_per_epoch * cfg.epochs
     opt = task.make_optimizer()
-    sched = task.make_scheduler(opt, total_steps)
+    sched = task.make_scheduler(opt, steps_per_epoch * cfg.epochs)
     selector = Selector(task.criterion or "last")
-    step, epoch, step_in_epoch = 0, 0, 0
-    history: list[dict] = []
-    acc: dict[str, Any] = {"loss_sum": 0.0, "n": 0, "metrics": {}}  # running epoch sums
-    cap: int | None = None  # the micro-batch cap (None: not chosen yet)
-
+    result = TrainResult(task.name, criterion=task.criterion)
     task.prepare()  # the module is still in its initial state
-    if resume and ckpt_path is not None and ckpt_path.is_file():
-        ck = load_checkpoint_file(ckpt_path, "resume")
-        if ck.get("config_key") != _config_key(cfg, n, settings):
-            raise InputError(
-                f"{ckpt_path} was written by a run with different settings "
-                f"({ck.get('config')}); use another --out or delete the checkpoint")
-        task.load_trainable_state(ck["state"])
-        opt.load_state_dict(ck["optimizer"])
-        _optimizer_to(opt, task.device)
-        if sched is not None and ck.get("scheduler") is not None:
-            sched.load_state_dict(ck["scheduler"])
-        task.load_extra_state(ck.get("extra", {}))
-        step, epoch, step_in_epoch = ck["step"], ck["epoch"], ck["step_in_epoch"]
-        history = ck["history"]
-        acc = ck["epoch_sums"]
-        selector.load_state_dict(ck["selector"])
-        result.resumed_from = step
-        say(f"{task.name}: resuming at epoch {epoch + 1}, step {step} from {ckpt_path}")
-        if cfg.auto_micro_batch and isinstance(ck.get("micro_batch"), int):
-            cap = ck["micro_batch"]
-            _say_plan(say, task.name, cfg, world, cap, " (from the checkpoint)")
-
+    pos = ckp.load(task, opt, sched, selector) if resume else None
+    if pos is not None:
+        result.resumed_from = pos.step
+    pos = pos or Position()
     amp_dtype = resolve_amp(cfg.amp, task.device)
+    module = task.module
     trainable = [p for p in module.parameters() if p.requires_grad]
-    model: nn.Module = module
-    if distributed and trainable:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    model = _ddp(task) if distributed and trainable else module
+    if task.criterion is not None and cfg.epochs and not pos.history and pos.step == 0:
+        _epoch_zero(task, opt, selector, ckp, pos.history, say)  # a fresh run only
+    mb = _MicroBatcher(task, cfg, model, opt, amp_dtype, task.dataset() if n else None,
+                       world=world, rank=rank, distributed=distributed, say=say,
+                       resumed_cap=pos.micro_batch)
 
-        dev_ids = [task.device.index] if task.device.type == "cuda" else None
-        model = DDP(module, device_ids=dev_ids, broadcast_buffers=False)
+    def checkpoint() -> None:
+        pos.micro_batch = mb.cap
+        ckp.save(task, opt, sched, selector, pos)
 
-    def save_checkpoint() -> None:
-        if ckpt_path is None or not main:
-            return
-        save_checkpoint_file(ckpt_path, "resume", {
-            "state": task.trainable_state(), "optimizer": opt.state_dict(),
-            "scheduler": None if sched is None else sched.state_dict(),
-            "extra": task.extra_state(), "step": step, "epoch": epoch,
-            "step_in_epoch": step_in_epoch, "history": history, "epoch_sums": acc,
-            "selector": selector.state_dict(), "config": asdict(cfg),
-            "config_key": _config_key(cfg, n, settings), "micro_batch": cap,
-        })
-
-    best_path = checkpoint_path(out_p, task.name, "best") if out_p else None
-    best_state: dict | None = None
-    if best_path is not None and best_path.is_file() and selector.best_epoch is not None:
-        best_state = load_checkpoint_file(best_path, "best")["state"]
-
-    if task.criterion is not None and cfg.epochs and not history and step == 0:
-        # epoch 0: the initial model is a candidate (a fresh run only; a resumed one has it)
-        rec0 = _initial_record(task, opt, selector)
-        if rec0.pop("_best"):
-            best_state = task.trainable_state()
-            if best_path is not None and main:
-                save_checkpoint_file(best_path, "best", {"epoch": 0, "state": best_state})
-        history.append(rec0)
-        if log_path is not None and main:
-            _write_log(log_path, history)
-        crit = rec0.get(task.criterion)
-        say(f"{task.name} epoch 0 (initial model): {task.criterion} "
-            f"{'n/a' if not isinstance(crit, float) else f'{crit:.4f}'}")
-
-    dataset = task.dataset() if n else None
     steps_this_call = 0
-    auto = cfg.auto_micro_batch
-    full_cap = math.ceil(math.ceil(cfg.batch_size / world) / cfg.grad_accum)
-    if cap is None and not (auto and task.device.type == "cpu" and trainable):
-        cap = full_cap  # CUDA: halved on out-of-memory; no sizing without trainables
-        _say_plan(say, task.name, cfg, world, cap, "")
-    while epoch < cfg.epochs:
-        if step_in_epoch == 0:
+    while pos.epoch < cfg.epochs:
+        epoch = pos.epoch
+        if pos.step_in_epoch == 0:
             task.before_epoch(epoch)
-            acc = {"loss_sum": 0.0, "n": 0, "metrics": {}}
+            pos.new_epoch_sums()
         batches = plan_epoch(n, epoch, cfg.seed, cfg.batch_size, drop_last=cfg.drop_last)
-        fill = [p for b in batches for p in b]
-        todo = batches[step_in_epoch:]
+        todo = batches[pos.step_in_epoch:]
         module.train()
         te = time.perf_counter()
         samples = 0
-        metric_sums = acc["metrics"]
+        sums = pos.epoch_sums
         bar = progress(len(todo), f"{task.name} epoch {epoch + 1}/{cfg.epochs}",
                        quiet=cfg.quiet, main=main, unit="step", leave=False)
+        mb.start_epoch(epoch, todo, [p for b in batches for p in b])
         i = 0
-        it = loader = None
-        first: list[list[int]] | None = None  # the probe step's micro-batches after the probe
         while i < len(todo):
-            torch.manual_seed(sample_seed(cfg.seed, step, rank, 31337))
+            torch.manual_seed(sample_seed(cfg.seed, pos.step, rank, 31337))
             opt.zero_grad(set_to_none=True)
-            snapshot = ({k: v.detach().clone() for k, v in task.extra_tensors().items()}
-                        if auto else None)
-            biggest = 0
-            try:
-                if cap is None and task.couples_samples:
-                    # CPU sizing for a coupled loss: a separate probe forward (no step
-                    # is cut for it), then this step runs as planned below
-                    share = [p for m in micro_split(todo[i], world, rank, cfg.grad_accum,
-                                                    full_cap, fill) for p in m]
-                    probe = share[:PROBE_SAMPLES]
-                    biggest = len(probe)
-                    x = task.to_device(task.collate([dataset[(epoch, p)] for p in probe]))
-                    ac = (torch.autocast(task.device.type, dtype=amp_dtype)
-                          if amp_dtype is not None else None)
-                    per_sample = saved_activation_bytes(module, x, ac) / len(probe)
-                    del x
-                    cap = _cpu_cap(task, cfg, world, full_cap, distributed, per_sample, say)
-                    if cap < full_cap:
-                        say(f"{task.name}: warning: its loss couples the samples of a batch; "
-                            f"micro-batches of {cap} approximate the full batch")
-                if cap is None:
-                    # CPU sizing: this step's first PROBE_SAMPLES samples are the probe
-                    # micro-batch; the rest of the step is cut by the cap it gives
-                    share = [p for m in micro_split(todo[i], world, rank, cfg.grad_accum,
-                                                    full_cap, fill) for p in m]
-                    probe, rest = share[:PROBE_SAMPLES], share[PROBE_SAMPLES:]
-                    biggest = len(probe)
-                    x = task.to_device(task.collate([dataset[(epoch, p)] for p in probe]))
-                    counted: dict = {}
-
-                    def decide(counted=counted, probe=probe) -> None:
-                        nonlocal cap
-                        cap = _cpu_cap(task, cfg, world, full_cap, distributed,
-                                       counted["bytes"] / len(probe), say)
-
-                    lp, mp = _micro(task, model, module, x, len(probe) / len(share),
-                                    bool(rest), amp_dtype, epoch, step, counted, decide)
-                    del x
-                    first = (split_batch(rest, 1, 0, math.ceil(len(rest) / cap), rest)
-                             if rest else [])
-                    biggest = max([len(probe)] + [len(m) for m in first])
-                    it = loader = None
-                    step_loss, step_metrics = lp * len(probe) / len(share), {
-                        k: v * len(probe) for k, v in mp.items()}
-                    micros, mine = first, len(share)
-                else:
-                    step_loss, step_metrics, micros, mine = 0.0, {}, None, None
-                if it is None:  # (re)built at the epoch start, after sizing or halving
-                    plan = [first] if first is not None else []
-                    plan += [micro_split(b, world, rank, cfg.grad_accum, cap, fill)
-                             for b in todo[i + (first is not None):]]
-                    first = None
-                    # (built mid-step: its base seed must not move the step's RNG)
-                    with torch.random.fork_rng(devices=[]):
-                        loader = torch.utils.data.DataLoader(
-                            dataset, batch_sampler=_Keys([m for ms in plan for m in ms], epoch),
-                            num_workers=cfg.workers, collate_fn=task.collate,
-                            pin_memory=task.device.type == "cuda", persistent_workers=False)
-                        it = iter(loader)
-                    plan_it = iter(plan)
-                step_micros = next(plan_it)
-                if micros is None:
-                    micros, mine = step_micros, sum(len(m) for m in step_micros)
-                biggest = max([biggest] + [len(m) for m in micros])
-                for j, m in enumerate(micros):
-                    lm, mm = _micro(task, model, module, task.to_device(next(it)),
-                                    len(m) / mine, j < len(micros) - 1, amp_dtype, epoch, step)
-                    step_loss += lm * len(m) / mine
-                    for k, v in mm.items():
-                        step_metrics[k] = step_metrics.get(k, 0.0) + v * len(m)
-            except torch.OutOfMemoryError as e:
-                if not auto or distributed:
-                    raise InputError(
-                        f"{task.name}: out of memory at micro-batch {biggest} ("
-                        f"{'DDP: not retried, the ranks would disagree' if auto else 'auto_micro_batch off'}"
-                        "); raise --grad-accum, lower --batch-size, use a smaller model or "
-                        "--cache-views A, or a device with more memory") from e
-                if biggest <= 1:
-                    raise _too_big(task.name, f"{task.device} memory") from e
-                oom = biggest
-            else:
-                oom = 0
-            if oom:  # the exception and its frames are gone: free, halve, redo the step
-                opt.zero_grad(set_to_none=True)
-                if snapshot:
-                    task.load_extra_tensors(snapshot)
-                it = loader = first = None
-                gc.collect()
-                if task.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                cap = (oom + 1) // 2
-                _say_plan(say, task.name, cfg, world, cap,
-                          f" (out of memory at micro-batch {oom}: halved, step {step} redone)")
-                if task.couples_samples:
-                    say(f"{task.name}: warning: its loss couples the samples of a batch; "
-                        f"micro-batches of {cap} approximate the full batch")
-                continue
+            done = mb.step(i, pos.step)
+            if done is None:
+                continue  # out of memory: the micro-batch was halved, redo the step
+            step_loss, step_metrics, mine = done
             for k, v in step_metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + v
+                sums["metrics"][k] = sums["metrics"].get(k, 0.0) + v
             if cfg.max_grad_norm is not None and trainable:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             opt.step()
             if sched is not None:
                 sched.step()
             i += 1
-            step += 1
-            step_in_epoch += 1
+            pos.step += 1
+            pos.step_in_epoch += 1
             steps_this_call += 1
-            acc["loss_sum"] += step_loss * mine
-            acc["n"] += mine
+            sums["loss_sum"] += step_loss * mine
+            sums["n"] += mine
             samples += mine
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_checkpoint()
+            if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0:
+                checkpoint()
             if cfg.stop_after_steps is not None and steps_this_call >= cfg.stop_after_steps:
                 bar.close()
                 raise TrainingInterrupted(f"{task.name}: stopped after {steps_this_call} steps "
-                                          f"(step {step})")
+                                          f"(step {pos.step})")
         bar.close()
-        del it, loader
-        # epoch end: unlabeled evaluation, selection, log, checkpoint
+        mb.end_epoch()
+        # epoch end: unlabeled evaluation, selection, checkpoint, log
         module.eval()
         with torch.no_grad():
             ev = task.evaluate(epoch + 1) or {}
-        totals = torch.tensor([acc["loss_sum"], float(acc["n"])], dtype=torch.float64)
-        if distributed:
-            totals = dist.all_gather_variable(totals[None]).sum(0)
-        rec: dict[str, Any] = {
-            "epoch": epoch + 1, "step": step,
-            "loss": float(totals[0] / totals[1]) if totals[1] > 0 else None,
-            "lr": float(opt.param_groups[0]["lr"]),
-            "seconds": round(time.perf_counter() - te, 4),
-            "samples_per_s": round(samples * world / max(time.perf_counter() - te, 1e-9), 2),
-            "micro_batch": None if cap is None else micro_plan(cfg.batch_size, world,
-                                                               cfg.grad_accum, cap)[0],
-        }
-        for k, v in metric_sums.items():
-            rec[k] = v / max(acc["n"], 1)
-        rec.update(ev)
+        plan = mb.plan()
+        rec = _epoch_record(pos, ev, lr=float(opt.param_groups[0]["lr"]), te=te,
+                            samples=samples * world, distributed=distributed,
+                            micro_batch=None if plan is None else plan[0])
         if task.criterion is not None:
             rec["criterion"] = task.criterion
             if selector.update(epoch + 1, ev.get(task.criterion)):
-                best_state = task.trainable_state()
-                if best_path is not None and main:
-                    save_checkpoint_file(best_path, "best", {"epoch": epoch + 1, "state": best_state})
+                ckp.keep_best(epoch + 1, task.trainable_state())
             rec["selected_so_far"] = selector.best_epoch
-        history.append(rec)
-        epoch += 1
-        step_in_epoch = 0
-        save_checkpoint()
-        if log_path is not None and main:
-            _write_log(log_path, history)
-        crit = ""
-        if task.criterion and ev.get(task.criterion) is not None:
-            crit = f", {task.criterion} {ev[task.criterion]:.4f}"
-        orc = "".join(f", {k} {v:.4f}" for k, v in ev.items()
-                      if k.startswith("oracle_") and isinstance(v, float))
-        say(f"{task.name} epoch {epoch}/{cfg.epochs}: loss "
-            f"{rec['loss'] if rec['loss'] is None else round(rec['loss'], 5)}{crit}{orc}"
-            f" ({rec['seconds']:.1f}s)")
+        pos.history.append(rec)
+        pos.epoch += 1
+        pos.step_in_epoch = 0
+        checkpoint()
+        ckp.write_log(pos.history)
+        say(_epoch_line(task, cfg.epochs, rec, ev))
 
-    # the selected state
-    selected = cfg.epochs
-    if cfg.select == "best" and task.criterion is not None and selector.best_epoch is not None:
-        selected = selector.best_epoch
-        if best_state is not None and selected != cfg.epochs:
-            task.load_trainable_state(best_state)
-    result.history = history
+    selected = _select_state(task, cfg, selector, ckp)
+    result.history = pos.history
     result.selected_epoch = selected if cfg.epochs else None
     result.best_score = selector.best_score if task.criterion else None
-    result.steps = step
-    if cap is not None:
-        result.micro_batch, result.accumulation = micro_plan(cfg.batch_size, world,
-                                                             cfg.grad_accum, cap)
+    result.steps = pos.step
+    if mb.cap is not None:
+        result.micro_batch, result.accumulation = mb.plan()
     result.seconds = time.perf_counter() - t0
-    if final_path is not None and main:
-        save_checkpoint_file(final_path, "final", {
-            "state": task.trainable_state(),
-            "result": {k: v for k, v in result.as_dict().items() if k != "seconds"},
-            "config": asdict(cfg), "config_key": _config_key(cfg, n, settings)})
+    ckp.save_final(task, {k: v for k, v in result.as_dict().items() if k != "seconds"})
     if task.criterion is not None and cfg.epochs:
         say(f"{task.name}: kept epoch {selected} ({task.criterion} "
             f"{selector.best_score if selector.best_score is None else round(selector.best_score, 4)}"
@@ -938,9 +872,30 @@ def fit(task: TrainTask, cfg: TrainConfig, out: str | os.PathLike | None = None,
     return result
 
 
-def _initial_record(task: TrainTask, opt: torch.optim.Optimizer, selector: Selector) -> dict:
-    """Evaluate the initial model as epoch 0 and offer it to ``selector``; the log record
-    (``_best``: whether it became the best, popped by the caller)."""
+def _ddp(task: TrainTask) -> nn.Module:
+    """``task.module`` wrapped in ``DistributedDataParallel`` (buffers not broadcast)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dev_ids = [task.device.index] if task.device.type == "cuda" else None
+    return DDP(task.module, device_ids=dev_ids, broadcast_buffers=False)
+
+
+def _select_state(task: TrainTask, cfg: TrainConfig, selector: Selector,
+                  ckp: Checkpointer) -> int:
+    """Load the selected epoch's state into ``task`` (``select="best"``: the criterion's
+    best epoch, kept by ``ckp``; else the last one, which it holds); that epoch."""
+    selected = cfg.epochs
+    if cfg.select == "best" and task.criterion is not None and selector.best_epoch is not None:
+        selected = selector.best_epoch
+        if ckp.best_state is not None and selected != cfg.epochs:
+            task.load_trainable_state(ckp.best_state)
+    return selected
+
+
+def _epoch_zero(task: TrainTask, opt: torch.optim.Optimizer, selector: Selector,
+                ckp: Checkpointer, history: list[dict], say: Callable[[str], None]) -> None:
+    """Evaluate the initial model as epoch 0: offer it to ``selector`` (kept by ``ckp``
+    when it is the best), append its record to ``history``, write the log, say it."""
     t = time.perf_counter()
     task.module.eval()
     with torch.no_grad():
@@ -949,9 +904,50 @@ def _initial_record(task: TrainTask, opt: torch.optim.Optimizer, selector: Selec
                            "lr": float(opt.param_groups[0]["lr"]),
                            "seconds": round(time.perf_counter() - t, 4), **ev,
                            "criterion": task.criterion}
-    rec["_best"] = selector.update(0, ev.get(task.criterion))
+    best = selector.update(0, ev.get(task.criterion))
     rec["selected_so_far"] = selector.best_epoch
+    if best:
+        ckp.keep_best(0, task.trainable_state())
+    history.append(rec)
+    ckp.write_log(history)
+    crit = rec.get(task.criterion)
+    say(f"{task.name} epoch 0 (initial model): {task.criterion} "
+        f"{'n/a' if not isinstance(crit, float) else f'{crit:.4f}'}")
+
+
+def _epoch_record(pos: Position, ev: dict, *, lr: float, te: float, samples: int,
+                  distributed: bool, micro_batch: int | None) -> dict[str, Any]:
+    """The log record of the epoch just trained (``pos``: before it is counted finished;
+    ``te``: its ``perf_counter`` start; ``samples``: over all ranks; ``ev``: its
+    evaluation). The loss is the sample-weighted mean over all ranks."""
+    acc = pos.epoch_sums
+    totals = torch.tensor([acc["loss_sum"], float(acc["n"])], dtype=torch.float64)
+    if distributed:
+        totals = dist.all_gather_variable(totals[None]).sum(0)
+    rec: dict[str, Any] = {
+        "epoch": pos.epoch + 1, "step": pos.step,
+        "loss": float(totals[0] / totals[1]) if totals[1] > 0 else None,
+        "lr": lr,
+        "seconds": round(time.perf_counter() - te, 4),
+        "samples_per_s": round(samples / max(time.perf_counter() - te, 1e-9), 2),
+        "micro_batch": micro_batch,
+    }
+    for k, v in acc["metrics"].items():
+        rec[k] = v / max(acc["n"], 1)
+    rec.update(ev)
     return rec
+
+
+def _epoch_line(task: TrainTask, epochs: int, rec: dict, ev: dict) -> str:
+    """The log line of a finished epoch (record ``rec``, evaluation ``ev``)."""
+    crit = ""
+    if task.criterion and ev.get(task.criterion) is not None:
+        crit = f", {task.criterion} {ev[task.criterion]:.4f}"
+    orc = "".join(f", {k} {v:.4f}" for k, v in ev.items()
+                  if k.startswith("oracle_") and isinstance(v, float))
+    return (f"{task.name} epoch {rec['epoch']}/{epochs}: loss "
+            f"{rec['loss'] if rec['loss'] is None else round(rec['loss'], 5)}{crit}{orc}"
+            f" ({rec['seconds']:.1f}s)")
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:
@@ -962,17 +958,6 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
-
-
-def _config_key(cfg: TrainConfig, n: int, settings: dict | None = None) -> str:
-    """What must not change between a checkpoint and its resume."""
-    d = {k: v for k, v in asdict(cfg).items()
-         if k not in ("quiet", "workers", "stop_after_steps", "checkpoint_every",
-                      "auto_micro_batch", "memory_budget")}
-    d["num_samples"] = n
-    d["settings"] = settings or {}
-    d["world"] = dist.get_world_size() if (dist.is_distributed() and cfg.ddp) else 1
-    return json.dumps(d, sort_keys=True, default=str)
 
 
 # --------------------------------------------------------------------------- optim
