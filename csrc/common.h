@@ -1,5 +1,7 @@
-// Shared host-side helpers for the nolabels stable-ABI libraries.
-// Only torch/csrc/stable and torch/headeronly headers may be included here:
+// Shared host-side helpers for the nolabels stable-ABI libraries (the CPU ops
+// in csrc/*.cpp and the CUDA host launchers in csrc/cuda/*.cpp): argument
+// checks, mm_out, the normalisation eps (norm_eps.h). CPU row loading is in
+// rows.h. Only torch/csrc/stable and torch/headeronly headers may be included here:
 // the libraries are built with -DTORCH_STABLE_ONLY and must load on every
 // torch >= 2.10 without a rebuild.
 #pragma once
@@ -11,10 +13,31 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <array>
 #include <cstdint>
 #include <tuple>
 
+#include "norm_eps.h"
+
 namespace nolabels {
+
+// out = a @ b into an existing tensor (aten::mm.out through the stable
+// dispatcher: no allocation of the product, so a tile buffer is reused across
+// calls). CPU: MKL / oneDNN, single-threaded inside a parallel region; CUDA:
+// cuBLAS on torch's current stream.
+inline void mm_out(torch::stable::Tensor& out, const torch::stable::Tensor& a,
+                   const torch::stable::Tensor& b) {
+  std::array<StableIValue, 3> stack{torch::stable::detail::from(a),
+                                    torch::stable::detail::from(b),
+                                    torch::stable::detail::from(out)};
+  STABLE_TORCH_ERROR_CODE_CHECK(
+      torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
+  (void)torch::stable::detail::to<torch::stable::Tensor>(stack[0]);
+}
+
+inline torch::stable::Device cpu_device() {
+  return torch::stable::Device(torch::headeronly::DeviceType::CPU);
+}
 
 inline bool is_supported_float(torch::headeronly::ScalarType t) {
   using torch::headeronly::ScalarType;

@@ -52,9 +52,9 @@
 //   C = 21,841: 44.7 MB + 2 x 2048 x 3641 x 4 B    = 104 MB (0.6 % of 17.5 GB);
 // a copy buffer adds 2 x 1 MB (C <= 512) or 2 x 4 MB.
 #include "common.h"
+#include "rows.h"
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -73,30 +73,10 @@ namespace {
 using torch::stable::Tensor;
 using torch::headeronly::ScalarType;
 
-constexpr double kNormEps = 1e-12;  // same eps as torch.nn.functional.normalize
 constexpr int64_t kSmallTopk = 32;  // insertion buffer up to here, partial sort above
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NOLABELS_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define NOLABELS_MULTIVERSION
-#endif
-
-torch::stable::Device cpu_device() {
-  return torch::stable::Device(torch::headeronly::DeviceType::CPU);
-}
-
-// out = a @ b (aten::mm.out through the stable dispatcher: the tile buffer is
-// reused across calls, no allocation per block).
-void mm_out(Tensor& out, const Tensor& a, const Tensor& b) {
-  std::array<StableIValue, 3> stack{torch::stable::detail::from(a),
-                                    torch::stable::detail::from(b),
-                                    torch::stable::detail::from(out)};
-  STABLE_TORCH_ERROR_CODE_CHECK(
-      torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
-  (void)torch::stable::detail::to<Tensor>(stack[0]);
-}
+// From the shared headers: kNormEps (norm_eps.h; the double one here), mm_out and
+// cpu_device (common.h), load_row and NOLABELS_MULTIVERSION (rows.h).
 
 // Sum of squares of a contiguous float32 row, in double (vectorised: the
 // simd reduction lets the compiler reorder the sum).
@@ -106,32 +86,6 @@ double sumsq_f32(const float* x, int64_t D) {
 #pragma omp simd reduction(+ : ss)
   for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(x[d]) * x[d];
   return ss;
-}
-
-// Row r of a (rows x D) strided matrix of any supported dtype into dst as
-// float32 (exact: every float16 / bfloat16 value is a float32 value).
-template <typename T>
-void load_row_t(const Tensor& t, int64_t r, float* dst) {
-  const T* row = t.const_data_ptr<T>() + r * t.stride(0);
-  const int64_t s1 = t.stride(1), D = t.size(1);
-  if (s1 == 1) {
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(row[d]);
-  } else {
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(row[d * s1]);
-  }
-}
-
-void load_row(const Tensor& t, int64_t r, float* dst) {
-  switch (t.scalar_type()) {
-    case ScalarType::Float:
-      return load_row_t<float>(t, r, dst);
-    case ScalarType::Half:
-      return load_row_t<torch::headeronly::Half>(t, r, dst);
-    case ScalarType::BFloat16:
-      return load_row_t<torch::headeronly::BFloat16>(t, r, dst);
-    default:
-      STD_TORCH_CHECK(false, "nolabels: unsupported dtype");
-  }
 }
 
 // Per-row factor applied after the GEMM, and whether the raw row may enter

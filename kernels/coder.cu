@@ -40,6 +40,7 @@
 #include <cuda_runtime.h>
 
 #include "coder.cuh"
+#include "norm_eps.h"  // kNormEpsF: the eps of every nolabels kernel (csrc/)
 
 #include <algorithm>
 #include <cfloat>
@@ -51,7 +52,6 @@ namespace coder_cuda {
 
 namespace {
 
-constexpr float kNormEps = 1e-12f;
 constexpr int kThreads = 128;
 
 __device__ __forceinline__ float load_as_float(const void* p, int dtype, int64_t off) {
@@ -113,7 +113,7 @@ __global__ void normalize_rows_kernel(const void* __restrict__ src, int dtype, i
       ss = warp_sum(ss);
     }
   }
-  const float f = (normalize && !bad) ? 1.0f / fmaxf(sqrtf(ss), kNormEps * pre) : 1.0f;
+  const float f = (normalize && !bad) ? 1.0f / fmaxf(sqrtf(ss), kNormEpsF * pre) : 1.0f;
   float* out = dst + r * D;
   for (int64_t d = lane; d < D; d += 32) out[d] = (load_as_float(src, dtype, r * s0 + d * s1) * pre) * f;
   if (lane == 0) {
@@ -438,7 +438,7 @@ __global__ void rowdot_inv_kernel(const float* __restrict__ U, const float* __re
   float s = 0.f;
   for (int64_t d = lane; d < D; d += 32) s += U[r * D + d] * X[r * D + d];
   s = warp_sum(s);
-  if (lane == 0) inv[r] = 1.0f / fmaxf(sqrtf(fmaxf(s, 0.f)), kNormEps);
+  if (lane == 0) inv[r] = 1.0f / fmaxf(sqrtf(fmaxf(s, 0.f)), kNormEpsF);
 }
 
 __global__ void scale_clamp_kernel(float* out, int64_t N, int64_t K, const float* ix,

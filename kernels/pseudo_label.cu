@@ -78,6 +78,7 @@
 #include <type_traits>
 
 #include "ptx.cuh"
+#include "norm_eps.h"  // kNormEpsF: the eps of every nolabels kernel (csrc/)
 
 namespace nolabels {
 namespace cuda {
@@ -85,7 +86,6 @@ namespace {
 
 using namespace ptx;  // NOLINT: cp_async_16, ldmatrix_x4, mma_16816_*, fast_exp2, ...
 
-constexpr float kNormEps = 1e-12f;  // torch.nn.functional.normalize's eps
 // Rows whose max-abs entry is below 2^32 cannot overflow any fp32 sum of squares
 // or dot product (D * 2^64 < 2^128); larger float32 rows are pre-scaled by a
 // power of two (exact) in the fp32 kernel. See "Range" in the header comment.
@@ -326,7 +326,7 @@ __device__ __forceinline__ float row_multiplier(const Params& p, int64_t row, fl
     if (!std::is_same<T, F32>::value && p.normalize && !r.bad && !(norm < kBf16RowLimit))
       return __int_as_float(0x7fffffff);
   }
-  return p.normalize ? 1.f / fmaxf(norm, kNormEps * pre) : 1.f;
+  return p.normalize ? 1.f / fmaxf(norm, kNormEpsF * pre) : 1.f;
 }
 
 // ---------------------------------------------------------------- pre-pass
@@ -381,13 +381,13 @@ __global__ void __launch_bounds__(256) colscale_kernel(const void* B, int C, int
       out[c] = kLog2e * scale;
       out[C + c] = 1.f;
     } else if (big) {  // the kernel stages w_c * pre
-      out[c] = kLog2e * scale / fmaxf(norm, kNormEps * pre);
+      out[c] = kLog2e * scale / fmaxf(norm, kNormEpsF * pre);
       out[C + c] = pre;
     } else if (!std::is_same<T, F32>::value && !(norm < kBf16ClassLimit * pre)) {
       out[c] = __int_as_float(0x7fffffff);  // 16-bit class out of range: NaN, every row is redone
       out[C + c] = 1.f;
     } else {  // raw w_c: scale / max(norm / pre, eps), pre folded into the numerator
-      out[c] = kLog2e * (scale * pre) / fmaxf(norm, kNormEps * pre);
+      out[c] = kLog2e * (scale * pre) / fmaxf(norm, kNormEpsF * pre);
       out[C + c] = 1.f;
     }
   }

@@ -4,7 +4,8 @@
 // torch.backends.cuda.matmul.allow_tf32, which is off by default); the kernels
 // around them are in kernels/coder.cu, whose plain interface is declared below
 // (keep in sync with that file). Everything is enqueued on torch's current
-// stream; temporaries come from torch's caching allocator.
+// stream; temporaries come from torch's caching allocator. mm_out: common.h;
+// schemas: registration.cpp (in _C, loaded before this library).
 //
 //   topk_similarity     query blocks x key tiles: normalise (kernel), GEMM,
 //                       warp-select (k <= 256) or block-select merge into the
@@ -20,7 +21,6 @@
 #include <torch/csrc/stable/accelerator.h>
 
 #include <algorithm>
-#include <array>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -55,15 +55,6 @@ void* current_stream(int32_t dev_index) {
   STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(dev_index, &stream) == AOTI_TORCH_SUCCESS,
                   "coder (cuda): could not get the current CUDA stream");
   return stream;
-}
-
-// out = a @ b into an existing tensor (aten::mm.out through the stable dispatcher).
-void mm_out(Tensor& out, const Tensor& a, const Tensor& b) {
-  std::array<StableIValue, 3> stack{torch::stable::detail::from(a), torch::stable::detail::from(b),
-                                    torch::stable::detail::from(out)};
-  STABLE_TORCH_ERROR_CODE_CHECK(
-      torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
-  (void)torch::stable::detail::to<Tensor>(stack[0]);
 }
 
 Tensor empty_on(const Tensor& like, std::vector<int64_t> shape, ScalarType t) {

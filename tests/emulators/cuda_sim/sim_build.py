@@ -69,9 +69,10 @@ def _compile(cu: Path, extra: str, *, shared: bool, tsan: bool, defines: tuple[s
         if shared:
             flags += ["-fPIC", "-shared"]
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        # -I order: this folder's ptx.cuh and CUDA headers shadow the real ones.
+        # -I order: this folder's ptx.cuh and CUDA headers shadow the real ones; csrc/
+        # last (the kernels include csrc/norm_eps.h, as the CMake CUDA target allows).
         cmd = ["g++", "-std=c++20", *flags, *(f"-D{d}" for d in defines), "-pthread", "-w",
-               f"-I{HERE}", f"-I{cu.parent}", str(cpp),
+               f"-I{HERE}", f"-I{cu.parent}", f"-I{HERE.parents[2] / 'csrc'}", str(cpp),
                "-o", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
