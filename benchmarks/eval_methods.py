@@ -1,5 +1,11 @@
 """Label-free methods on real images: CIFAR-10 with the offline surrogate (**NOT CLIP**).
 
+This is the *library-level* comparison: it calls the methods' internals with hand-picked
+settings (cached prefixes, CIFAR templates, descriptions). The *user-level* evidence is
+``benchmarks/eval_cli.py``: the same kind of data, but only ``nolabels`` commands (``embed``,
+``label``, ``tune``, ``predict``, ``eval``) with the package defaults, on CIFAR-10 and on a
+second offline set (scikit-learn's digits); its JSON is ``results/methods-cli-cpu-DATE.json``.
+
 Compares, on a seeded subset of CIFAR-10 (``../shared/data/cifar10``):
 
 * surrogate zero-shot ("a photo of a {}."), and with CLIP's 18 CIFAR templates;
