@@ -105,8 +105,11 @@ def test_run_summary_reads_selection_and_curves(tmp_path):
             {"epoch": 1, "heldout_agreement": 0.7, "oracle_heldout_accuracy": 0.45}]
     (tmp_path / "summary.json").write_text(json.dumps({
         "selection": "heldout_agreement: student vs labeller", "selected_epoch": 1,
-        "criterion_value": 0.7, "k": 16, "history": hist}))
+        "criterion_value": 0.7, "k": 16, "history": hist, "seconds": 5.0,
+        "total_seconds": 9.0}))
     s = eval_cli.run_summary(tmp_path)
     assert s["criterion"] == "heldout_agreement" and s["selected_epoch"] == 1 and s["k"] == 16
     assert s["criterion_curve"] == [0.5, 0.7] and s["oracle_heldout_curve"] == [0.4, 0.45]
+    # the run's clocks never shadow the row's command wall time ("seconds")
+    assert "seconds" not in s and s["run_method_seconds"] == 5.0 and s["run_total_seconds"] == 9.0
     assert eval_cli.run_summary(tmp_path / "none") == {}
