@@ -245,9 +245,26 @@ def test_grad_accumulation_matches_full_batch():
 
 
 def test_bf16_autocast_cpu():
-    t = ToyTask(scheduler=False)
-    r = fit(t, TrainConfig(epochs=1, batch_size=8, amp="bf16", seed=0, quiet=True))
-    assert math.isfinite(r.history[-1]["loss"])
+    """amp="bf16" runs the forward under bf16 autocast (the linear layer computes in
+    bfloat16) while the trained parameters stay float32; amp="off" computes in float32."""
+    seen = {}
+
+    def record(mod, inp, out):
+        seen.setdefault("dtypes", set()).add(out.dtype)
+
+    results = {}
+    for amp in ("bf16", "off"):
+        seen.clear()
+        t = ToyTask(scheduler=False)
+        h = t.module.lin.register_forward_hook(record)
+        r = fit(t, TrainConfig(epochs=1, batch_size=8, amp=amp, seed=0, quiet=True))
+        h.remove()
+        assert math.isfinite(r.history[-1]["loss"])
+        assert t.module.lin.weight.dtype == torch.float32
+        results[amp] = (seen["dtypes"], t.module.lin.weight.detach().clone())
+    assert torch.bfloat16 in results["bf16"][0]
+    assert results["off"][0] == {torch.float32}
+    assert not torch.equal(results["bf16"][1], results["off"][1])  # bf16 rounding mattered
     with pytest.raises(ValueError, match="amp"):
         fit(ToyTask(), TrainConfig(amp="fp8"))
 
