@@ -20,7 +20,6 @@
 #include "coder_cpu.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -90,15 +89,10 @@ Tensor coder_affinity_cpu(const Tensor& x, const Tensor& y, const Tensor& text) 
     scr.push_back(empty_f32({D, D}));
     tts.push_back(empty_f32({TT, D}));
   }
-  std::atomic<int64_t> next{0};
-  torch::stable::parallel_for(0, gw, 1, [&](int64_t wb, int64_t we) {
-    for (int64_t w = wb; w < we; ++w) {
-      for (int64_t t; (t = next.fetch_add(1)) < ntiles;) {
-        const int64_t m0 = t * TT;
-        gram_tile(text, m0, std::min(TT, M - m0), tts[w], gs[w], scr[w], !used[w], h);
-        used[w] = 1;
-      }
-    }
+  for_each_dynamic(ntiles, gw, [&](int64_t w, int64_t t) {
+    const int64_t m0 = t * TT;
+    gram_tile(text, m0, std::min(TT, M - m0), tts[w], gs[w], scr[w], !used[w], h);
+    used[w] = 1;
   });
   int64_t g0 = 0;  // the first worker that took a tile (there is at least one)
   while (!used[g0]) ++g0;
@@ -125,21 +119,16 @@ Tensor coder_affinity_cpu(const Tensor& x, const Tensor& y, const Tensor& text) 
     const int64_t nb = (K + RB - 1) / RB, nw = std::min(threads, nb);
     std::vector<Tensor> vs;
     for (int64_t w = 0; w < nw; ++w) vs.push_back(empty_f32({std::min(RB, K), D}));
-    std::atomic<int64_t> nb_next{0};
     float* yp = yn.mutable_data_ptr<float>();
-    torch::stable::parallel_for(0, nw, 1, [&](int64_t wb, int64_t we) {
-      for (int64_t w = wb; w < we; ++w) {
-        for (int64_t bi; (bi = nb_next.fetch_add(1)) < nb;) {
-          const int64_t r0 = bi * RB, nr = std::min(RB, K - r0);
-          for (int64_t r = r0; r < r0 + nr; ++r) load_one_normalized(y, r, yp + r * D);
-          Tensor v = torch::stable::narrow(vs[w], 0, 0, nr);
-          mm_out(v, torch::stable::narrow(yn, 0, r0, nr), G);
-          const float* vp = v.const_data_ptr<float>();
-          for (int64_t i = 0; i < nr; ++i) {
-            const float q = dot_f32(vp + i * D, yp + (r0 + i) * D, D);
-            iy[r0 + i] = 1.0f / std::max(std::sqrt(std::max(q, 0.0f)), kNormEpsF);
-          }
-        }
+    for_each_dynamic(nb, nw, [&](int64_t w, int64_t bi) {
+      const int64_t r0 = bi * RB, nr = std::min(RB, K - r0);
+      for (int64_t r = r0; r < r0 + nr; ++r) load_one_normalized(y, r, yp + r * D);
+      Tensor v = torch::stable::narrow(vs[w], 0, 0, nr);
+      mm_out(v, torch::stable::narrow(yn, 0, r0, nr), G);
+      const float* vp = v.const_data_ptr<float>();
+      for (int64_t i = 0; i < nr; ++i) {
+        const float q = dot_f32(vp + i * D, yp + (r0 + i) * D, D);
+        iy[r0 + i] = 1.0f / std::max(std::sqrt(std::max(q, 0.0f)), kNormEpsF);
       }
     });
   }
@@ -154,28 +143,23 @@ Tensor coder_affinity_cpu(const Tensor& x, const Tensor& y, const Tensor& text) 
       us.push_back(empty_f32({rb, D}));
     }
     const Tensor ynt = torch::stable::transpose(yn, 0, 1);
-    std::atomic<int64_t> nb_next{0};
     float* op = out.mutable_data_ptr<float>();
-    torch::stable::parallel_for(0, nw, 1, [&](int64_t wb, int64_t we) {
-      for (int64_t w = wb; w < we; ++w) {
-        for (int64_t bi; (bi = nb_next.fetch_add(1)) < nb;) {
-          const int64_t r0 = bi * RB, nr = std::min(RB, N - r0);
-          float* xp = xs[w].mutable_data_ptr<float>();
-          for (int64_t r = 0; r < nr; ++r) load_one_normalized(x, r0 + r, xp + r * D);
-          Tensor xv = torch::stable::narrow(xs[w], 0, 0, nr);
-          Tensor u = torch::stable::narrow(us[w], 0, 0, nr);
-          mm_out(u, xv, G);
-          Tensor ov = torch::stable::narrow(out, 0, r0, nr);
-          mm_out(ov, u, ynt);
-          const float* up = u.const_data_ptr<float>();
-          for (int64_t i = 0; i < nr; ++i) {
-            const float q = dot_f32(up + i * D, xp + i * D, D);
-            const float fx = 1.0f / std::max(std::sqrt(std::max(q, 0.0f)), kNormEpsF);
-            float* row = op + (r0 + i) * K;
-            for (int64_t j = 0; j < K; ++j)
-              row[j] = std::min(1.0f, std::max(-1.0f, row[j] * fx * iy[j]));
-          }
-        }
+    for_each_dynamic(nb, nw, [&](int64_t w, int64_t bi) {
+      const int64_t r0 = bi * RB, nr = std::min(RB, N - r0);
+      float* xp = xs[w].mutable_data_ptr<float>();
+      for (int64_t r = 0; r < nr; ++r) load_one_normalized(x, r0 + r, xp + r * D);
+      Tensor xv = torch::stable::narrow(xs[w], 0, 0, nr);
+      Tensor u = torch::stable::narrow(us[w], 0, 0, nr);
+      mm_out(u, xv, G);
+      Tensor ov = torch::stable::narrow(out, 0, r0, nr);
+      mm_out(ov, u, ynt);
+      const float* up = u.const_data_ptr<float>();
+      for (int64_t i = 0; i < nr; ++i) {
+        const float q = dot_f32(up + i * D, xp + i * D, D);
+        const float fx = 1.0f / std::max(std::sqrt(std::max(q, 0.0f)), kNormEpsF);
+        float* row = op + (r0 + i) * K;
+        for (int64_t j = 0; j < K; ++j)
+          row[j] = std::min(1.0f, std::max(-1.0f, row[j] * fx * iy[j]));
       }
     });
   }

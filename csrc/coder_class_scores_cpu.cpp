@@ -17,7 +17,6 @@
 #include "coder_cpu.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -70,38 +69,33 @@ Tensor scores_from_bank(const Tensor& image, const Tensor& bank, int64_t C, int6
   const Tensor bank_t = torch::stable::transpose(bank, 0, 1);
   float* out_p = out.mutable_data_ptr<float>();
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  std::atomic<int64_t> next{0};
 
-  torch::stable::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
-    for (int64_t w = wb; w < we; ++w) {
-      for (int64_t sbi; (sbi = next.fetch_add(1)) < nsub;) {
-        const int64_t r0 = sbi * SB, nr = std::min(SB, N - r0);
-        uint8_t* bad = bads[w].data();
-        load_rows(image, r0, r0 + nr, xbs[w].mutable_data_ptr<float>(), nullptr, nullptr, bad, true);
-        Tensor tv = nr == SB ? tiles[w] : torch::stable::narrow(tiles[w], 0, 0, nr);
-        mm_out(tv, nr == SB ? xbs[w] : torch::stable::narrow(xbs[w], 0, 0, nr), bank_t);
-        const float* tp = tiles[w].const_data_ptr<float>();
-        for (int64_t i = 0; i < nr; ++i) {
-          const float* row = tp + i * R;
-          float* o = out_p + (r0 + i) * C;
-          if (bad[i]) {
-            for (int64_t c = 0; c < C; ++c) o[c] = nan;
-          } else if (P > 0) {
-            add_slot_max(row + C, P, C, row, o);
-          } else if (seg != nullptr) {
-            const float* ones = row + C;
-            for (int64_t c = 0; c < C; ++c) {
-              float mx = 0.f;
-              if (seg[c + 1] > seg[c]) {
-                mx = ones[seg[c]];
-                for (int64_t j = seg[c] + 1; j < seg[c + 1]; ++j) mx = std::max(mx, ones[j]);
-              }
-              o[c] = row[c] + mx;
-            }
-          } else {
-            std::memcpy(o, row, C * sizeof(float));
+  for_each_dynamic(nsub, workers, [&](int64_t w, int64_t sbi) {
+    const int64_t r0 = sbi * SB, nr = std::min(SB, N - r0);
+    uint8_t* bad = bads[w].data();
+    load_rows(image, r0, r0 + nr, xbs[w].mutable_data_ptr<float>(), nullptr, nullptr, bad, true);
+    Tensor tv = nr == SB ? tiles[w] : torch::stable::narrow(tiles[w], 0, 0, nr);
+    mm_out(tv, nr == SB ? xbs[w] : torch::stable::narrow(xbs[w], 0, 0, nr), bank_t);
+    const float* tp = tiles[w].const_data_ptr<float>();
+    for (int64_t i = 0; i < nr; ++i) {
+      const float* row = tp + i * R;
+      float* o = out_p + (r0 + i) * C;
+      if (bad[i]) {
+        for (int64_t c = 0; c < C; ++c) o[c] = nan;
+      } else if (P > 0) {
+        add_slot_max(row + C, P, C, row, o);
+      } else if (seg != nullptr) {
+        const float* ones = row + C;
+        for (int64_t c = 0; c < C; ++c) {
+          float mx = 0.f;
+          if (seg[c + 1] > seg[c]) {
+            mx = ones[seg[c]];
+            for (int64_t j = seg[c] + 1; j < seg[c + 1]; ++j) mx = std::max(mx, ones[j]);
           }
+          o[c] = row[c] + mx;
         }
+      } else {
+        std::memcpy(o, row, C * sizeof(float));
       }
     }
   });

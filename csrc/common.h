@@ -14,6 +14,7 @@
 #include <torch/headeronly/util/Half.h>
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <tuple>
 
@@ -33,6 +34,19 @@ inline void mm_out(torch::stable::Tensor& out, const torch::stable::Tensor& a,
   STABLE_TORCH_ERROR_CODE_CHECK(
       torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
   (void)torch::stable::detail::to<torch::stable::Tensor>(stack[0]);
+}
+
+// fn(w, i) for every item i in [0, n) on `workers` workers of torch's thread
+// pool (w: the worker, for its own buffers). Items are taken dynamically from
+// one shared counter, so a core slowed by another process takes fewer.
+template <class Fn>
+inline void for_each_dynamic(int64_t n, int64_t workers, Fn&& fn) {
+  std::atomic<int64_t> next{0};
+  torch::stable::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
+    for (int64_t w = wb; w < we; ++w) {
+      for (int64_t i; (i = next.fetch_add(1)) < n;) fn(w, i);
+    }
+  });
 }
 
 inline torch::stable::Device cpu_device() {

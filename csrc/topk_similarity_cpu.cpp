@@ -31,7 +31,6 @@
 #include "coder_cpu.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -287,29 +286,24 @@ std::tuple<Tensor, Tensor> topk_similarity_cpu(const Tensor& queries, const Tens
 
       // Workers take sub-blocks dynamically: GEMM (single-threaded inside the
       // parallel region) into the worker's own buffer, then scan its rows.
-      std::atomic<int64_t> next{0};
-      torch::stable::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
-        for (int64_t w = wb; w < we; ++w) {
-          for (int64_t sbi; (sbi = next.fetch_add(1)) < nsub;) {
-            const int64_t i0 = sbi * SB, i1 = std::min(nq, i0 + SB), ni = i1 - i0;
-            Tensor tv = tiles[w];
-            if (ni != SB) tv = torch::stable::narrow(tv, 0, 0, ni);
-            if (nm != TM) tv = torch::stable::narrow(tv, 1, 0, nm);
-            mm_out(tv, torch::stable::narrow(qb, 0, i0, ni), kbt);
-            const int64_t ld = tv.stride(0);
-            for (int64_t i = i0; i < i1; ++i) {
-              const int64_t r = q0 + i;
-              RowHeap h{vals_p + r * k, idx_p + r * k, k, heap_size[r]};
-              if (filter) {
-                const uint16_t* a = static_cast<const uint16_t*>(tv.const_data_ptr()) + (i - i0) * ld;
-                const float margin = cbound * qnorm[i] * kmax + 1e-30f;
-                scan_row_bf16(h, a, nm, qf_p + i * D, kf_p, D, margin, m0);
-              } else {
-                scan_row_f32(h, tv.const_data_ptr<float>() + (i - i0) * ld, nm, m0);
-              }
-              heap_size[r] = h.size;
-            }
+      for_each_dynamic(nsub, workers, [&](int64_t w, int64_t sbi) {
+        const int64_t i0 = sbi * SB, i1 = std::min(nq, i0 + SB), ni = i1 - i0;
+        Tensor tv = tiles[w];
+        if (ni != SB) tv = torch::stable::narrow(tv, 0, 0, ni);
+        if (nm != TM) tv = torch::stable::narrow(tv, 1, 0, nm);
+        mm_out(tv, torch::stable::narrow(qb, 0, i0, ni), kbt);
+        const int64_t ld = tv.stride(0);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t r = q0 + i;
+          RowHeap h{vals_p + r * k, idx_p + r * k, k, heap_size[r]};
+          if (filter) {
+            const uint16_t* a = static_cast<const uint16_t*>(tv.const_data_ptr()) + (i - i0) * ld;
+            const float margin = cbound * qnorm[i] * kmax + 1e-30f;
+            scan_row_bf16(h, a, nm, qf_p + i * D, kf_p, D, margin, m0);
+          } else {
+            scan_row_f32(h, tv.const_data_ptr<float>() + (i - i0) * ld, nm, m0);
           }
+          heap_size[r] = h.size;
         }
       });
     }
