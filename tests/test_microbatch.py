@@ -264,55 +264,6 @@ def test_resume_keeps_the_micro_batch(tmp_path):
         assert torch.equal(got[k], want[k]), k
 
 
-# --------------------------------------------------------------------------- coupled losses
-class CoupledNet(Net):
-    """A loss that couples the samples of a batch (each sample against the batch's mean
-    feature, like a contrastive loss): a cut step is another step."""
-
-    def forward(self, batch):
-        h = torch.tanh(self.a(batch["x"]))
-        sim = h @ h.mean(0, keepdim=True).T
-        loss = F.cross_entropy(self.b(h), batch["y"]) + sim.square().mean()
-        self.last = batch["x"].shape[0]
-        return loss, {}
-
-
-class CoupledTask(Task):
-    couples_samples = True
-
-    def __init__(self, n=N):
-        super().__init__(CoupledNet(), n=n)
-
-
-def test_a_coupled_loss_is_not_cut_for_the_probe():
-    """With memory to spare, a task whose loss couples samples trains exactly as without
-    micro-batching (the CPU probe is a separate forward that trains nothing; a cut first
-    step, as for a mean loss, would give other parameters)."""
-    t, ref = CoupledTask(), CoupledTask()
-    r = fit(t, TrainConfig(epochs=2, batch_size=N, seed=2, select="last", quiet=True))
-    fit(ref, TrainConfig(epochs=2, batch_size=N, seed=2, select="last", quiet=True,
-                         auto_micro_batch=False))
-    assert (r.micro_batch, r.accumulation) == (N, 1)
-    got, want = _params(t.module), _params(ref.module)
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
-    assert float(t.seen) == 2 * N  # the probe did not run the per-micro-batch hook
-    # the same loss cut like a mean loss (probe of 2 + the rest) trains differently
-    cut = Task(CoupledNet())
-    fit(cut, TrainConfig(epochs=2, batch_size=N, seed=2, select="last", quiet=True))
-    assert any(not torch.equal(v, want[k]) for k, v in _params(cut.module).items())
-
-
-def test_a_coupled_loss_cut_by_memory_is_said_to_approximate():
-    t = CoupledTask()
-    lines = []
-    r = fit(t, TrainConfig(epochs=1, batch_size=N, seed=0, select="last",
-                           memory_budget=_budget_for(3, _per_sample(t))), log=lines.append)
-    assert r.micro_batch == 3
-    assert any("couples the samples of a batch; micro-batches of 3 approximate the full batch"
-               in x for x in lines), lines
-
-
 # --------------------------------------------------------------------------- CLI default
 def test_cpu_surrogate_defaults_to_the_cached_prefix(tmp_path, capsys):
     """``nolabels tune --method nola|lafter`` with the surrogate on a CPU trains on cached
