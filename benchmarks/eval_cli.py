@@ -72,6 +72,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import _common as common  # noqa: E402
+
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "surrogate:effnet-lite0+minilm"
@@ -482,11 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "skipped_by_deadline": skipped,
         "targets": targets, "table": table, "rows": rows,
     }
-    out = Path(args.out) if args.out else \
-        RESULTS / f"methods-cli-cpu-{dt.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {common.write_json('methods-cli', 'cpu', result, args.out)}")
     return 0
 
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import random
@@ -62,6 +61,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import _common as common  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data" / "cifar10"
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -329,10 +331,7 @@ def main() -> int:
         "table": table, "rows": rows,
         "best_minus_zero_shot_points": None if zs is None else 100 * (best["mean"] - zs),
     }
-    out = Path(args.out) if args.out else RESULTS / f"methods-cpu-{dt.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {common.write_json('methods', 'cpu', result, args.out)}")
     return 0
 
 
