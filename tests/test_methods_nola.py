@@ -82,6 +82,29 @@ def test_labeller_targets_computed_once(tiny, tmp_path, monkeypatch):
                for h in s["history"])  # reported beside the criterion
 
 
+def test_subset_missing_classes_is_warned_even_when_quiet(tiny, tmp_path, monkeypatch):
+    """Zero-shot labels that put every image in one class (as a model that does not know
+    the class names does): the run says which classes its labeller can never learn."""
+    real = nola.confident_subset
+
+    def one_class(*a, **kw):
+        sel = real(*a, **kw)
+        keep = sel.labels == sel.labels[0]
+        return sel._replace(indices=sel.indices[keep], labels=sel.labels[keep])
+
+    monkeypatch.setattr(nola, "confident_subset", one_class)
+    data = load_tune_data(tiny.store, tiny.classes, heldout_fraction=0.2, seed=0)
+    dino = torch.randn(data.n, 12, generator=torch.Generator().manual_seed(0))
+    lines: list[str] = []
+    s = nola.tune(tiny.encoder, data, tiny.classes, tmp_path / "run", dino=dino,
+                  config=nola.NoLAConfig(epochs=1, batch_size=8, num_prompts=2, k_min=3,
+                                         labeller_epochs=1), quiet=True, log=lines.append)
+    missing = len(tiny.classes) - sum(c > 0 for c in s["subset_per_class"])
+    assert missing == len(tiny.classes) - 1
+    assert len(lines) == 1 and lines[0] == s["subset_warning"]
+    assert f"no image of {missing} of {len(tiny.classes)} classes" in lines[0]
+
+
 def test_labeller_learns_its_subset():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(3, 8, generator=g) * 3

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from nolabels.errors import InputError
 from nolabels.methods import lafter, nola
 from nolabels.methods.common import Oracle, TuneData
 from nolabels.methods.selection import (
@@ -19,6 +20,7 @@ from nolabels.methods.selection import (
     balance_penalty,
     balanced_agreement,
     class_entropy,
+    coverage_warning,
     curve_lines,
     curve_summary,
 )
@@ -338,3 +340,13 @@ def test_tune_logs_both_curves_best_epochs(tmp_path, caplog):
     assert cs["criterion_best_epoch"] == s["selected_epoch"]
     assert f"best at epoch {cs['oracle_best_epoch']} " in orc[0]
     assert [h["epoch"] for h in s["history"]] == [0, 1, 2]
+
+
+def test_coverage_warning_names_the_missing_classes():
+    assert coverage_warning([3, 1, 2], ["a", "b", "c"], "x") is None
+    w = coverage_warning([0, 5, 0], ["cat", "dog", "emu"], "the subset")
+    assert w.startswith("warning: the subset has no image of 2 of 3 classes (cat, emu)")
+    many = coverage_warning([0] * 11 + [4], [f"c{i}" for i in range(12)], "s")
+    assert "(c0, c1, c2, c3, c4, c5, c6, c7 and 3 more)" in many
+    with pytest.raises(InputError):
+        coverage_warning([1, 2], ["a"], "s")

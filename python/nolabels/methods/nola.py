@@ -62,7 +62,7 @@ from nolabels.methods.common import (
     save_run,
 )
 from nolabels.methods.lafter import ViewTuningTask, image_datasets, tuned_model, tuning_student
-from nolabels.methods.selection import CRITERIA, agreement
+from nolabels.methods.selection import CRITERIA, agreement, coverage_warning
 from nolabels.methods.students import Student
 from nolabels.methods.trainer import (
     TrainConfig,
@@ -342,6 +342,9 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
     src = "the training split" if cfg.subset_from == "train" else "all images, as the authors"
     say(f"nola: CDE pseudo-labels, k = {k} per class -> {len(sel_rows)} images "
         f"(per class {per_class}; from {src})")
+    warn = coverage_warning(per_class, classes, "nola: the confident subset")
+    if warn:
+        log(warn)  # shown even when quiet: the run cannot learn these classes
     subset_acc = data.oracle.report(sel_rows, sel.labels.cpu())
 
     # 3: the labeller, then its constant targets for every row
@@ -387,7 +390,7 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
         "method": "nola", "classes": list(classes), "train_images": int(data.train.numel()),
         "heldout_images": int(data.heldout.numel()), "k": k, "subset_size": len(sel_rows),
         "subset_from": cfg.subset_from,
-        "subset_per_class": per_class, "labeller": lab_summary,
+        "subset_per_class": per_class, "subset_warning": warn, "labeller": lab_summary,
         "labeller_heldout_agreement": lab_held,
         "selection": CRITERIA["nola"], "selected_epoch": res.selected_epoch,
         "criterion_value": res.best_score, "student": student.describe(),

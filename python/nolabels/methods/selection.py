@@ -158,6 +158,30 @@ def class_entropy(labels: torch.Tensor, num_classes: int) -> float:
     return float(-(p * p.log()).sum())
 
 
+def coverage_warning(counts: Sequence[int], classes: Sequence[str], what: str) -> str | None:
+    """A warning when pseudo-labels leave classes without a single image, else None.
+
+    A model trained on such pseudo-labels cannot learn the missing classes, and no
+    label-free selection can see it: the usual cause is a model that does not know the
+    classes by these names (e.g. a zero-shot classifier that puts every image in one class).
+
+    Args:
+        counts: (C,) images per class in the pseudo-labelled set.
+        classes: the C class names.
+        what: what was counted, for the message (e.g. "NoLA's confident subset").
+    """
+    if len(counts) != len(classes):
+        raise InputError(f"coverage_warning: {len(counts)} counts for {len(classes)} classes")
+    empty = [c for c, n in zip(classes, counts) if int(n) == 0]
+    if not empty:
+        return None
+    shown = ", ".join(empty[:8]) + (f" and {len(empty) - 8} more" if len(empty) > 8 else "")
+    return (f"warning: {what} has no image of {len(empty)} of {len(classes)} classes ({shown}); "
+            "a model trained on it cannot learn them. The model may not know these classes "
+            "by these names: check the class names and templates (or pass descriptions) "
+            "before trusting the result")
+
+
 def balance_penalty(pred: torch.Tensor, reference: torch.Tensor, num_classes: int,
                     tolerance: float = BALANCE_TOLERANCE) -> float:
     """LaFTer's class-balance guard: ``max(0, (1 − τ)·H(r) − H(q)) / H(r)``.
