@@ -105,6 +105,16 @@ def test_subset_missing_classes_is_warned_even_when_quiet(tiny, tmp_path, monkey
     assert f"no image of {missing} of {len(tiny.classes)} classes" in lines[0]
 
 
+def test_log_warn_is_shown_when_quiet(capsys):
+    from nolabels.progress import Log
+
+    Log(quiet=True)("an info line")
+    Log(quiet=True).warn("warning: a warning")
+    Log(quiet=True, main=False).warn("warning: not on this rank")
+    err = capsys.readouterr().err
+    assert "a warning" in err and "an info line" not in err and "this rank" not in err
+
+
 def test_labeller_learns_its_subset():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(3, 8, generator=g) * 3

@@ -23,6 +23,7 @@ from nolabels.methods.selection import (
     coverage_warning,
     curve_lines,
     curve_summary,
+    small_heldout_note,
 )
 from nolabels.methods.students import Student
 from nolabels.methods.trainer import (
@@ -350,3 +351,11 @@ def test_coverage_warning_names_the_missing_classes():
     assert "(c0, c1, c2, c3, c4, c5, c6, c7 and 3 more)" in many
     with pytest.raises(InputError):
         coverage_warning([1, 2], ["a"], "s")
+
+
+def test_small_heldout_note_only_below_the_floor():
+    assert small_heldout_note(0, 0.0) is None  # nothing held out: nothing to note
+    assert small_heldout_note(100, 0.1) is None
+    n = small_heldout_note(40, 0.1)
+    assert n.startswith("note: model selection scores 40 held-out images (--heldout-fraction 0.1)")
+    assert "by 2.5 points" in n

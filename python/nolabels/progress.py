@@ -63,8 +63,16 @@ class Log:
 
     def __init__(self, quiet: bool = False, main: bool = True) -> None:
         self.enabled = (not quiet) and main
+        self.main = main
         if self.enabled:
             _ensure_handler()
+
+    def warn(self, msg: str) -> None:
+        """Log ``msg`` at WARNING on the main rank, also when quiet (what may make the
+        result worthless, e.g. pseudo-labels that leave classes without an image)."""
+        if self.main:
+            _ensure_handler()
+            logger.warning(msg)
 
     def __call__(self, msg: str) -> None:
         if self.enabled:

@@ -344,7 +344,7 @@ def tune(encoder, data: TuneData, classes: Sequence[str], out: str | os.PathLike
         f"(per class {per_class}; from {src})")
     warn = coverage_warning(per_class, classes, "nola: the confident subset")
     if warn:
-        log(warn)  # shown even when quiet: the run cannot learn these classes
+        getattr(log, "warn", log)(warn)  # shown even when quiet: it cannot learn them
     subset_acc = data.oracle.report(sel_rows, sel.labels.cpu())
 
     # 3: the labeller, then its constant targets for every row

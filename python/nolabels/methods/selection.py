@@ -158,6 +158,20 @@ def class_entropy(labels: torch.Tensor, num_classes: int) -> float:
     return float(-(p * p.log()).sum())
 
 
+#: below this many held-out images, :func:`small_heldout_note` says the pick is noisy
+SMALL_HELDOUT = 100
+
+
+def small_heldout_note(heldout: int, fraction: float) -> str | None:
+    """A note when model selection scores fewer than :data:`SMALL_HELDOUT` held-out images
+    (each image moves an agreement criterion by ``100 / heldout`` points), else None."""
+    if not 0 < heldout < SMALL_HELDOUT:
+        return None
+    return (f"note: model selection scores {heldout} held-out images (--heldout-fraction "
+            f"{fraction:g}): one image moves its criterion by {100.0 / heldout:.1f} points, so "
+            "the kept epoch is a noisy pick; a larger --heldout-fraction steadies it")
+
+
 def coverage_warning(counts: Sequence[int], classes: Sequence[str], what: str) -> str | None:
     """A warning when pseudo-labels leave classes without a single image, else None.
 

@@ -92,7 +92,7 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
         load_tune_data,
         save_run,
     )
-    from nolabels.methods.selection import CRITERIA
+    from nolabels.methods.selection import CRITERIA, small_heldout_note
     from nolabels.methods.zeroshot import read_classes, read_descriptions, resolve_templates
     from nolabels.models import load_encoder
     from nolabels.pipeline.embed import embed
@@ -184,6 +184,9 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
         heldout = getattr(cfg, "heldout_fraction", float(hyper.get("heldout_fraction", 0.1)))
         data = load_tune_data(store_dir, names, heldout_fraction=heldout, seed=seed,
                               need_pixels=method in PIXEL_METHODS)
+        note = small_heldout_note(int(data.heldout.numel()), heldout)
+        if note and method not in ("zeroshot", "cde"):  # those two select nothing
+            log(note)
 
         weak_files = {}  # outputs of the weak view's one pass besides the store embedding
         if method == "nola" and nola.own_tower_stand_in(encoder, dino_model, dino_checkpoint):
