@@ -38,7 +38,9 @@ For two real labelled image sets that ship offline, this script
    a background thread samples the load average every 15 s. Each finished command's
    record is kept under ``--work/steps`` so a re-run (e.g. adding ``--methods lafter``)
    reuses it; the JSON (``benchmarks/results/methods-cli-cpu-DATE.json``) then sums the
-   recorded command times.
+   recorded command times, and names the longest single user run (one method's tune +
+   predict + eval, or the zero-shot embed + label + eval): ``each_run_within_an_hour``
+   is that run against an hour, ``within_an_hour`` the whole evaluation.
 
 The surrogate is ConSE (EfficientNet-Lite0 ImageNet classifier + MiniLM text space); its
 label space is ImageNet-1k, which overlaps CIFAR-10's classes and has no digit classes.
