@@ -435,8 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare_seconds = sum(d["prepare_seconds"] for d in data_info.values())
     # what one user waits for: one method run (tune + predict + eval) or the zero-shot
     # baseline (embed + label + eval); and, separately, the whole evaluation
-    run_seconds = [sum(c["seconds"] for c in r["commands"]) for r in rows]
-    longest = max(run_seconds, default=0.0)
+    longest = max((r["seconds"] for r in rows), default=0.0)
     targets: dict[str, Any] = {"command_seconds": command_seconds,
                                "command_cpu_seconds": sum(c.get("cpu_seconds", 0.0)
                                                           for r in rows for c in r["commands"]),

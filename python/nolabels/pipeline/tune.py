@@ -92,7 +92,11 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
         load_tune_data,
         save_run,
     )
-    from nolabels.methods.selection import CRITERIA, small_heldout_note
+    from nolabels.methods.selection import (
+        CRITERIA,
+        DEFAULT_HELDOUT_FRACTION,
+        small_heldout_note,
+    )
     from nolabels.methods.zeroshot import read_classes, read_descriptions, resolve_templates
     from nolabels.models import load_encoder
     from nolabels.pipeline.embed import embed
@@ -181,11 +185,11 @@ def tune(method: str, images: str | os.PathLike, classes: str | os.PathLike | Se
             elif templates is not None and hasattr(cfg, "template"):
                 cfg.template = templates
         seed = getattr(cfg, "seed", int(hyper.get("seed", 0)))
-        heldout = getattr(cfg, "heldout_fraction", float(hyper.get("heldout_fraction", 0.1)))
+        heldout = getattr(cfg, "heldout_fraction", float(hyper.get("heldout_fraction", DEFAULT_HELDOUT_FRACTION)))
         data = load_tune_data(store_dir, names, heldout_fraction=heldout, seed=seed,
                               need_pixels=method in PIXEL_METHODS)
         note = small_heldout_note(int(data.heldout.numel()), heldout)
-        if note and method not in ("zeroshot", "cde"):  # those two select nothing
+        if note and method in PIXEL_METHODS:  # the trained methods: they pick an epoch
             log(note)
 
         weak_files = {}  # outputs of the weak view's one pass besides the store embedding
